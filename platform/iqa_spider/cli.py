@@ -1,0 +1,72 @@
+"""`iqa-spider`: one command line for every part of the platform.
+
+Job subcommands take exactly what jobs/*.py take (`--config FILE [key=value ...]`) and run
+the same code, so `iqa-spider X` and `ray job submit -- python jobs/X.py` never drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from iqa_spider.config import ConfigError, config_to_yaml
+from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
+from iqa_spider.entrypoint import CONFIG_ERROR_EXIT
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_job_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    print(config_to_yaml(cfg), end="")
+    return 0
+
+
+def _model_init_tiny(args: argparse.Namespace) -> int:
+    from iqa_spider.model.tiny import init_tiny
+
+    out = init_tiny(args.family, args.out, seed=args.seed)
+    print(f"tiny {args.family} model written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iqa-spider", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print the resolved config of any job file")
+    show.add_argument("--config", required=True)
+    show.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-4")
+    show.set_defaults(func=_config_show)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
+    tiny = model.add_parser("init-tiny", help="write the project's tiny random-initialised Qwen-VL")
+    tiny.add_argument("--family", choices=MODEL_FAMILIES, default="qwen2_5_vl")
+    tiny.add_argument("--out", required=True, help="output directory")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_model_init_tiny)
+
+    demo = sub.add_parser("demo", help="the main job end to end on embedded defaults", add_help=False)
+    demo.set_defaults(func=None, job_main="iqa_spider.demo:main")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if getattr(args, "job_main", None):
+        module, func = args.job_main.split(":")
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The dataset contract (schema_version 1): schema, validation, masks, Parquet I/O."""

@@ -1,0 +1,34 @@
+"""The one way every job starts: `--config FILE [key=value ...]` -> typed config -> run.
+
+jobs/*.py and the `iqa-spider <job>` subcommands both call `run_job`, so a bad config
+fails identically everywhere: one line on stderr naming the key and the file, exit code 2,
+before anything expensive starts.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence, TypeVar
+
+from iqa_spider.config import ConfigError, load_config, parse_config_args
+
+T = TypeVar("T")
+CONFIG_ERROR_EXIT = 2
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def run_job(schema: type[T], runner: Callable[[T], object], argv: Sequence[str] | None = None,
+            description: str = "") -> int:
+    args = parse_config_args(argv, description)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return CONFIG_ERROR_EXIT
+    setup_logging()
+    runner(cfg)
+    return 0

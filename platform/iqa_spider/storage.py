@@ -1,0 +1,160 @@
+"""One way to read and write any URI: a local path, file://, or s3:// (s3fs).
+
+S3 settings come from the standard environment variables only (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION,
+AWS_ENDPOINT_URL for MinIO or a moto server); nothing secret is ever taken from a config.
+
+Writes are atomic under the final name: the bytes go to a temporary sibling first and are
+moved into place only after the writer finished without an exception. A job killed or
+failing mid-write leaves at most a `.tmp-*` object, never a half file under the real name.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import uuid
+from typing import IO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_PREFIX = ".tmp-"
+
+
+def _s3_options() -> dict:
+    opts: dict = {
+        # botocore retries throttling and 5xx with backoff; "standard" mode also retries
+        # connection errors, which is what a flaky endpoint produces.
+        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}},
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(("s3://", "s3a://"))
+
+
+def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path within it) for a URI. Local paths come back absolute."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs, path = fsspec.core.url_to_fs(uri, **_s3_options())
+        return fs, path
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme."""
+    base = str(base)
+    if is_s3(base) or base.startswith("file://"):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Inverse of get_fs for paths a listing returned."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return f"s3://{path}"
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_fs(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def open_read(uri: str, mode: str = "rb") -> IO:
+    fs, path = get_fs(uri)
+    return fs.open(path, mode)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = get_fs(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(uri: str, mode: str = "wb") -> Iterator[IO]:
+    """Open `uri` for writing so that it appears only complete, or not at all."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
+    fs, path = get_fs(uri)
+    parent, name = posixpath.split(path)  # local paths are POSIX too: Linux is the target
+    tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+    f = fs.open(tmp, mode)
+    try:
+        yield f
+    except BaseException:
+        _discard(fs, f, tmp)
+        raise
+    f.close()
+    try:
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, path)  # atomic rename on POSIX
+        else:
+            # S3 has no rename: a server-side copy publishes the object in one step
+            # (readers see the old object or the whole new one), then the temp key goes.
+            fs.copy(tmp, path)
+            fs.rm(tmp)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def _discard(fs: fsspec.AbstractFileSystem, f: IO, tmp: str) -> None:
+    # s3fs would upload what was buffered if we called close(); discard() drops it instead.
+    discard = getattr(f, "discard", None)
+    with contextlib.suppress(Exception):
+        if discard is not None:
+            discard()
+            f.closed = True  # else its __del__ would try to flush the discarded buffer
+        else:
+            f.close()
+    with contextlib.suppress(Exception):
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    with atomic_write(uri, "wb") as f:
+        f.write(data)
+
+
+def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Every file below `uri` (recursively, in sorted order per folder), as URIs.
+
+    Walks one folder listing at a time rather than listing the whole tree first, so the
+    first keys of a bucket of millions come back at once. Temporary files of unfinished
+    atomic writes and hidden files are skipped.
+    """
+    fs, root = get_fs(uri)
+    if fs.isfile(root):
+        yield to_uri(fs, root)
+        return
+    lowered = tuple(s.lower() for s in suffixes) if suffixes else None
+    for dirpath, dirnames, filenames in fs.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if lowered and not name.lower().endswith(lowered):
+                continue
+            yield to_uri(fs, posixpath.join(dirpath, name))

@@ -1,0 +1,167 @@
+"""Session fixtures shared by every test: real services on 127.0.0.1, each started as a
+real process here and stopped at the end of the session.
+
+- tiny_model_dir / tiny_qwen3_model_dir: the project's own tiny random Qwen-VL models
+- ray_local:      a local Ray cluster with 2 CPUs
+- moto_s3:        a moto S3 server, with a bucket, wired through AWS_* variables
+- mlflow_server:  `mlflow server` with a sqlite backend and a local artifact folder
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# No downloads at run time, and no telemetry from the services we start.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"service exited with {proc.returncode} before {url} answered:\n{tail}")
+        with contextlib.suppress(Exception):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status < 500:
+                    return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def env_vars(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from iqa_spider.model.tiny import init_tiny
+
+    return init_tiny("qwen2_5_vl", tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_model_dir(tmp_path_factory) -> Path:
+    from iqa_spider.model.tiny import init_tiny
+
+    return init_tiny("qwen3_vl", tmp_path_factory.mktemp("tiny") / "qwen3_vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs (the size of the CI machine)."""
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+                   configure_logging=False, ignore_reinit_error=False)
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    bucket: str
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join((self.bucket,) + parts)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 and a bucket, reached through the standard AWS_* vars."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint + "/moto-api/", 60, proc, log)
+        with env_vars(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"):
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="iqa-test")
+            yield S3Server(endpoint=endpoint, bucket="iqa-test")
+    finally:
+        stop(proc)
+
+
+@dataclass
+class MlflowServer:
+    uri: str
+    artifacts: Path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; MLFLOW_TRACKING_URI points at it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = root / "server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "artifacts")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(uri + "/health", 120, proc, log)
+        with env_vars(MLFLOW_TRACKING_URI=uri):
+            yield MlflowServer(uri=uri, artifacts=root / "artifacts")
+    finally:
+        stop(proc)
+
+
+@pytest.fixture()
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def have(cmd: str) -> bool:
+    return shutil.which(cmd) is not None or (BIN / cmd).exists()

@@ -1,0 +1,110 @@
+"""Config loading: typed dataclasses from YAML + overrides; every error is one line, exit 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iqa_spider.cli import main as cli_main
+from iqa_spider.config import ConfigError, load_config
+from iqa_spider.config.schemas import DemoConfig, ModelRecipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides_build_the_dataclass(tmp_path):
+    p = write(tmp_path, "job: demo\nworkdir: out\ntiny:\n  seed: 7\n")
+    cfg = load_config(DemoConfig, p, ["tiny.family=qwen3_vl"])
+    assert isinstance(cfg, DemoConfig)
+    assert (cfg.workdir, cfg.tiny.seed, cfg.tiny.family) == ("out", 7, "qwen3_vl")
+
+
+def test_include_merges_a_recipe_into_a_section(tmp_path):
+    (tmp_path / "model").mkdir()
+    write(tmp_path, "family: qwen3_vl\npath: /models/x\n", "model/recipe.yaml")
+    p = write(tmp_path, "job: model\ninclude:\n  model: model/recipe.yaml\nmodel:\n  dtype: bfloat16\n")
+    cfg = load_config(ModelRecipe, p)
+    assert (cfg.model.family, cfg.model.path, cfg.model.dtype) == ("qwen3_vl", "/models/x", "bfloat16")
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "job: demo\ntiny:\n  sed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, p)
+    msg = str(err.value)
+    assert "tiny.sed" in msg and str(p) in msg and "unknown key" in msg
+    assert "\n" not in msg
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    p = write(tmp_path, "job: demo\ntiny:\n  seed: seven\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, p)
+    assert "tiny.seed" in str(err.value) and str(p) in str(err.value) and "wrong type" in str(err.value)
+
+
+def test_missing_required_value_names_key_and_file(tmp_path):
+    p = write(tmp_path, "job: model\nmodel:\n  family: qwen2_5_vl\n")  # no model.path
+    with pytest.raises(ConfigError) as err:
+        load_config(ModelRecipe, p)
+    assert "model.path" in str(err.value) and str(p) in str(err.value) and "missing" in str(err.value)
+
+
+def test_value_outside_choices_is_refused(tmp_path):
+    p = write(tmp_path, "job: demo\ntiny:\n  family: llama\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, p)
+    assert "tiny.family" in str(err.value) and "llama" in str(err.value)
+
+
+def test_bad_override_on_command_line_is_named():
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, None, ["tiny.seed=x"])
+    assert "command line" in str(err.value) and "tiny.seed" in str(err.value)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("job: demo\nworkdri: x\n", "workdri"),          # unknown key
+    ("job: demo\ntiny:\n  seed: [1]\n", "tiny.seed"),  # wrong type
+    ("job: model\nmodel: {}\n", "model.path"),        # missing value
+])
+def test_cli_exits_2_with_one_line(tmp_path, capsys, text, key):
+    p = write(tmp_path, text)
+    assert cli_main(["config", "show", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and str(p) in err
+
+
+def test_config_show_prints_resolved_config(capsys):
+    assert cli_main(["config", "show", "--config", str(REPO / "configs/demo.yaml"), "tiny.seed=11"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 11" in out and "job: demo" in out
+
+
+def test_every_shipped_config_loads():
+    from iqa_spider.config.schemas import load_job_config
+
+    files = sorted(REPO.glob("configs/**/*.yaml"))
+    assert files
+    for f in files:
+        load_job_config(str(f))
+
+
+def test_job_entrypoint_exits_2_on_bad_config(tmp_path):
+    p = write(tmp_path, "job: demo\nnope: 1\n")
+    proc = subprocess.run([sys.executable, str(REPO / "jobs/demo.py"), "--config", str(p)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "nope" in proc.stderr and str(p) in proc.stderr
+
+
+def test_platform_module_is_the_standard_library():
+    proc = subprocess.run([sys.executable, "-c", "import platform; print(platform.system())"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() in ("Linux", "Darwin", "Windows")
