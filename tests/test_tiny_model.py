@@ -1,0 +1,217 @@
+"""The tiny-model factory: real Qwen-VL classes, loadable through the Auto classes, with a
+locally trained tokenizer in which every IQA word is one token; deterministic for a seed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+from skimage import data as skdata  # noqa: E402
+
+from iqa_spider import vocab as V  # noqa: E402
+from iqa_spider.model.tiny import FAMILIES, MAX_PIXELS, MIN_PIXELS, count_parameters, init_tiny  # noqa: E402
+from iqa_spider.model.tokenizer import template_corpus, word_token_id  # noqa: E402
+
+MODEL_CLASSES = {
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
+}
+TOKEN_ID_KEYS = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "image_token_id", "video_token_id",
+    "vision_start_token_id", "vision_end_token_id",
+)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    """Each family built once and loaded through the Auto classes, recording warnings."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    family = request.param
+    path = init_tiny(family, tmp_path_factory.mktemp(family) / "model", seed=0)
+    handler = _Records()
+    tlog = logging.getLogger("transformers")  # transformers does not propagate to root
+    tlog.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = AutoModelForImageTextToText.from_pretrained(path)
+            processor = AutoProcessor.from_pretrained(path)
+    finally:
+        tlog.removeHandler(handler)
+    model.eval()
+    messages = handler.messages + [str(w.message) for w in caught]
+    return {"family": family, "path": path, "model": model, "processor": processor, "load_messages": messages}
+
+
+def _image(size=(200, 150)) -> Image.Image:
+    return Image.fromarray(skdata.chelsea()).resize(size, Image.BICUBIC)
+
+
+def _inputs(processor, image, question=V.SCORE_QUESTION):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return text, processor(text=[text], images=[image], return_tensors="pt")
+
+
+def test_directory_is_an_ordinary_checkpoint(tiny):
+    files = set(os.listdir(tiny["path"]))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "chat_template.jinja"):
+        assert name in files
+    assert {"processor_config.json", "preprocessor_config.json"} & files
+    model_cls, proc_cls, video_cls = MODEL_CLASSES[tiny["family"]]
+    assert type(tiny["model"]).__name__ == model_cls
+    assert type(tiny["processor"]).__name__ == proc_cls
+    assert type(tiny["processor"].image_processor).__name__ == "Qwen2VLImageProcessor"
+    assert type(tiny["processor"].video_processor).__name__ == video_cls
+    assert type(tiny["processor"].tokenizer).__name__ == "Qwen2Tokenizer"
+    assert 100_000 <= count_parameters(tiny["model"]) <= 1_000_000
+
+
+def test_loads_without_token_id_warnings(tiny):
+    bad = [m for m in tiny["load_messages"] if "vocabulary" in m or "token_id" in m]
+    assert not bad, bad
+
+
+def test_token_ids_consistent(tiny):
+    cfg = json.loads((tiny["path"] / "config.json").read_text())
+    tok = tiny["processor"].tokenizer
+    vocab_size = cfg["text_config"]["vocab_size"]
+    assert vocab_size == len(tok)
+    for key in TOKEN_ID_KEYS:
+        assert cfg[key] == cfg["text_config"][key], key
+        assert 0 <= cfg[key] < vocab_size
+    assert cfg["image_token_id"] == tok.convert_tokens_to_ids("<|image_pad|>")
+    assert cfg["video_token_id"] == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert cfg["vision_start_token_id"] == tok.convert_tokens_to_ids("<|vision_start|>")
+    assert cfg["vision_end_token_id"] == tok.convert_tokens_to_ids("<|vision_end|>")
+    assert cfg["eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+    assert cfg["pad_token_id"] == tok.convert_tokens_to_ids("<|endoftext|>") == tok.pad_token_id
+
+
+def test_chat_template(tiny):
+    text, _ = _inputs(tiny["processor"], _image())
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" + V.SCORE_QUESTION + "<|im_end|>\n" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_forward_and_generate_on_a_real_image(tiny):
+    model, processor = tiny["model"], tiny["processor"]
+    _, inputs = _inputs(processor, _image())
+    image_token_id = model.config.image_token_id
+    n_image_tokens = int((inputs["input_ids"] == image_token_id).sum())
+    assert n_image_tokens == int(inputs["image_grid_thw"].prod()) // processor.image_processor.merge_size**2
+    with torch.no_grad():
+        out = model(**inputs)
+    seq = inputs["input_ids"].shape[1]
+    assert out.logits.shape == (1, seq, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=5)
+    assert generated.shape[0] == 1 and generated.shape[1] > seq
+    assert torch.equal(generated[:, :seq], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("size", [(512, 512), (451, 300), (64, 48), (120, 400)])
+def test_images_are_kept_small(tiny, size):
+    processor = tiny["processor"]
+    _, inputs = _inputs(processor, _image(size))
+    t, h, w = (int(x) for x in inputs["image_grid_thw"][0])
+    patch = processor.image_processor.patch_size
+    area = h * w * patch * patch
+    factor2 = (patch * processor.image_processor.merge_size) ** 2
+    assert t == 1
+    assert MIN_PIXELS - factor2 < area <= MAX_PIXELS, (size, h * patch, w * patch)
+
+
+def test_every_iqa_word_is_one_token(tiny):
+    tok = tiny["processor"].tokenizer
+    for word in V.single_token_words():
+        for form in (word, " " + word):
+            ids = tok.encode(form, add_special_tokens=False)
+            assert len(ids) == 1, (form, tok.convert_ids_to_tokens(ids))
+            assert tok.decode(ids) == form
+            assert tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(ids[0])) == ids[0]
+        # the token the model emits after "... is" is the one word_token_id names
+        ids = tok.encode(f"{V.SCORE_ANSWER_PREFIX} {word}", add_special_tokens=False)
+        assert word_token_id(tok, word) == ids[-1]
+        assert tok.decode([ids[-1]]) == " " + word
+    level_ids = [word_token_id(tok, w) for w in V.LEVEL_WORDS]
+    assert len(set(level_ids)) == len(V.LEVEL_WORDS)
+
+
+def test_word_token_id_warns_once_for_split_words(tiny):
+    tok = tiny["processor"].tokenizer
+    word = "zygomorphicity"  # not in the corpus: several tokens
+    pieces = tok.encode(" " + word, add_special_tokens=False)
+    assert len(pieces) > 1
+    with pytest.warns(UserWarning, match="first sub-token"):
+        assert word_token_id(tok, word) == pieces[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert word_token_id(tok, word) == pieces[0]
+
+
+def test_deterministic_for_a_seed(tiny, tmp_path):
+    family, first = tiny["family"], tiny["path"]
+    again = init_tiny(family, tmp_path / "again", seed=0)
+    other = init_tiny(family, tmp_path / "other", seed=1)
+    weights = (first / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights
+    assert (other / "model.safetensors").read_bytes() != weights
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "chat_template.jinja"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    assert (other / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+
+
+def test_init_tiny_leaves_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    init_tiny("qwen2_5_vl", tmp_path / "m", seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unknown_family_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown family"):
+        init_tiny("llava", tmp_path / "m")
+
+
+def test_template_corpus_covers_the_vocabulary():
+    corpus = template_corpus()
+    assert len(corpus) >= 2000
+    assert corpus == template_corpus()
+    text = "\n".join(corpus)
+    assert V.SCORE_QUESTION in text
+    assert V.SCORE_ANSWER_PREFIX in text
+    words = set(text.replace(",", " ").replace(".", " ").replace("?", " ").lower().split())
+    needed = set(V.single_token_words()) | set(V.SEVERITY_WORDS.values()) | set(V.POSITION_WORDS)
+    assert needed <= words, needed - words
+    for sentence in (
+        "Assess the quality of the image with a detailed explanation.",
+        "Which is the most degraded region in the image?",
+    ):
+        assert sentence in corpus
+    assert any(s.startswith("Which region shows the most severe ") for s in corpus)
+    assert any(s.startswith("What distortions affect the ") for s in corpus)
+    assert any(s.startswith("The most degraded region is the ") for s in corpus)
+    assert any("Overall, the quality of the image is " in s for s in corpus)
