@@ -32,6 +32,31 @@ def _model_init_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_import_mos(args: argparse.Namespace) -> int:
+    from iqa_spider.annotate.mos import import_mos
+    from iqa_spider.entrypoint import setup_logging
+
+    setup_logging()
+    summary = import_mos(args.table, args.images, args.output, args.scale_min, args.scale_max, args.test_fraction)
+    print(f"imported {summary['imported']} rating samples to {summary['output']}; skipped {summary['skipped'] or 'none'}")
+    return 0
+
+
+def _data_builtin_photos(args: argparse.Namespace) -> int:
+    from iqa_spider.annotate.pipeline import write_builtin_photos
+
+    uris = write_builtin_photos(args.out)
+    print(f"wrote {len(uris)} bundled scikit-image photos to {args.out}")
+    return 0
+
+
+# Job subcommands: `iqa-spider NAME --config FILE [overrides]` runs the same main as jobs/NAME.py.
+JOB_COMMANDS = {
+    "demo": ("iqa_spider.demo:main", "the main job end to end on embedded defaults"),
+    "annotate": ("iqa_spider.annotate.pipeline:main", "pristine images -> four-task dataset (Ray Data)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iqa-spider", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,8 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_model_init_tiny)
 
-    demo = sub.add_parser("demo", help="the main job end to end on embedded defaults", add_help=False)
-    demo.set_defaults(func=None, job_main="iqa_spider.demo:main")
+    data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="action", required=True)
+    mos = data.add_parser("import-mos", help="turn an (image, MOS) table into rating samples")
+    mos.add_argument("--table", required=True, help="CSV or Parquet with image and mos columns")
+    mos.add_argument("--images", required=True, help="URI that relative image names are resolved against")
+    mos.add_argument("--output", required=True, help="output folder or .parquet URI")
+    mos.add_argument("--scale-min", type=float, default=1.0, help="lowest MOS of the table's scale")
+    mos.add_argument("--scale-max", type=float, default=5.0, help="highest MOS of the table's scale")
+    mos.add_argument("--test-fraction", type=float, default=0.1)
+    mos.set_defaults(func=_data_import_mos)
+    photos = data.add_parser("builtin-photos", help="write scikit-image's bundled photos (no download)")
+    photos.add_argument("--out", required=True)
+    photos.set_defaults(func=_data_builtin_photos)
+
+    for name, (target, help_text) in JOB_COMMANDS.items():
+        job = sub.add_parser(name, help=f"{help_text} (--config FILE [key=value ...])", add_help=False)
+        job.set_defaults(func=None, job_main=target)
     return parser
 
 

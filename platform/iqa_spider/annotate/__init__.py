@@ -1,0 +1,1 @@
+"""Automatic annotation pipeline: synthetic region distortions on pristine images and their annotations."""

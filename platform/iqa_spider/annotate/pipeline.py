@@ -1,0 +1,318 @@
+"""The annotation job: pristine images -> distorted images + four-task Parquet shards.
+
+Straight path, per source image: decode -> shrink -> propose regions -> for each variant:
+pick distortions, apply them inside their regions, derive the truth, write every task's
+samples from it. Sources are grouped into shards; each shard is one Ray Data task that
+writes one Parquet file under a name derived from its sources and the config, so a re-run
+finds finished shards and skips them, and a retried task overwrites rather than duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from iqa_spider import storage
+from iqa_spider.annotate import distortions as D
+from iqa_spider.annotate import regions as R
+from iqa_spider.annotate.truth import Region, Truth, target_struct
+from iqa_spider.annotate.writers import Sample, write_all
+from iqa_spider.config.schemas import AnnotateConfig
+from iqa_spider.data.io import write_table
+from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
+from iqa_spider.images import ImageError, decode_image, encode_png, resize_max_side
+
+log = logging.getLogger(__name__)
+SUMMARY_KEY = b"iqa_spider.shard_summary"
+REWRITTEN_TASKS = ("global_desc", "local_desc", "referring_long")
+
+
+def stable_int(*parts: object) -> int:
+    """A 63-bit seed from any parts, identical on every machine and Python run."""
+    return int(hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def content_fingerprint(cfg: AnnotateConfig) -> str:
+    """Hash of every setting that changes what is written (not where it is written)."""
+    relevant = {k: asdict(cfg)[k] for k in ("regions", "distort", "tasks", "rewrite", "test_fraction", "seed")}
+    relevant["schema_version"] = SCHEMA_VERSION
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- one image
+
+COLOUR_FAMILIES = ("saturate_strengthen", "saturate_weaken")
+
+
+def is_grey(pixels: np.ndarray) -> bool:
+    """Near-grey pixels: a saturation change would leave them untouched, so the label would lie."""
+    chroma = pixels.max(axis=-1).astype(np.int16) - pixels.min(axis=-1)
+    return float(chroma.mean()) < 8.0
+
+
+def sample_chain(rng: np.random.Generator, dao: bool, grey: bool) -> list[D.Distortion]:
+    """One distortion, or a DAO two-step chain; no saturation change on grey content."""
+    for _ in range(50):
+        chain = D.sample_dao_chain(rng) if dao else [D.sample_distortion(rng)]
+        if not (grey and any(d.type in COLOUR_FAMILIES for d in chain)):
+            return chain
+    raise AssertionError("unreachable: most families are not colour changes")
+
+def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.Proposal],
+                 cfg: AnnotateConfig) -> tuple[np.ndarray, Truth]:
+    """Choose what to distort and where, apply it, and return the distorted image and its truth."""
+    h, w = image.shape[:2]
+    dc = cfg.distort
+    roll = rng.random()
+    if roll < dc.clean_prob:
+        regions = [Region(f"r{k}", p.mask, p.label, grid=cfg.regions.grid) for k, p in enumerate(proposals)]
+        return image, Truth(regions, w, h)
+    if roll < dc.clean_prob + dc.whole_image_prob:
+        chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image))
+        whole = Region("whole", np.ones((h, w), bool), None, chain, grid=cfg.regions.grid)
+        return D.apply_in_region(image, whole.mask, chain, seed=int(rng.integers(2**31))), Truth([whole], w, h)
+
+    regions = [Region(f"r{k}", p.mask, p.label, grid=cfg.regions.grid) for k, p in enumerate(proposals)]
+    n = int(rng.integers(1, min(dc.max_regions_distorted, len(regions)) + 1))
+    chosen = rng.choice(len(regions), size=n, replace=False)
+    dao_slot = int(rng.integers(n)) if rng.random() < dc.dao_prob else -1
+    out = image
+    for slot, k in enumerate(chosen):
+        region = regions[int(k)]
+        region.distortions = sample_chain(rng, slot == dao_slot, is_grey(image[region.mask]))
+        out = D.apply_in_region(out, region.mask, region.distortions, seed=int(rng.integers(2**31)),
+                                feather_px=dc.feather_px)
+    return out, Truth(regions, w, h)
+
+
+def rows_for_variant(distorted_png: bytes, truth: Truth, samples: list[Sample], source_uri: str,
+                     image_uri: str | None, cfg: AnnotateConfig) -> list[dict]:
+    iid = image_id(distorted_png)
+    split = split_for(source_uri, cfg.test_fraction)
+    rows = []
+    for s in samples:
+        rows.append({
+            "sample_id": sample_id(iid, s.task, s.question, s.answer), "image_id": iid,
+            "image": distorted_png if cfg.output.embed_images else None,
+            "image_uri": None if cfg.output.embed_images else image_uri,
+            "width": truth.width, "height": truth.height, "task": s.task, "subtask": s.subtask,
+            "question": s.question, "answer": s.answer,
+            "target": target_struct(truth, s.target_ids, s.whole_image),
+            "source_uri": source_uri, "split": split, "schema_version": SCHEMA_VERSION,
+        })
+    return rows
+
+
+class ShardAnnotator:
+    """One Ray Data actor: loads optional models once, then annotates whole shards."""
+
+    def __init__(self, cfg: AnnotateConfig):
+        self.cfg = cfg
+        self.sam = R.SamRegions(cfg.regions.sam_path, cfg.regions.max_regions) if cfg.regions.method == "sam" else None
+        self.rewriter = None
+        if cfg.rewrite.enabled:
+            from iqa_spider.annotate.rewrite import Rewriter
+
+            self.rewriter = Rewriter(cfg.rewrite.model_path, cfg.rewrite.max_new_tokens)
+
+    def proposals(self, image: np.ndarray, seed: int, masks: list[dict] | None) -> list[R.Proposal]:
+        rc = self.cfg.regions
+        if rc.method == "masks":
+            props = R.user_regions(masks or [], *image.shape[:2])
+            if not props:
+                raise ImageError("no_regions", "method masks but the row has no usable mask")
+            return props
+        if self.sam is not None:
+            props = self.sam(image)
+            if len(props) >= rc.min_regions:
+                return props
+        return R.superpixel_regions(image, seed, rc.min_regions, rc.max_regions, rc.min_area_frac)
+
+    def annotate_source(self, source_uri: str, data: bytes, masks: list[dict] | None,
+                        counts: Counter) -> list[dict]:
+        cfg = self.cfg
+        img = resize_max_side(decode_image(data, cfg.input.max_pixels), cfg.distort.max_side)
+        pristine = np.asarray(img)
+        base_seed = stable_int(cfg.seed, source_uri)
+        props = self.proposals(pristine, base_seed % (2**31), masks)
+        rows: list[dict] = []
+        for v in range(cfg.distort.variants_per_image):
+            rng = np.random.default_rng([base_seed, v])
+            distorted, truth = make_variant(rng, pristine, props, cfg)
+            png = encode_png(distorted)
+            image_uri = storage.join(cfg.output.uri, "images", f"{image_id(png)}.png")
+            if not cfg.output.embed_images and not storage.exists(image_uri):
+                storage.write_bytes(image_uri, png)
+            samples = write_all(rng, truth, cfg.tasks.local_per_image, cfg.tasks.referring_per_image)
+            if self.rewriter is not None:
+                for s in samples:
+                    if s.task in REWRITTEN_TASKS:
+                        s.answer, ok = self.rewriter(s.answer)
+                        counts["rewrites_accepted" if ok else "rewrites_rejected"] += 1
+            rows.extend(rows_for_variant(png, truth, samples, source_uri, image_uri, cfg))
+        return rows
+
+    def __call__(self, item: dict) -> dict:
+        shard = json.loads(item["shard"])  # JSON keeps Arrow from guessing types of nested masks
+        started = time.monotonic()
+        counts: Counter = Counter()
+        skipped: Counter = Counter()
+        rows: list[dict] = []
+        for source, masks in zip(shard["sources"], shard["masks"] or [None] * len(shard["sources"])):
+            try:
+                data = storage.read_bytes(source)
+                rows.extend(self.annotate_source(source, data, masks, counts))
+                counts["annotated"] += 1
+            except ImageError as exc:
+                skipped[exc.reason] += 1
+                log.warning("skipped %s: %s", source, exc)
+            except OSError as exc:  # missing, permission, S3 errors left after botocore's retries
+                skipped["unreadable"] += 1
+                log.warning("skipped %s: unreadable (%s)", source, exc)
+            except Exception as exc:  # noqa: BLE001 - one odd image must not stop a million-image job
+                skipped[f"failed:{type(exc).__name__}"] += 1
+                log.exception("skipped %s: annotation failed", source)
+        table = pa.Table.from_pylist(rows, schema=DATASET_SCHEMA)
+        check(table)
+        summary = {"shard": shard["name"], "sources": len(shard["sources"]), "annotated": counts["annotated"],
+                   "samples": table.num_rows, "skipped": dict(skipped),
+                   "samples_by_task": dict(Counter(table.column("task").to_pylist())),
+                   "rewrites": {k: counts[k] for k in ("rewrites_accepted", "rewrites_rejected") if counts[k]},
+                   "seconds": round(time.monotonic() - started, 3)}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SUMMARY_KEY: json.dumps(summary).encode()})
+        write_table(table, shard["uri"])
+        return {"summary": json.dumps(summary)}
+
+
+# ---------------------------------------------------------------- the job
+
+def list_sources(cfg: AnnotateConfig) -> list[tuple[str, list | None]]:
+    """(source_uri, masks) for every input image: a folder/prefix, or a Parquet manifest."""
+    uri = cfg.input.uri
+    if uri.endswith(".parquet"):
+        from iqa_spider.data.io import read_table
+
+        t = read_table(uri)
+        masks = t.column("masks").to_pylist() if "masks" in t.column_names else [None] * t.num_rows
+        return sorted(zip(t.column("image_uri").to_pylist(), masks), key=lambda x: x[0])
+    # Every file is listed, not only known suffixes: a mis-named or broken file is then
+    # counted as skipped with its reason instead of silently ignored.
+    return [(u, None) for u in storage.iter_files(uri)]
+
+
+def plan_shards(sources: list[tuple[str, list | None]], cfg: AnnotateConfig) -> list[dict]:
+    fp = content_fingerprint(cfg)
+    shards = []
+    size = max(1, cfg.output.shard_size)
+    for i in range(0, len(sources), size):
+        group = sources[i:i + size]
+        key = hashlib.sha256((fp + "\n" + "\n".join(s for s, _ in group)).encode()).hexdigest()[:16]
+        name = f"shard-{i // size:05d}-{key}.parquet"
+        shards.append({"name": name, "uri": storage.join(cfg.output.uri, "data", name),
+                       "sources": [s for s, _ in group],
+                       "masks": [m for _, m in group] if any(m is not None for _, m in group) else None})
+    return shards
+
+
+def read_shard_summary(uri: str) -> dict | None:
+    fs, path = storage.get_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+    return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
+
+
+def merge_summaries(summaries: Iterable[dict], reused: int, written: int, seconds: float) -> dict:
+    total: dict = {"sources": 0, "annotated": 0, "samples": 0, "skipped": Counter(),
+                   "samples_by_task": Counter(), "rewrites": Counter()}
+    for s in summaries:
+        for k in ("sources", "annotated", "samples"):
+            total[k] += s[k]
+        for k in ("skipped", "samples_by_task", "rewrites"):
+            total[k].update(s.get(k, {}))
+    total.update({k: dict(v) for k, v in total.items() if isinstance(v, Counter)})
+    total["shards"] = {"written": written, "reused": reused}
+    total["seconds"] = round(seconds, 2)
+    return total
+
+
+def run_annotate(cfg: AnnotateConfig) -> dict:
+    """Run the job; returns the run summary (also written to OUTPUT/_summary.json)."""
+    import ray
+
+    from iqa_spider.raycluster import ensure_ray
+
+    started = time.monotonic()
+    sources = list_sources(cfg)
+    shards = plan_shards(sources, cfg)
+    done, todo = [], []
+    for shard in shards:
+        summary = read_shard_summary(shard["uri"])
+        (done if summary else todo).append(summary or shard)
+    log.info("annotate: %d sources in %d shards; %d already finished, %d to do",
+             len(sources), len(shards), len(done), len(todo))
+    written: list[dict] = []
+    if todo:
+        ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+        ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map(ShardAnnotator, fn_constructor_kwargs={"cfg": cfg}, num_cpus=1,
+                    concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))))
+        for row in ds.iter_rows():
+            s = json.loads(row["summary"])
+            written.append(s)
+            log.info("shard %d/%d done: %s (%d samples from %d/%d images, skipped %s)",
+                     len(done) + len(written), len(shards), s["shard"], s["samples"], s["annotated"],
+                     s["sources"], s["skipped"] or "none")
+    total = merge_summaries(done + written, reused=len(done), written=len(written),
+                            seconds=time.monotonic() - started)
+    storage.write_bytes(storage.join(cfg.output.uri, "_summary.json"), json.dumps(total, indent=2).encode())
+    log.info("annotate summary: %s", json.dumps(total))
+    return total
+
+
+def iter_builtin_photos() -> Iterator[tuple[str, np.ndarray]]:
+    """scikit-image's bundled natural photos (shipped in its wheel: nothing is downloaded)."""
+    from skimage import data
+
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                 "motorcycle_left", "colorwheel", "retina", "cat", "camera", "page", "text", "moon"):
+        fn = getattr(data, name, None)
+        if fn is None:
+            continue
+        try:
+            img = fn()
+        except Exception:  # a dataset that would need a download: not bundled, skip it
+            continue
+        if isinstance(img, tuple):
+            img = img[0]
+        if img.ndim == 2:
+            img = np.stack([img] * 3, axis=-1)
+        yield name, img[..., :3].astype(np.uint8)
+
+
+def write_builtin_photos(out_uri: str) -> list[str]:
+    """Write the bundled photos as PNG files to `out_uri`; returns their URIs."""
+    uris = []
+    for name, img in iter_builtin_photos():
+        uri = storage.join(out_uri, f"{name}.png")
+        storage.write_bytes(uri, encode_png(img))
+        uris.append(uri)
+    return uris
+
+
+
+def main(argv=None) -> int:
+    from iqa_spider.entrypoint import run_job
+
+    return run_job(AnnotateConfig, run_annotate, argv, description="annotate: pristine images -> four-task dataset")

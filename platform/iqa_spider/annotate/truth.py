@@ -1,0 +1,118 @@
+"""The known truth of one distorted image, and the one rule that turns it into a quality level.
+
+Everything the writers say is derived from a `Truth`: which regions exist, where they are,
+what was applied to each and in which order. The same object becomes the `target` column,
+so an answer and its machine-readable truth can never disagree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from iqa_spider.annotate.distortions import Distortion
+from iqa_spider.data import rle
+from iqa_spider.vocab import LEVEL_WORDS, position_words
+
+# How much one region at a severity hurts the whole image, before its area is counted.
+SEVERITY_WEIGHT = {1: 0.25, 2: 0.45, 3: 0.65, 4: 0.85, 5: 1.0}
+# Level bins on the 1..5 score: equal widths, best first (LEVEL_WORDS order).
+LEVEL_LOWER_BOUNDS = (4.2, 3.4, 2.6, 1.8, 1.0)
+
+
+@dataclass
+class Region:
+    region_id: str
+    mask: np.ndarray  # bool HxW
+    label: str | None = None
+    distortions: list[Distortion] = field(default_factory=list)  # in the order applied
+    grid: int = 2
+
+    @property
+    def area_fraction(self) -> float:
+        return float(self.mask.mean())
+
+    @property
+    def bbox(self) -> list[float]:
+        box = rle.bbox_normalized(self.mask)
+        return box if box is not None else [0.0, 0.0, 1.0, 1.0]
+
+    @property
+    def position(self) -> tuple[str, str]:
+        """(vertical, horizontal) words of the bbox centre."""
+        return position_words(self.bbox, self.grid)
+
+    @property
+    def is_whole_image(self) -> bool:
+        return bool(self.mask.all())
+
+    @property
+    def severity(self) -> int:
+        """The region's worst severity; a chain counts its worst link plus one step per extra link."""
+        if not self.distortions:
+            return 0
+        return min(5, max(d.severity for d in self.distortions) + (len(self.distortions) - 1) // 2)
+
+    def damage(self) -> float:
+        """0..1: severity weight scaled by sqrt(area), so a small but extreme region still counts."""
+        if not self.distortions:
+            return 0.0
+        return SEVERITY_WEIGHT[self.severity] * math.sqrt(self.area_fraction)
+
+
+@dataclass
+class Truth:
+    regions: list[Region]
+    width: int
+    height: int
+
+    @property
+    def distorted(self) -> list[Region]:
+        return [r for r in self.regions if r.distortions]
+
+    def quality_score(self) -> float:
+        return score_from_damages([r.damage() for r in self.regions])
+
+    def quality_level(self) -> str:
+        return level_for_score(self.quality_score())
+
+    def most_degraded(self) -> Region | None:
+        return max(self.distorted, key=lambda r: (r.damage(), r.severity), default=None)
+
+
+def score_from_damages(damages: list[float]) -> float:
+    """The documented rule (docs/annotation.md): D = 1 - prod(1 - d_r), score = 5 - 4 D.
+
+    Independent regions compound like independent defects: two half-bad regions are worse
+    than one, and no sum of regions can push the score below 1.
+    """
+    survive = 1.0
+    for d in damages:
+        survive *= 1.0 - min(1.0, max(0.0, d))
+    return round(5.0 - 4.0 * (1.0 - survive), 4)
+
+
+def level_for_score(score: float) -> str:
+    for word, lower in zip(LEVEL_WORDS, LEVEL_LOWER_BOUNDS):
+        if score >= lower:
+            return word
+    return LEVEL_WORDS[-1]
+
+
+def target_struct(truth: Truth, target_ids: list[str], whole_image: bool) -> dict:
+    """The `target` column value for one sample about this truth."""
+    return {
+        "regions": [{
+            "region_id": r.region_id,
+            "mask_rle": rle.encode(r.mask),
+            "bbox": r.bbox,
+            "position": list(r.position),
+            "label": r.label,
+            "distortions": [{"type": d.type, "subtype": d.subtype, "severity": d.severity} for d in r.distortions],
+        } for r in truth.regions],
+        "target_region_ids": list(target_ids),
+        "whole_image": whole_image,
+        "quality_level": truth.quality_level(),
+        "quality_score": truth.quality_score(),
+    }
