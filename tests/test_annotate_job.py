@@ -35,6 +35,8 @@ def write_inputs(base: str) -> None:
     storage.write_bytes(storage.join(base, "truncated.png"), good[: len(good) // 3])
     storage.write_bytes(storage.join(base, "empty.jpg"), b"")
     storage.write_bytes(storage.join(base, "notes.jpg"), b"this is a text file, not a JPEG")
+    # not an image file name: passed over and counted as ignored, neither a source nor a failure
+    storage.write_bytes(storage.join(base, "nested", "README.txt"), b"photos from the 2024 trip")
 
 
 def config(inp: str, out: str) -> AnnotateConfig:
@@ -57,6 +59,7 @@ def test_summary_counts_every_input(local_run):
     assert summary["sources"] == N_PHOTOS + 3
     assert summary["annotated"] == N_PHOTOS
     assert summary["skipped"] == {"corrupt": 1, "empty": 1, "not_an_image": 1}
+    assert summary["ignored_files"] == 1
     assert summary["samples"] == table.num_rows > 0
     on_disk = json.loads(storage.read_bytes(storage.join(cfg.output.uri, "_summary.json")))
     assert on_disk["annotated"] == N_PHOTOS
@@ -132,6 +135,7 @@ def test_job_script_on_moto_s3(moto_s3, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(storage.read_bytes(f"{out}/_summary.json"))
     assert summary["annotated"] == N_PHOTOS and sum(summary["skipped"].values()) == 3
+    assert summary["sources"] == N_PHOTOS + 3 and summary["ignored_files"] == 1
     table = read_dataset(out)
     assert table.num_rows == summary["samples"]
     assert all(u.startswith(f"s3://{moto_s3.bucket}/dq/images/") for u in table.column("image_uri").to_pylist())
@@ -143,3 +147,19 @@ def test_bad_config_fails_fast():
                            str(REPO / "configs/annotate.yaml"), "input.uri=x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "output.uri" in proc.stderr
+
+
+def test_output_inside_the_input_is_not_a_source(tmp_path):
+    """Listing only: image files are sources, other files and the job's own output are ignored."""
+    from iqa_spider.annotate.pipeline import list_sources
+
+    (name, img), = list(iter_builtin_photos())[:1]
+    png = encode_png(img[:32, :32])
+    for rel in (f"{name}.png", "sub/B.JPG", "labels.csv", "out/images/x.png", "out/data/shard.parquet"):
+        storage.write_bytes(str(tmp_path / rel), png)
+    sources, ignored = list_sources(config(str(tmp_path), str(tmp_path / "out")))
+    assert sorted(s for s, _ in sources) == sorted([str(tmp_path / f"{name}.png"), str(tmp_path / "sub/B.JPG")])
+    assert all(m is None for _, m in sources) and ignored == 3
+    # an output folder beside the input (a shared name prefix) is not mistaken for it
+    sources, _ = list_sources(config(str(tmp_path / "sub"), str(tmp_path / "su")))
+    assert [s for s, _ in sources] == [str(tmp_path / "sub/B.JPG")]

@@ -28,7 +28,7 @@ from iqa_spider.annotate.writers import Sample, write_all
 from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data.io import write_table
 from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
-from iqa_spider.images import ImageError, decode_image, encode_png, resize_max_side
+from iqa_spider.images import IMAGE_SUFFIXES, ImageError, decode_image, encode_png, resize_max_side
 
 log = logging.getLogger(__name__)
 SUMMARY_KEY = b"iqa_spider.shard_summary"
@@ -116,7 +116,9 @@ class ShardAnnotator:
 
     def __init__(self, cfg: AnnotateConfig):
         self.cfg = cfg
-        self.sam = R.SamRegions(cfg.regions.sam_path, cfg.regions.max_regions) if cfg.regions.method == "sam" else None
+        rc = cfg.regions
+        self.sam = (R.SamRegions(rc.sam_path, rc.max_regions, rc.min_area_frac, min_regions=rc.min_regions)
+                    if rc.method == "sam" else None)
         self.rewriter = None
         if cfg.rewrite.enabled:
             from iqa_spider.annotate.rewrite import Rewriter
@@ -195,18 +197,46 @@ class ShardAnnotator:
 
 # ---------------------------------------------------------------- the job
 
-def list_sources(cfg: AnnotateConfig) -> list[tuple[str, list | None]]:
-    """(source_uri, masks) for every input image: a folder/prefix, or a Parquet manifest."""
+def list_sources(cfg: AnnotateConfig) -> tuple[list[tuple[str, list | None]], int]:
+    """(source_uri, masks) for every input image, and how many other files were passed over.
+
+    The input is a folder/prefix (walked recursively) or a Parquet manifest (`image_uri`
+    column, optional `masks` column). In a folder, files with an image suffix
+    (images.IMAGE_SUFFIXES, any case) are sources; every one of them is either annotated or
+    counted as skipped with its reason, so a broken or mis-named image is never lost
+    silently. Other files (a README, a CSV of labels) are not images the user asked to
+    annotate: they are counted as `ignored_files` in the summary, not as failures, and so
+    are the files of an output folder that lies inside the input folder. Hidden files and
+    unfinished atomic writes are not listed at all.
+    """
     uri = cfg.input.uri
     if uri.endswith(".parquet"):
         from iqa_spider.data.io import read_table
 
         t = read_table(uri)
         masks = t.column("masks").to_pylist() if "masks" in t.column_names else [None] * t.num_rows
-        return sorted(zip(t.column("image_uri").to_pylist(), masks), key=lambda x: x[0])
-    # Every file is listed, not only known suffixes: a mis-named or broken file is then
-    # counted as skipped with its reason instead of silently ignored.
-    return [(u, None) for u in storage.iter_files(uri)]
+        return sorted(zip(t.column("image_uri").to_pylist(), masks), key=lambda x: x[0]), 0
+    # An output folder inside the input folder: its distorted images are not new sources.
+    out_prefix = _fs_path(cfg.output.uri).rstrip("/") + "/" if storage.is_s3(uri) == storage.is_s3(cfg.output.uri) \
+        else None
+    sources, ignored = [], 0
+    for u in storage.iter_files(uri):
+        if out_prefix and _fs_path(u).startswith(out_prefix):
+            ignored += 1
+            continue
+        if u.lower().endswith(IMAGE_SUFFIXES):
+            sources.append((u, None))
+        else:
+            ignored += 1
+            log.info("not an image file name, ignored: %s", u)
+    return sources, ignored
+
+
+def _fs_path(uri: str) -> str:
+    """A URI as its filesystem path (bucket/key, or an absolute local path), without a client."""
+    if storage.is_s3(uri):
+        return uri.split("://", 1)[1]
+    return storage.get_fs(uri)[1]
 
 
 def plan_shards(sources: list[tuple[str, list | None]], cfg: AnnotateConfig) -> list[dict]:
@@ -254,20 +284,22 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     from iqa_spider.raycluster import ensure_ray
 
     started = time.monotonic()
-    sources = list_sources(cfg)
+    sources, ignored = list_sources(cfg)
     shards = plan_shards(sources, cfg)
     done, todo = [], []
     for shard in shards:
         summary = read_shard_summary(shard["uri"])
         (done if summary else todo).append(summary or shard)
-    log.info("annotate: %d sources in %d shards; %d already finished, %d to do",
-             len(sources), len(shards), len(done), len(todo))
+    log.info("annotate: %d sources in %d shards (%d other files ignored); %d already finished, %d to do",
+             len(sources), len(shards), ignored, len(done), len(todo))
     written: list[dict] = []
     if todo:
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
+        # one actor per CPU at most (no more than there are shards), each loading its models once
+        actors = max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         ds = ds.map(ShardAnnotator, fn_constructor_kwargs={"cfg": cfg}, num_cpus=1,
-                    concurrency=(1, max(1, int(ray.available_resources().get("CPU", 1)))))
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
         for row in ds.iter_rows():
             s = json.loads(row["summary"])
             written.append(s)
@@ -276,6 +308,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
                      s["sources"], s["skipped"] or "none")
     total = merge_summaries(done + written, reused=len(done), written=len(written),
                             seconds=time.monotonic() - started)
+    total["ignored_files"] = ignored
     storage.write_bytes(storage.join(cfg.output.uri, "_summary.json"), json.dumps(total, indent=2).encode())
     log.info("annotate summary: %s", json.dumps(total))
     return total

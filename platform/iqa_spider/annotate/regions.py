@@ -103,20 +103,100 @@ def user_regions(masks: list[dict], h: int, w: int) -> list[Proposal]:
 
 
 class SamRegions:
-    """SAM automatic masks from a local checkpoint (loaded once per worker)."""
+    """SAM automatic masks (transformers' mask-generation pipeline) from a local checkpoint,
+    loaded once per worker, turned into disjoint regions.
 
-    def __init__(self, path: str, max_regions: int = 12, min_area_frac: float = 0.02):
+    SAM's masks overlap (an object, its parts, the background around it), but a region's
+    truth must hold for every pixel in it, so the masks are made disjoint: candidates that
+    cover between `min_area_frac` and `max_area_frac` of the image are painted smallest
+    first, each keeping only the pixels no smaller mask took and only its largest connected
+    piece (position words describe one place); pieces that end up below `min_area_frac` are
+    dropped, and the `max_regions` largest are returned, largest first. Pixels no region
+    claims stay outside every region (they are never distorted by region variants).
+
+    Two passes: first SAM's own filters (`pred_iou_thresh`, `stability_score_thresh`,
+    box NMS at `nms_thresh`) on a `points_per_side`^2 grid. If that leaves fewer than
+    `min_regions` regions and `relaxed_retry` is on, one more pass on a coarser grid
+    (`relaxed_points_per_side`^2) without the quality filters or NMS keeps the model's
+    candidates as they come; a checkpoint whose confidence is uncalibrated (the project's
+    tiny random SAM, or a weak fine-tune) still yields regions this way. Fewer than
+    `min_regions` after both passes: the caller falls back to superpixels.
+    """
+
+    def __init__(self, path: str, max_regions: int = 12, min_area_frac: float = 0.02, *,
+                 min_regions: int = 3, max_area_frac: float = 0.95, points_per_side: int = 16,
+                 points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
+                 stability_score_thresh: float = 0.95, nms_thresh: float = 0.7,
+                 relaxed_retry: bool = True, relaxed_points_per_side: int = 4, device: str = "cpu"):
         from transformers import pipeline
 
-        self.generator = pipeline("mask-generation", model=path, device="cpu")
-        self.max_regions, self.min_area_frac = max_regions, min_area_frac
+        self.generator = pipeline("mask-generation", model=str(path), device=device)
+        size = self.generator.image_processor.size
+        self.work_side = int(size.get("longest_edge") or max(size.get("height", 1024), size.get("width", 1024)))
+        self.max_regions, self.min_regions = max_regions, min_regions
+        self.min_area_frac, self.max_area_frac = min_area_frac, max_area_frac
+        self.points_per_batch = points_per_batch
+        self.strict = {"points_per_crop": points_per_side, "pred_iou_thresh": pred_iou_thresh,
+                       "stability_score_thresh": stability_score_thresh, "crops_nms_thresh": nms_thresh}
+        self.relaxed = ({"points_per_crop": relaxed_points_per_side, "pred_iou_thresh": 0.0,
+                         "stability_score_thresh": 0.0, "crops_nms_thresh": 1.0} if relaxed_retry else None)
 
-    def __call__(self, image: np.ndarray) -> list[Proposal]:
+    def masks(self, image: np.ndarray, **settings) -> list[np.ndarray]:
+        """The pipeline's raw masks (bool HxW) for one RGB uint8 image.
+
+        The model sees the image at its own input size whatever we pass, so an image larger
+        than that is shrunk first and the masks are scaled back up: the same masks, without
+        the pipeline's per-pixel post-processing (stability scores, RLE) at full size.
+        """
         from PIL import Image
 
-        result = self.generator(Image.fromarray(image), points_per_batch=64)
         h, w = image.shape[:2]
-        masks = [np.asarray(m, dtype=bool) for m in result["masks"]]
-        masks = [m for m in masks if m.shape == (h, w) and m.mean() >= self.min_area_frac]
-        masks.sort(key=lambda m: -int(m.sum()))
-        return [Proposal(m) for m in masks[: self.max_regions]]
+        pil = Image.fromarray(image)
+        scale = self.work_side / max(h, w)
+        if scale < 1:
+            pil = pil.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+        result = self.generator(pil, points_per_batch=self.points_per_batch, **settings)
+        out = []
+        for m in result["masks"]:
+            m = m.cpu().numpy() if hasattr(m, "cpu") else np.asarray(m)
+            m = m.astype(bool, copy=False)
+            if m.shape != (h, w):
+                m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.BILINEAR)) > 127
+            out.append(m)
+        return out
+
+    def disjoint(self, masks: list[np.ndarray]) -> list[Proposal]:
+        from skimage.measure import label as connected
+
+        if not masks:
+            return []
+        h, w = masks[0].shape
+        total = h * w
+        min_px = max(1, int(self.min_area_frac * total))
+        candidates = [m for m in masks if min_px <= int(m.sum()) <= self.max_area_frac * total]
+        candidates.sort(key=lambda m: int(m.sum()))
+        claimed = np.zeros((h, w), bool)
+        pieces = []
+        for m in candidates:
+            free = m & ~claimed
+            if int(free.sum()) < min_px:
+                continue
+            labels, n = connected(free, connectivity=1, return_num=True)
+            if n > 1:
+                sizes = np.bincount(labels.ravel())[1:]
+                free = labels == (1 + int(np.argmax(sizes)))
+            if int(free.sum()) < min_px:
+                continue
+            claimed |= free
+            pieces.append(free)
+        pieces.sort(key=lambda m: -int(m.sum()))
+        return [Proposal(m) for m in pieces[: self.max_regions]]
+
+    def __call__(self, image: np.ndarray) -> list[Proposal]:
+        proposals = self.disjoint(self.masks(image, **self.strict))
+        if len(proposals) < self.min_regions and self.relaxed is not None:
+            relaxed = self.disjoint(self.masks(image, **self.relaxed))
+            if len(relaxed) > len(proposals):
+                log.debug("SAM: %d regions with its filters, %d without", len(proposals), len(relaxed))
+                proposals = relaxed
+        return proposals

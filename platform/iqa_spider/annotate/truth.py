@@ -49,10 +49,11 @@ class Region:
 
     @property
     def severity(self) -> int:
-        """The region's worst severity; a chain counts its worst link plus one step per extra link."""
+        """The region's worst severity; a chain counts its worst link plus one step per extra
+        link (an accumulated pair is worse than either of its distortions alone), at most 5."""
         if not self.distortions:
             return 0
-        return min(5, max(d.severity for d in self.distortions) + (len(self.distortions) - 1) // 2)
+        return min(5, max(d.severity for d in self.distortions) + len(self.distortions) - 1)
 
     def damage(self) -> float:
         """0..1: severity weight scaled by sqrt(area), so a small but extreme region still counts."""
