@@ -1,0 +1,141 @@
+"""Structured configs of the inference engine and the evaluation job.
+
+Same style as :mod:`iqa_spider.config.schemas`: plain dataclasses loaded by OmegaConf, with
+enumerated fields checked in ``__post_init__`` so a typo fails at start naming the key.
+Batch scoring and serving reuse :class:`InferConfig` and :class:`SegmenterConfig` next to
+the shared :class:`~iqa_spider.config.schemas.ModelConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+from iqa_spider.config.loader import ConfigValueError, check_choice
+from iqa_spider.config.schemas import ModelConfig
+
+# Names of the text-to-point mappings (iqa_spider.infer.text_to_point.MAPPINGS) and of the
+# segmenters (iqa_spider.infer.segmenters.SEGMENTERS). Kept here as plain tuples so loading a
+# config never imports torch.
+MAPPING_NAMES = ("paper", "expected_bin_centre", "bins3x3", "multi_point")
+SEGMENTER_KINDS = ("superpixel", "sam")
+
+# The default mapping. "expected_bin_centre" for now: the paper's mapping puts a confident
+# point on the image border (p(right) = 1 -> x = W), which is outside most regions. Once a
+# trained model exists, the default must become whichever mapping measures best on
+# held-out data: `iqa-spider evaluate` reports point accuracy and mIoU of every mapping on
+# generated and on teacher-forced true answers (grounding.all.mapping.<name>, .forced.<name>).
+DEFAULT_MAPPING = "expected_bin_centre"
+
+HYD_QUESTION = "Which is the most degraded region in the image?"
+
+
+@dataclass
+class SegmenterConfig:
+    """Point(s) + image -> mask. `superpixel` needs no weights; `sam` loads SamModel/Sam2Model."""
+
+    kind: str = "superpixel"
+    path: Optional[str] = None         # SAM checkpoint directory (kind=sam)
+    device: str = "auto"               # auto | cpu | cuda | cuda:N (kind=sam)
+    multimask: bool = True             # sam: predict 3 masks per point, keep the best by predicted IoU
+    # superpixel: SLIC pieces are grown from the one under the point while their mean colour
+    # stays within `colour_tol` (CIELAB distance) of the seed; the mask is kept between these
+    # fractions of the image area.
+    n_segments: int = 200
+    colour_tol: float = 12.0
+    min_area_frac: float = 0.01
+    max_area_frac: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("segmenter.kind", self.kind, SEGMENTER_KINDS)
+        if self.kind == "sam" and not self.path:
+            raise ConfigValueError("segmenter.path", "kind sam needs a SAM checkpoint directory")
+        if not 0.0 < self.min_area_frac <= self.max_area_frac <= 1.0:
+            raise ConfigValueError("segmenter.min_area_frac",
+                                   "need 0 < min_area_frac <= max_area_frac <= 1")
+
+
+@dataclass
+class InferConfig:
+    """How the predictor batches, decodes and turns position words into points."""
+
+    batch_size: int = 8               # images per shared-prefix prefill
+    max_rows: int = 32                # (image, question) rows per decoding batch
+    max_new_tokens: int = 64          # cap for grounding and referring answers
+    describe_max_new_tokens: int = 256  # cap for descriptions
+    prefix_sharing: bool = True       # false: one processor call + one generate per (image, question)
+    mapping: str = DEFAULT_MAPPING    # text-to-point mapping (see MAPPING_NAMES)
+    tau: float = 1.0                  # softmax temperature over the position-word logits
+    grid: int = 2                     # position vocabulary the model was trained with: 2 or 3
+    # What a result row holds: the Q-Align score always; a global description if `describe`;
+    # one grounding answer (point + mask) per question in `ground_questions`.
+    describe: bool = True
+    ground_questions: list[str] = field(default_factory=lambda: [HYD_QUESTION])
+    max_pixels: int = 64_000_000      # inputs with more pixels get error too_many_pixels
+    cache_dir: Optional[str] = None   # where MLflow/S3 models are downloaded (null: ~/.cache/iqa-spider/models)
+
+    def __post_init__(self) -> None:
+        check_choice("infer.mapping", self.mapping, MAPPING_NAMES)
+        check_choice("infer.grid", self.grid, (2, 3))
+        for key in ("batch_size", "max_rows", "max_new_tokens", "describe_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigValueError(f"infer.{key}", "must be at least 1")
+        if self.tau <= 0:
+            raise ConfigValueError("infer.tau", "must be > 0")
+
+
+@dataclass
+class EvalData:
+    uri: str = MISSING                # a dataset in the contract (folder of shards or one .parquet)
+    split: str = "test"               # test | train | all
+    tasks: list[str] = field(default_factory=lambda: [
+        "rating", "grounding", "referring_short", "referring_long", "global_desc", "local_desc"])
+    max_images: Optional[int] = None  # evaluate at most this many images (first by image_id)
+
+    def __post_init__(self) -> None:
+        check_choice("data.split", self.split, ("test", "train", "all"))
+        from iqa_spider.data.schema import TASKS
+
+        for t in self.tasks:
+            check_choice("data.tasks", t, TASKS)
+
+
+@dataclass
+class EvalOutput:
+    uri: Optional[str] = None         # report folder: report.json, predictions.parquet, report.html
+    html: bool = True
+    html_max_items: int = 24          # grounding samples drawn in the HTML page
+
+
+@dataclass
+class EvalMlflow:
+    # auto: log when MLFLOW_TRACKING_URI is set; true: always (local ./mlruns if unset); false: never
+    enabled: str = "auto"
+    experiment: str = "iqa-spider-evaluate"
+    run_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.enabled = str(self.enabled).lower()  # YAML true/false arrive as "True"/"False"
+        check_choice("mlflow.enabled", self.enabled, ("auto", "true", "false"))
+
+
+@dataclass
+class EvaluateConfig:
+    job: str = "evaluate"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    data: EvalData = field(default_factory=EvalData)
+    output: EvalOutput = field(default_factory=EvalOutput)
+    mlflow: EvalMlflow = field(default_factory=EvalMlflow)
+    # Mappings whose point accuracy / mIoU are reported next to the configured one (empty: all).
+    mappings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for m in self.mappings:
+            check_choice("mappings", m, MAPPING_NAMES)
+
+
+__all__ = ["SegmenterConfig", "InferConfig", "EvaluateConfig", "EvalData", "EvalOutput", "EvalMlflow",
+           "MAPPING_NAMES", "SEGMENTER_KINDS", "DEFAULT_MAPPING", "HYD_QUESTION"]

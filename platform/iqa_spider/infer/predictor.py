@@ -1,0 +1,298 @@
+"""The predictor (model + engine) and the grounding head (predictor + segmenter).
+
+``Predictor`` answers for a batch of PIL images:
+
+- ``score``: Q-Align score 1..5, level and the five level probabilities (one forward pass);
+- ``describe``: a global description, or a local one of a region named in text;
+- ``refer``: the distortions of a region named in text (short or long);
+- ``ground``: a grounding answer (HyD-G, SiD-G, DAO-G question) with its position-word
+  probabilities and point(s) by the configured text-to-point mapping;
+- ``analyze``: all of the above that a result row holds, asked together so that one image
+  prefill serves every question.
+
+``GroundingHead`` adds the segmenter: masks for the points (and the full mask for an answer
+about the whole image). It is what batch scoring and serving deploy, and its
+``predict_rows`` turns encoded images into result-contract rows, one per input, with
+``error`` set for an input that cannot be scored.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from iqa_spider.annotate import templates as T
+from iqa_spider.config.schemas import ModelConfig
+from iqa_spider.images import ImageError, decode_image, to_rgb
+from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
+from iqa_spider.infer.engine import Engine, Query, QueryResult
+from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
+from iqa_spider.vocab import LEVEL_WORDS, SCORE_QUESTION
+
+log = logging.getLogger(__name__)
+
+GLOBAL_DESC_QUESTION = T.GLOBAL_QUESTIONS[0]
+LOCAL_DESC_QUESTION = T.LOCAL_QUESTIONS[0]   # "... {region}."
+REFER_QUESTION = T.REFER_QUESTIONS[0]        # "... {region}?"
+MAX_ASPECT = 150.0  # the Qwen-VL image processors refuse aspect ratios above 200
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """8-bit RGB, with an aspect ratio the Qwen-VL processors accept (else ImageError)."""
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ImageError("empty", f"{w}x{h} image")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ImageError("bad_aspect_ratio", f"{w}x{h} is more elongated than 1:{MAX_ASPECT:g}")
+    return to_rgb(image)
+
+
+@dataclass
+class ScoreResult:
+    score: float                 # 1..5
+    level: str                   # argmax level word
+    level_probs: list[float]     # p(excellent, good, fair, poor, bad), sums to 1
+
+
+@dataclass
+class Grounding:
+    """One grounding answer: text, detected position mentions, point(s), mask."""
+
+    query: str
+    answer: str
+    width: int
+    height: int
+    whole_image: bool
+    pairs: list[PositionPair] = field(default_factory=list)
+    points: list[Point] = field(default_factory=list)
+    mask: np.ndarray | None = None    # set by GroundingHead: bool HxW, union of `masks`; full for whole_image
+    masks: list[np.ndarray] = field(default_factory=list)  # one per point (GroundingHead)
+
+    def points_by(self, mapping: str, tau: float = 1.0) -> list[Point]:
+        """The point(s) another mapping would give for this same answer."""
+        if self.whole_image:
+            return []
+        return get_mapping(mapping)(self.pairs, self.width, self.height, tau)
+
+
+@dataclass
+class Analysis:
+    width: int
+    height: int
+    score: ScoreResult | None = None
+    description: str | None = None
+    regions: list[Grounding] = field(default_factory=list)
+
+
+def _as_list(value, n: int) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"expected {n} values, one per image, got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+class Predictor:
+    """Model + processor + engine. Build with :meth:`load` or from a loaded model."""
+
+    def __init__(self, model, processor, infer: InferConfig | None = None, model_uri: str | None = None,
+                 model_version: str | None = None):
+        self.model, self.processor = model, processor
+        self.cfg = infer or InferConfig()
+        self.model_uri, self.model_version = model_uri, model_version
+        self.engine = Engine(model, processor, batch_size=self.cfg.batch_size, max_rows=self.cfg.max_rows)
+
+    @classmethod
+    def load(cls, model_cfg: ModelConfig, infer: InferConfig | None = None) -> "Predictor":
+        from iqa_spider.infer.loading import load_model
+
+        infer = infer or InferConfig()
+        loaded = load_model(model_cfg, infer.cache_dir)
+        return cls(loaded.model, loaded.processor, infer, loaded.uri, loaded.version)
+
+    # ---------------------------------------------------------------- primitives
+
+    def run(self, images: Sequence[Image.Image], queries: Sequence[Sequence[Query]],
+            prefix_sharing: bool | None = None) -> list[list[QueryResult]]:
+        """Raw engine results for ``queries[i]`` about ``images[i]``."""
+        images = [prepare_image(im) for im in images]
+        share = self.cfg.prefix_sharing if prefix_sharing is None else prefix_sharing
+        return self.engine.run(images, queries, prefix_sharing=share)
+
+    @staticmethod
+    def score_of(result: QueryResult) -> ScoreResult:
+        probs = [float(p) for p in result.level_probs or []]
+        return ScoreResult(float(result.score), LEVEL_WORDS[int(np.argmax(probs))], probs)
+
+    def grounding_of(self, result: QueryResult, question: str, width: int, height: int,
+                     mapping: str | None = None) -> Grounding:
+        """Text-to-point for one answer: whole-image rule, position steps, mapping."""
+        answer = result.text or ""
+        if is_whole_image(answer):
+            return Grounding(question, answer, width, height, True)
+        steps = self.engine.positions.steps(result.token_ids, result.watch_logits
+                                            if result.watch_logits is not None else np.zeros((0, 0)))
+        pairs = find_pairs(steps)
+        points = get_mapping(mapping or self.cfg.mapping)(pairs, width, height, self.cfg.tau)
+        return Grounding(question, answer, width, height, False, pairs, points)
+
+    # ---------------------------------------------------------------- tasks
+
+    def score(self, images: Sequence[Image.Image]) -> list[ScoreResult]:
+        res = self.run(images, [[Query(SCORE_QUESTION, mode="score")] for _ in images])
+        return [self.score_of(r[0]) for r in res]
+
+    def describe(self, images: Sequence[Image.Image], region: str | Sequence[str | None] | None = None) -> list[str]:
+        """Global description (region None) or local description of a region named in text,
+        e.g. "the sky in the top left of the image"."""
+        regions = _as_list(region, len(images))
+        queries = [[Query(GLOBAL_DESC_QUESTION if r is None else LOCAL_DESC_QUESTION.format(region=r),
+                          max_new_tokens=self.cfg.describe_max_new_tokens)] for r in regions]
+        return [r[0].text or "" for r in self.run(images, queries)]
+
+    def refer(self, images: Sequence[Image.Image], region: str | Sequence[str], long: bool = False) -> list[str]:
+        """Distortions of a region named in text; ``long`` allows the longer answer (effects)."""
+        regions = _as_list(region, len(images))
+        cap = self.cfg.describe_max_new_tokens if long else self.cfg.max_new_tokens
+        queries = [[Query(REFER_QUESTION.format(region=r), max_new_tokens=cap)] for r in regions]
+        return [r[0].text or "" for r in self.run(images, queries)]
+
+    def ground(self, images: Sequence[Image.Image], questions: str | Sequence[str] | None = None,
+               mapping: str | None = None) -> list[list[Grounding]]:
+        """Grounding answers with points for each question (default: the HyD-G question)."""
+        qs = [HYD_QUESTION] if questions is None else ([questions] if isinstance(questions, str) else list(questions))
+        res = self.run(images, [[Query(q, max_new_tokens=self.cfg.max_new_tokens) for q in qs] for _ in images])
+        return [[self.grounding_of(r, q, im.width, im.height, mapping) for r, q in zip(rs, qs)]
+                for im, rs in zip(images, res)]
+
+    def ground_forced(self, images: Sequence[Image.Image], questions: Sequence[Sequence[str]],
+                      answers: Sequence[Sequence[str]], mapping: str | None = None) -> list[list[Grounding]]:
+        """Text-to-point on given answers (teacher forced, one forward pass, no generation):
+        the position logits the model assigns at the steps of the answer's position words.
+        Measures the mappings independently of what the model would have written."""
+        queries = [[Query(q, mode="force", answer=a) for q, a in zip(qs, ans)] for qs, ans in zip(questions, answers)]
+        res = self.run(images, queries)
+        return [[self.grounding_of(r, q, im.width, im.height, mapping) for r, q in zip(rs, qs)]
+                for im, rs, qs in zip(images, res, questions)]
+
+    def analyze(self, images: Sequence[Image.Image], describe: bool | None = None,
+                ground_questions: Sequence[str] | None = None) -> list[Analysis]:
+        """Score + (global description) + grounding answers, every question of an image
+        sharing one prefill."""
+        describe = self.cfg.describe if describe is None else describe
+        gq = list(self.cfg.ground_questions if ground_questions is None else ground_questions)
+        per_image = [Query(SCORE_QUESTION, mode="score")]
+        if describe:
+            per_image.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=self.cfg.describe_max_new_tokens))
+        per_image += [Query(q, max_new_tokens=self.cfg.max_new_tokens) for q in gq]
+        res = self.run(images, [per_image] * len(images))
+        out = []
+        for im, rs in zip(images, res):
+            a = Analysis(im.width, im.height, self.score_of(rs[0]))
+            k = 1
+            if describe:
+                a.description = rs[1].text
+                k = 2
+            a.regions = [self.grounding_of(r, q, im.width, im.height) for r, q in zip(rs[k:], gq)]
+            out.append(a)
+        return out
+
+
+class GroundingHead:
+    """Predictor + segmenter: grounding answers with points *and* masks."""
+
+    def __init__(self, predictor: Predictor, segmenter):
+        self.predictor, self.segmenter = predictor, segmenter
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, infer: InferConfig | None = None,
+                    segmenter: SegmenterConfig | None = None) -> "GroundingHead":
+        from iqa_spider.infer.segmenters import build_segmenter
+
+        return cls(Predictor.load(model_cfg, infer), build_segmenter(segmenter or SegmenterConfig()))
+
+    @property
+    def cfg(self) -> InferConfig:
+        return self.predictor.cfg
+
+    def attach_masks(self, image: Image.Image, groundings: Sequence[Grounding]) -> None:
+        """Fill ``mask`` of each grounding: full for the whole image, else the segmenter's mask
+        of its points (None when the answer named no position)."""
+        todo = [(g, p) for g in groundings if not g.whole_image for p in g.points]
+        masks = self.segmenter.segment_many(image, [[(p.x, p.y)] for _, p in todo]) if todo else []
+        for g in groundings:
+            g.masks, g.mask = [], None
+            if g.whole_image:
+                g.mask = np.ones((image.height, image.width), dtype=bool)
+        for (g, _), m in zip(todo, masks):
+            g.masks.append(m)
+            g.mask = m.copy() if g.mask is None else (g.mask | m)
+
+    def ground(self, images: Sequence[Image.Image], questions: str | Sequence[str] | None = None,
+               mapping: str | None = None) -> list[list[Grounding]]:
+        out = self.predictor.ground(images, questions, mapping)
+        for im, gs in zip(images, out):
+            self.attach_masks(im, gs)
+        return out
+
+    def analyze(self, images: Sequence[Image.Image], describe: bool | None = None,
+                ground_questions: Sequence[str] | None = None) -> list[Analysis]:
+        out = self.predictor.analyze(images, describe, ground_questions)
+        for im, a in zip(images, out):
+            self.attach_masks(im, a.regions)
+        return out
+
+    # ---------------------------------------------------------------- result rows
+
+    def predict_rows(self, items: Sequence[tuple[str | None, bytes]], describe: bool | None = None,
+                     ground_questions: Sequence[str] | None = None) -> list[dict]:
+        """Result-contract rows for encoded images ``(image_uri, bytes)``, in input order.
+
+        Never raises for a bad input: an undecodable image, or one the model fails on, gets a
+        row with ``error`` set, and every input appears exactly once.
+        """
+        from iqa_spider.infer import results as R
+
+        scored_at = dt.datetime.now(dt.timezone.utc)
+        meta = {"model_uri": self.predictor.model_uri, "model_version": self.predictor.model_version,
+                "scored_at": scored_at}
+        rows: list[dict | None] = [None] * len(items)
+        good: list[tuple[int, Image.Image, str]] = []
+        for i, (uri, data) in enumerate(items):
+            sha = hashlib.sha256(data or b"").hexdigest()
+            try:
+                img = prepare_image(decode_image(data, self.cfg.max_pixels))
+            except ImageError as exc:
+                rows[i] = R.error_row(uri, sha, str(exc), **meta)
+                continue
+            good.append((i, img, sha))
+        bs = self.cfg.batch_size
+        for start in range(0, len(good), bs):
+            batch = good[start:start + bs]
+            try:
+                analyses = self.analyze([g[1] for g in batch], describe, ground_questions)
+            except Exception:  # noqa: BLE001 - isolate the image that fails, score the rest
+                log.exception("a batch of %d images failed; retrying one by one", len(batch))
+                analyses = []
+                for _, img, _ in batch:
+                    try:
+                        analyses.append(self.analyze([img], describe, ground_questions)[0])
+                    except Exception as exc:  # noqa: BLE001
+                        analyses.append(exc)
+            for (i, img, sha), a in zip(batch, analyses):
+                uri = items[i][0]
+                if isinstance(a, Exception):
+                    rows[i] = R.error_row(uri, sha, f"inference_failed: {type(a).__name__}: {a}"[:500],
+                                          width=img.width, height=img.height, **meta)
+                else:
+                    rows[i] = R.analysis_row(a, uri, sha, **meta)
+        return rows  # type: ignore[return-value]
+
+
+__all__ = ["Predictor", "GroundingHead", "Grounding", "Analysis", "ScoreResult", "prepare_image",
+           "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION"]

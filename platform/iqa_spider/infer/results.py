@@ -1,0 +1,164 @@
+"""The result contract (ARCHITECTURE.md, "Result contract") as a pyarrow schema and row builders.
+
+Batch scoring writes these rows to Parquet and serving returns them as JSON, so both give
+the same fields:
+
+| field | meaning |
+| --- | --- |
+| image_uri | where the image came from (null for an upload) |
+| image_sha256 | sha256 of the input bytes as received |
+| width, height | pixels after EXIF rotation (null if the image could not be decoded) |
+| score | Q-Align score 1..5 |
+| level | the most probable level word |
+| level_probs | p(excellent, good, fair, poor, bad), sums to 1 |
+| description | the global description (null if not asked) |
+| regions | one entry per point of each grounding answer: query, answer, point_x, point_y (pixels), p_right, p_bottom, mask_rle (COCO RLE), mask_area (pixels), bbox (x0, y0, x1, y1 of the mask in 0..1). An answer about the whole image has a null point and the full mask; an answer that names no position has a null point and no mask. |
+| model_uri, model_version | what was loaded (version: the MLflow registry version, null for a plain directory) |
+| error | null, or why this input could not be scored (e.g. "corrupt: ...", "too_many_pixels: ...") |
+| scored_at | UTC timestamp |
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pyarrow as pa
+
+from iqa_spider.data import rle
+from iqa_spider.data.schema import MASK_RLE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from iqa_spider.infer.predictor import Analysis, Grounding
+
+REGION_RESULT = pa.struct([
+    ("query", pa.string()),
+    ("answer", pa.string()),
+    ("point_x", pa.float32()),
+    ("point_y", pa.float32()),
+    ("p_right", pa.float32()),
+    ("p_bottom", pa.float32()),
+    ("mask_rle", MASK_RLE),
+    ("mask_area", pa.int64()),
+    ("bbox", pa.list_(pa.float32())),
+])
+
+RESULT_SCHEMA = pa.schema([
+    pa.field("image_uri", pa.string()),
+    pa.field("image_sha256", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("score", pa.float32()),
+    pa.field("level", pa.string()),
+    pa.field("level_probs", pa.list_(pa.float32())),
+    pa.field("description", pa.string()),
+    pa.field("regions", pa.list_(REGION_RESULT)),
+    pa.field("model_uri", pa.string()),
+    pa.field("model_version", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+RESULT_FIELDS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+
+
+def _mask_fields(mask) -> dict[str, Any]:
+    if mask is None:
+        return {"mask_rle": None, "mask_area": None, "bbox": None}
+    return {"mask_rle": rle.encode(mask), "mask_area": int(mask.sum()), "bbox": rle.bbox_normalized(mask)}
+
+
+def region_entries(g: "Grounding") -> list[dict]:
+    """Result-contract region entries of one grounding answer (one per point)."""
+    base = {"query": g.query, "answer": g.answer}
+    if g.whole_image:
+        return [{**base, "point_x": None, "point_y": None, "p_right": None, "p_bottom": None,
+                 **_mask_fields(g.mask)}]
+    if not g.points:
+        return [{**base, "point_x": None, "point_y": None, "p_right": None, "p_bottom": None,
+                 **_mask_fields(None)}]
+    out = []
+    for k, p in enumerate(g.points):
+        mask = g.masks[k] if k < len(g.masks) else (g.mask if len(g.points) == 1 else None)
+        out.append({**base, "point_x": float(p.x), "point_y": float(p.y), "p_right": float(p.p_right),
+                    "p_bottom": float(p.p_bottom), **_mask_fields(mask)})
+    return out
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def analysis_row(a: "Analysis", image_uri: str | None, image_sha256: str, model_uri: str | None = None,
+                 model_version: str | None = None, scored_at: dt.datetime | None = None) -> dict:
+    """One result row from a predictor/grounding-head analysis."""
+    return {
+        "image_uri": image_uri,
+        "image_sha256": image_sha256,
+        "width": int(a.width),
+        "height": int(a.height),
+        "score": float(a.score.score) if a.score else None,
+        "level": a.score.level if a.score else None,
+        "level_probs": [float(p) for p in a.score.level_probs] if a.score else None,
+        "description": a.description,
+        "regions": [e for g in a.regions for e in region_entries(g)],
+        "model_uri": model_uri,
+        "model_version": None if model_version is None else str(model_version),
+        "error": None,
+        "scored_at": scored_at or _now(),
+    }
+
+
+def error_row(image_uri: str | None, image_sha256: str, error: str, width: int | None = None,
+              height: int | None = None, model_uri: str | None = None, model_version: str | None = None,
+              scored_at: dt.datetime | None = None) -> dict:
+    """The row of an input that could not be scored: every prediction field null, ``error`` set."""
+    return {
+        "image_uri": image_uri, "image_sha256": image_sha256, "width": width, "height": height,
+        "score": None, "level": None, "level_probs": None, "description": None, "regions": [],
+        "model_uri": model_uri, "model_version": None if model_version is None else str(model_version),
+        "error": error or "error", "scored_at": scored_at or _now(),
+    }
+
+
+def rows_to_table(rows: Sequence[dict]) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=RESULT_SCHEMA)
+
+
+def row_to_json(row: dict) -> dict:
+    """A JSON-ready copy of a row (timestamps as ISO 8601), for serving."""
+    out = dict(row)
+    if isinstance(out.get("scored_at"), dt.datetime):
+        out["scored_at"] = out["scored_at"].isoformat()
+    json.dumps(out)  # fail here, not in the HTTP layer
+    return out
+
+
+def check_row(row: dict) -> list[str]:
+    """Contract problems of one row (empty list: valid). Used by tests and serving's self-check."""
+    problems = []
+    missing = [f for f in RESULT_FIELDS if f not in row]
+    if missing:
+        return [f"missing fields {missing}"]
+    if row["error"] is not None:
+        return problems
+    if not (1.0 - 1e-4 <= row["score"] <= 5.0 + 1e-4):
+        problems.append(f"score {row['score']} outside 1..5")
+    probs = row["level_probs"]
+    if len(probs) != 5 or abs(sum(probs) - 1.0) > 1e-4 or min(probs) < 0:
+        problems.append(f"level_probs {probs} are not 5 probabilities")
+    w, h = row["width"], row["height"]
+    for k, r in enumerate(row["regions"]):
+        if r["point_x"] is not None and not (0 <= r["point_x"] <= w - 1 and 0 <= r["point_y"] <= h - 1):
+            problems.append(f"regions[{k}] point ({r['point_x']}, {r['point_y']}) outside {w}x{h}")
+        for key in ("p_right", "p_bottom"):
+            if r[key] is not None and not (0.0 <= r[key] <= 1.0) or (r[key] is not None and math.isnan(r[key])):
+                problems.append(f"regions[{k}].{key} = {r[key]}")
+        if r["mask_rle"] is not None and list(r["mask_rle"]["size"]) != [h, w]:
+            problems.append(f"regions[{k}] mask size {r['mask_rle']['size']} is not [{h}, {w}]")
+    return problems
+
+
+__all__ = ["RESULT_SCHEMA", "REGION_RESULT", "RESULT_FIELDS", "analysis_row", "error_row", "region_entries",
+           "rows_to_table", "row_to_json", "check_row"]

@@ -1,0 +1,258 @@
+"""The predictor and grounding head on the tiny random Qwen-VL models.
+
+Random weights say nothing useful, so these tests check the machinery: the shared-prefix path
+gives what the naive loop gives, every method returns the result contract with valid ranges,
+odd inputs are handled, and a bad input costs only its own row.
+"""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from iqa_spider.config.schemas import ModelConfig
+from iqa_spider.infer import results as R
+from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
+from iqa_spider.infer.engine import Query
+from iqa_spider.infer.predictor import GroundingHead, Predictor
+from iqa_spider.infer.segmenters import SuperpixelSegmenter
+from iqa_spider.vocab import LEVEL_WORDS
+
+# Shared-prefix vs naive: the same greedy tokens, and probabilities / logits within this
+# absolute tolerance (float32 on CPU; the two paths differ only in padding and batch shapes).
+ATOL = 1e-4
+
+GROUND_ANSWER = "The most degraded region is the sky in the top left of the image."
+WHOLE_ANSWER = "The whole image is affected by mild blur."
+
+
+def photo(name="chelsea", size=None):
+    img = Image.fromarray(getattr(skdata, name)()[..., :3] if getattr(skdata, name)().ndim == 3
+                          else np.stack([getattr(skdata, name)()] * 3, -1))
+    return img.resize(size) if size else img
+
+
+def png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir):
+    cfg = InferConfig(batch_size=3, max_rows=5, max_new_tokens=10, describe_max_new_tokens=12)
+    return Predictor.load(ModelConfig(path=str(tiny_model_dir), device="cpu"), cfg)
+
+
+@pytest.fixture(scope="module")
+def head(predictor):
+    return GroundingHead(predictor, SuperpixelSegmenter())
+
+
+def images3():
+    # different sizes and aspect ratios, so the prefix batch really is padded
+    return [photo("chelsea"), photo("astronaut", (90, 200)), photo("coffee", (300, 120))]
+
+
+def mixed_queries():
+    return [Query(mode="score"),
+            Query(HYD_QUESTION, max_new_tokens=9),
+            Query("Which region shows the most severe noise?", max_new_tokens=4),
+            Query(HYD_QUESTION, mode="force", answer=GROUND_ANSWER),
+            Query("Describe the quality of the image and the distortions in it.", max_new_tokens=14)]
+
+
+def assert_same(shared, naive):
+    for rs, rn in zip(shared, naive):
+        assert len(rs) == len(rn)
+        for a, b in zip(rs, rn):
+            if a.level_probs is not None:
+                np.testing.assert_allclose(a.level_probs, b.level_probs, atol=ATOL)
+                continue
+            assert a.token_ids == b.token_ids
+            assert a.text == b.text
+            assert a.watch_logits.shape == b.watch_logits.shape == (len(a.token_ids), 12)
+            np.testing.assert_allclose(a.watch_logits, b.watch_logits, atol=ATOL)
+
+
+def test_shared_prefix_equals_the_naive_loop(predictor):
+    images, queries = images3(), [mixed_queries()] * 3
+    shared = predictor.engine.run(images, queries, prefix_sharing=True)
+    naive = predictor.engine.run_naive(images, queries)
+    assert_same(shared, naive)
+    # generation really ran: the caps were reached or eos was hit
+    assert all(len(rs[1].token_ids) <= 9 and len(rs[2].token_ids) <= 4 for rs in shared)
+
+
+def test_shared_prefix_equals_the_naive_loop_qwen3(tiny_qwen3_model_dir):
+    p = Predictor.load(ModelConfig(family="qwen3_vl", path=str(tiny_qwen3_model_dir), device="cpu"),
+                       InferConfig(batch_size=2, max_rows=3))
+    images, queries = images3()[:2], [mixed_queries()[:4]] * 2
+    assert_same(p.engine.run(images, queries), p.engine.run_naive(images, queries))
+
+
+def test_prompt_split_matches_the_chat_template(predictor):
+    eng = predictor.engine
+    assert eng.prefix_consistent
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    assert eng.processor.apply_chat_template(msgs, add_generation_prompt=True) == eng.prompt.full_text("Q?")
+    assert eng.prompt.prefix.endswith("<|vision_end|>")
+
+
+def test_score(predictor):
+    out = predictor.score(images3())
+    assert len(out) == 3
+    for s in out:
+        assert 1.0 <= s.score <= 5.0
+        assert len(s.level_probs) == 5 and sum(s.level_probs) == pytest.approx(1.0, abs=1e-5)
+        assert s.level == LEVEL_WORDS[int(np.argmax(s.level_probs))]
+        assert s.score == pytest.approx(sum(p * w for p, w in zip(s.level_probs, (5, 4, 3, 2, 1))))
+
+
+def test_describe_and_refer(predictor):
+    imgs = images3()[:2]
+    g = predictor.describe(imgs)
+    loc = predictor.describe(imgs, ["the sky in the top left of the image", None])
+    short = predictor.refer(imgs, "the curtain on the right side of the image")
+    long = predictor.refer(imgs, "the curtain on the right side of the image", long=True)
+    for texts in (g, loc, short, long):
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert loc[1] == g[1]  # region None is the global description
+
+
+def test_ground_generated_answers(head):
+    imgs = images3()
+    out = head.ground(imgs, [HYD_QUESTION, "Which region shows the most severe blur?"])
+    assert [len(gs) for gs in out] == [2, 2, 2]
+    for im, gs in zip(imgs, out):
+        for g in gs:
+            assert g.query in (HYD_QUESTION, "Which region shows the most severe blur?")
+            for p in g.points:
+                assert 0 <= p.x <= im.width - 1 and 0 <= p.y <= im.height - 1
+                assert 0 <= p.p_right <= 1 and 0 <= p.p_bottom <= 1
+            if g.mask is not None:
+                assert g.mask.shape == (im.height, im.width) and g.mask.dtype == bool
+
+
+def test_ground_forced_answer_gives_points_masks_and_the_whole_image_rule(head):
+    imgs = images3()[:2]
+    gs = head.predictor.ground_forced(imgs, [[HYD_QUESTION, HYD_QUESTION]] * 2, [[GROUND_ANSWER, WHOLE_ANSWER]] * 2)
+    for im, (g, whole) in zip(imgs, gs):
+        head.attach_masks(im, [g, whole])
+        assert [p.words for p in g.pairs][0] == ("top", "left")
+        assert len(g.points) == 1
+        pt = g.points[0]
+        assert 0 <= pt.x <= im.width - 1 and 0 <= pt.y <= im.height - 1
+        assert g.mask.shape == (im.height, im.width) and g.mask.any()
+        # the configured mapping (expected bin centre) and the paper's agree on p(right), p(bottom)
+        (paper,) = g.points_by("paper")
+        assert paper.x == pytest.approx(min(pt.p_right * im.width, im.width - 1))
+        assert pt.x == pytest.approx((0.25 + 0.5 * pt.p_right) * im.width)
+        assert whole.whole_image and whole.points == [] and whole.mask.all()
+        rows = R.region_entries(whole)
+        assert rows[0]["point_x"] is None and rows[0]["mask_area"] == im.width * im.height
+
+
+def test_analyze_and_rows_follow_the_contract(head):
+    items = [("mem://cat.png", png(photo("chelsea"))), ("mem://astro.png", png(photo("astronaut", (64, 48))))]
+    rows = head.predict_rows(items)
+    assert [r["image_uri"] for r in rows] == ["mem://cat.png", "mem://astro.png"]
+    for r in rows:
+        assert set(r) == set(R.RESULT_FIELDS)
+        assert R.check_row(r) == []
+        assert r["error"] is None and isinstance(r["description"], str)
+        assert len(r["regions"]) >= 1 and r["regions"][0]["query"] == HYD_QUESTION
+        assert r["model_uri"] == head.predictor.model_uri and r["model_version"] is None
+    table = R.rows_to_table(rows)
+    assert table.schema.equals(R.RESULT_SCHEMA)
+    assert R.row_to_json(rows[0])["scored_at"].endswith("+00:00")
+
+
+def odd_inputs() -> dict[str, bytes]:
+    base = photo("chelsea", (96, 64))
+    out = {"grey": png(base.convert("L")), "palette": png(base.convert("P")), "one_pixel": png(Image.new("RGB", (1, 1), (9, 9, 9)))}
+    buf = io.BytesIO()
+    base.convert("CMYK").save(buf, format="JPEG")
+    out["cmyk"] = buf.getvalue()
+    arr16 = (np.asarray(base.convert("L")).astype(np.uint16) * 257)
+    out["sixteen_bit"] = png(Image.fromarray(arr16))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buf = io.BytesIO()
+    base.save(buf, format="JPEG", exif=exif.tobytes())
+    out["exif_rotated"] = buf.getvalue()
+    return out
+
+
+def test_odd_images_are_answered_and_bad_ones_only_cost_their_own_row(head):
+    odd = odd_inputs()
+    good = png(photo("chelsea", (80, 60)))
+    items = [(name, data) for name, data in odd.items()]
+    items += [("corrupt", good[: len(good) // 2]), ("empty", b""), ("text", b"not an image at all"),
+              ("elongated", png(Image.new("RGB", (400, 2)))), ("good", good)]
+    rows = head.predict_rows(items, describe=False)
+    assert len(rows) == len(items)
+    by = {r["image_uri"]: r for r in rows}
+    for name in list(odd) + ["good"]:
+        assert by[name]["error"] is None, (name, by[name]["error"])
+        assert R.check_row(by[name]) == []
+    assert (by["exif_rotated"]["width"], by["exif_rotated"]["height"]) == (64, 96)  # rotated upright
+    assert (by["one_pixel"]["width"], by["one_pixel"]["height"]) == (1, 1)
+    assert by["corrupt"]["error"].startswith("corrupt")
+    assert by["empty"]["error"].startswith("empty")
+    assert by["text"]["error"].startswith("not_an_image")
+    assert by["elongated"]["error"].startswith("bad_aspect_ratio")
+    for name in ("corrupt", "empty", "text", "elongated"):
+        assert by[name]["score"] is None and by[name]["regions"] == []
+    R.rows_to_table(rows)  # error rows fit the schema too
+
+
+def test_a_failing_image_in_a_batch_only_errors_itself(head, monkeypatch):
+    """An exception inside the model for one image: its row gets the error, the others are scored."""
+    real = head.predictor.analyze
+
+    def flaky(images, *a, **k):
+        if any(im.size == (33, 33) for im in images):
+            raise RuntimeError("boom")
+        return real(images, *a, **k)
+
+    monkeypatch.setattr(head.predictor, "analyze", flaky)
+    items = [("a", png(photo("chelsea", (60, 40)))), ("b", png(Image.new("RGB", (33, 33), (1, 2, 3)))),
+             ("c", png(photo("coffee", (50, 50))))]
+    rows = head.predict_rows(items, describe=False)
+    assert [r["error"] is None for r in rows] == [True, False, True]
+    assert "boom" in rows[1]["error"] and rows[1]["width"] == 33
+
+
+def test_infer_config_is_checked():
+    from iqa_spider.config import ConfigError, load_config
+    from iqa_spider.infer.config import EvaluateConfig
+
+    with pytest.raises(ConfigError, match="infer.mapping"):
+        load_config(EvaluateConfig, None, ["model.path=x", "data.uri=y", "infer.mapping=nearest"])
+    with pytest.raises(ConfigError, match="infer.tau"):
+        load_config(EvaluateConfig, None, ["model.path=x", "data.uri=y", "infer.tau=0"])
+    assert InferConfig().mapping == "expected_bin_centre"
+
+
+def test_grounding_head_with_the_tiny_sam(predictor, tmp_path):
+    """The grounding head that serving deploys, with the `sam` segmenter (tiny random SamModel)."""
+    from iqa_spider.infer.segmenters import build_segmenter
+    from iqa_spider.model.tiny_sam import init_tiny_sam
+
+    sam = build_segmenter(SegmenterConfig(kind="sam", path=str(init_tiny_sam(tmp_path / "sam")), device="cpu"))
+    head = GroundingHead(predictor, sam)
+    imgs = [photo("coffee", (120, 80)), photo("chelsea", (50, 70))]
+    gs = predictor.ground_forced(imgs, [[HYD_QUESTION, HYD_QUESTION]] * 2, [[GROUND_ANSWER, WHOLE_ANSWER]] * 2,
+                                 mapping="multi_point")
+    for im, (g, whole) in zip(imgs, gs):
+        head.attach_masks(im, [g, whole])
+        assert len(g.points) == 1 and len(g.masks) == 1
+        assert g.mask.shape == (im.height, im.width) and g.mask.dtype == bool
+        assert whole.whole_image and whole.mask.all()
+        entries = R.region_entries(g) + R.region_entries(whole)
+        assert [e["mask_rle"]["size"] for e in entries] == [[im.height, im.width]] * 2
+        assert entries[0]["mask_area"] == int(g.mask.sum())
+    rows = head.predict_rows([("mem://coffee", png(imgs[0]))], describe=False)
+    assert rows[0]["error"] is None and R.check_row(rows[0]) == []
