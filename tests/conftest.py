@@ -29,6 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -90,11 +91,28 @@ def tiny_qwen3_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def annotated_dataset(tmp_path_factory, ray_local) -> Path:
+    """A small four-task dataset (train and test splits) annotated from bundled photos."""
+    from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
+    from iqa_spider.config import load_config
+    from iqa_spider.config.schemas import AnnotateConfig
+
+    root = tmp_path_factory.mktemp("annotated")
+    write_builtin_photos(str(root / "photos"))
+    cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                      [f"input.uri={root / 'photos'}", f"output.uri={root / 'dq'}", "distort.max_side=160",
+                       "test_fraction=0.25"])
+    run_annotate(cfg)
+    return root / "dq"
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster with 2 CPUs (the size of the CI machine)."""
     import ray
 
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+    # With the dashboard, as jobs start it: Ray Train's placement-group cleaner needs its State API.
+    ctx = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True,
                    configure_logging=False, ignore_reinit_error=False)
     try:
         yield ctx

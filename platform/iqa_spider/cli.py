@@ -37,7 +37,12 @@ def _data_import_mos(args: argparse.Namespace) -> int:
     from iqa_spider.entrypoint import setup_logging
 
     setup_logging()
-    summary = import_mos(args.table, args.images, args.output, args.scale_min, args.scale_max, args.test_fraction)
+    try:
+        summary = import_mos(args.table, args.images, args.output, args.scale_min, args.scale_max,
+                             args.test_fraction)
+    except ValueError as exc:  # a table without image/MOS columns, an empty scale
+        print(f"import-mos: {exc}", file=sys.stderr)
+        return 2
     print(f"imported {summary['imported']} rating samples to {summary['output']}; skipped {summary['skipped'] or 'none'}")
     return 0
 
@@ -54,6 +59,8 @@ def _data_builtin_photos(args: argparse.Namespace) -> int:
 JOB_COMMANDS = {
     "demo": ("iqa_spider.demo:main", "the main job end to end on embedded defaults"),
     "annotate": ("iqa_spider.annotate.pipeline:main", "pristine images -> four-task dataset (Ray Data)"),
+    "train": ("iqa_spider.train.job:main", "stage-1 LoRA fine-tuning, DeepSpeed ZeRO on Ray Train"),
+    "evaluate": ("iqa_spider.infer.evaluate:main", "model (+ segmenter) metrics on a test split: JSON, HTML, MLflow"),
 }
 
 

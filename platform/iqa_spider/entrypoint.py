@@ -30,5 +30,9 @@ def run_job(schema: type[T], runner: Callable[[T], object], argv: Sequence[str] 
         print(str(exc), file=sys.stderr)
         return CONFIG_ERROR_EXIT
     setup_logging()
-    runner(cfg)
+    try:
+        runner(cfg)
+    except ConfigError as exc:  # found by a job's own pre-flight checks (data, paths)
+        print(str(exc), file=sys.stderr)
+        return CONFIG_ERROR_EXIT
     return 0

@@ -22,5 +22,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         log.info("connected to Ray at %s", address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner and
+        # `ray job submit` need; it costs about 2 s of start-up and moves to a free port if
+        # 8265 is taken.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=True)
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

@@ -158,3 +158,13 @@ def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[st
             if lowered and not name.lower().endswith(lowered):
                 continue
             yield to_uri(fs, posixpath.join(dirpath, name))
+
+
+def arrow_filesystem(uri: str):
+    """(pyarrow FileSystem, path) for Ray Data and Ray Train, with the same S3 settings as get_fs."""
+    import pyarrow.fs as pafs
+
+    fs, path = get_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -8,7 +8,7 @@ A config file may pull other files into one of its sections with `include`
 (paths relative to the including file), which is how job configs share model recipes:
 
     include:
-      model: model/tiny_qwen2_5_vl.yaml
+      model: ../model/tiny_qwen2_5_vl.yaml   # its `model:` section, or the whole file
 """
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create({})
     for section, rel in includes.items():
         sub = read_yaml((path.parent / str(rel)).resolve(), seen + (path,))
+        # A recipe file may itself be a complete config of kind `job` with the section inside.
+        if section in sub:
+            sub = sub[section]
         merged = OmegaConf.merge(merged, OmegaConf.create({section: sub}))
     return OmegaConf.merge(merged, node)
 

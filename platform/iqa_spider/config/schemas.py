@@ -50,12 +50,29 @@ class TinyModelConfig:
 
 
 @dataclass
+class DemoStages:
+    """The shipped job configs the demo chains, each with the overrides that keep it small.
+
+    Paths are relative to the repository root. Inputs and outputs (URIs, model path, MLflow)
+    are filled in by the demo so that every stage reads what the previous one wrote.
+    """
+
+    annotate: str = "configs/annotate.yaml"
+    annotate_overrides: list[str] = field(default_factory=lambda: ["distort.max_side=224"])
+    train: str = "configs/train/tiny_cpu.yaml"
+    train_overrides: list[str] = field(default_factory=list)
+    evaluate: str = "configs/evaluate.yaml"
+    evaluate_overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DemoConfig:
     """`make demo`: the main job end to end on embedded defaults."""
 
     job: str = "demo"
     workdir: str = "demo_out"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    stages: DemoStages = field(default_factory=DemoStages)
 
 
 @dataclass
@@ -144,18 +161,163 @@ class AnnotateConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+TASK_NAMES = ("global_desc", "local_desc", "grounding", "referring_short", "referring_long", "rating")
+
+
+def _default_task_weights() -> dict[str, float]:
+    return {t: 1.0 for t in TASK_NAMES}
+
+
+@dataclass
+class TrainData:
+    uri: str = MISSING                 # dataset in the contract (folder of Parquet shards, any URI)
+    split: str = "train"
+    # Relative share of each task in the training stream (resampled to these proportions).
+    task_weights: dict[str, float] = field(default_factory=_default_task_weights)
+    max_seq_len: int = 1024            # longer samples are cut in the answer, never in the image
+    shuffle_buffer: int = 256          # rows in each worker's local shuffle buffer
+    max_pixels: int = 64_000_000       # decoded-image limit, as everywhere
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Linear layers of the *language model* that get LoRA (matched under the language model only).
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    train_vision: bool = True          # the paper trains the vision tower fully
+    train_merger: bool = True          # and the projector/merger
+
+
+@dataclass
+class DeepSpeedSettings:
+    zero_stage: int = 3
+    precision: str = "auto"            # auto: bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    # Parameters with fewer elements stay whole on every rank (DeepSpeed default 1e5); 0
+    # partitions every parameter.
+    param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int = 50_000_000
+
+    def __post_init__(self) -> None:
+        check_choice("deepspeed.zero_stage", self.zero_stage, (2, 3))
+        check_choice("deepspeed.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class OptimSettings:
+    lr: float = 1e-4                   # LoRA and trained modules
+    vision_lr: Optional[float] = None  # vision tower + merger (null: same as lr)
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_steps: int = 100
+    micro_batch_size: int = 1          # per worker, per forward
+    grad_accum: int = 1
+    global_batch_size: Optional[int] = None  # if set, must equal micro * accum * workers
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    preprocess_cpus: float = 1.0       # per Ray Data preprocessing actor (decode + processor)
+    preprocess_actors: int = 2         # the most preprocessing actors; raise it until GPUs never wait
+    max_failures: int = 2              # worker-group restarts from the latest checkpoint
+
+
+@dataclass
+class CheckpointSettings:
+    every_steps: int = 10
+    keep: int = 2
+    resume_from: Optional[str] = None  # a checkpoint URI of an earlier run to continue from
+
+
+@dataclass
+class TrackingSettings:
+    uri: Optional[str] = None          # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment: str = "iqa-spider-train"
+    registered_model: str = "iqa-spider"
+    register: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class TrainOutput:
+    uri: str = MISSING                 # run storage: checkpoints and the exported model (any URI)
+    run_name: Optional[str] = None     # null: derived from the config hash (same config -> same run)
+
+
+@dataclass
+class TrainConfig:
+    job: str = "train"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TrainData = field(default_factory=TrainData)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    output: TrainOutput = field(default_factory=TrainOutput)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        o, s = self.optim, self.scaling
+        for key, value in (("optim.micro_batch_size", o.micro_batch_size), ("optim.grad_accum", o.grad_accum),
+                           ("optim.max_steps", o.max_steps), ("scaling.num_workers", s.num_workers),
+                           ("checkpoint.every_steps", self.checkpoint.every_steps)):
+            if value < 1:
+                raise ConfigValueError(key, f"must be at least 1, got {value}")
+        per_step = o.micro_batch_size * o.grad_accum * s.num_workers
+        if o.global_batch_size is not None and o.global_batch_size != per_step:
+            raise ConfigValueError(
+                "optim.global_batch_size",
+                f"{o.global_batch_size} is not micro_batch_size x grad_accum x num_workers = "
+                f"{o.micro_batch_size} x {o.grad_accum} x {s.num_workers} = {per_step}")
+        unknown = sorted(set(self.data.task_weights) - set(TASK_NAMES))
+        if unknown:
+            raise ConfigValueError("data.task_weights", f"unknown task(s) {unknown}; tasks are {TASK_NAMES}")
+        if any(w < 0 for w in self.data.task_weights.values()) or not any(self.data.task_weights.values()):
+            raise ConfigValueError("data.task_weights", "weights must be >= 0 and not all 0")
+
+
 JOB_SCHEMAS: dict[str, type] = {
     "demo": DemoConfig,
     "model": ModelRecipe,
     "annotate": AnnotateConfig,
+    "train": TrainConfig,
 }
+# Schemas that live beside their job (they import this module, so they register lazily).
+LAZY_JOB_SCHEMAS: dict[str, str] = {
+    "evaluate": "iqa_spider.infer.config:EvaluateConfig",
+}
+
+
+def job_schema(kind: str) -> type | None:
+    if kind in JOB_SCHEMAS:
+        return JOB_SCHEMAS[kind]
+    if kind in LAZY_JOB_SCHEMAS:
+        import importlib
+
+        module, name = LAZY_JOB_SCHEMAS[kind].split(":")
+        return getattr(importlib.import_module(module), name)
+    return None
 
 
 def load_job_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> object:
     """Load any job's YAML by the kind named in its `job:` key."""
     node = read_yaml(Path(path).resolve())
     kind = node.get("job")
-    if kind not in JOB_SCHEMAS:
-        raise ConfigError(f"must name one of {', '.join(JOB_SCHEMAS)}, got {kind!r}",
+    schema = job_schema(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise ConfigError(f"must name one of {', '.join([*JOB_SCHEMAS, *LAZY_JOB_SCHEMAS])}, got {kind!r}",
                           key="job", source=str(path))
-    return load_config(JOB_SCHEMAS[kind], path, overrides)
+    return load_config(schema, path, overrides)

@@ -128,7 +128,7 @@ def predict_frame(predictor, model_input, params: dict | None = None):
         raise ValueError("the input needs a column 'image' (bytes) or 'image_uri'")
     describe = _flag(params, "describe")
     questions = _questions(params)
-    mapping = params.get("mapping")
+    mapping = params.get("mapping") or None  # MLflow sends the signature default "" when unset
     if mapping is not None and mapping not in MAPPING_NAMES:
         raise ValueError(f"param 'mapping' must be one of {', '.join(MAPPING_NAMES)}, got {mapping!r}")
 

@@ -1,0 +1,1 @@
+"""MLflow: tracking runs, logging and registering models (promotion builds on this)."""

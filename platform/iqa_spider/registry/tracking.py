@@ -1,0 +1,56 @@
+"""MLflow tracking shared by every job: where the server is, what a run records about itself."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DEFAULT_LOCAL_STORE = "mlflow.db"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else a sqlite store in the working directory."""
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(DEFAULT_LOCAL_STORE).resolve()}"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def config_hash(cfg_yaml: str) -> str:
+    return hashlib.sha256(cfg_yaml.encode()).hexdigest()[:12]
+
+
+def system_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
+    }
+    for pkg in ("transformers", "peft", "deepspeed", "ray", "mlflow"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - informational only
+            info[pkg] = "missing"
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def log_dict_artifact(client: Any, run_id: str, data: dict, name: str) -> None:
+    client.log_text(run_id, json.dumps(data, indent=2, default=str), name)

@@ -1,0 +1,117 @@
+"""Final export: a consolidated HF directory (LoRA merged, safetensors) plus the adapter alone.
+
+The trap this avoids: under ZeRO-3 every rank holds only a shard of each parameter, so a
+plain `save_pretrained` on the peft model writes empty (0-element) LoRA tensors. Instead
+DeepSpeed gathers the full weights module by module onto rank 0 (`save_16bit_model`, which
+keeps the training dtype), rank 0 rebuilds the plain model outside zero.Init, loads them,
+checks nothing trainable is missing or empty, merges and saves. The training model's logits
+on a fixed input are saved beside the export and compared with the merged model's, so a
+bad export fails here, not in production.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from iqa_spider.config.schemas import TrainConfig
+from iqa_spider.vocab import SCORE_ANSWER_PREFIX, SCORE_QUESTION
+
+log = logging.getLogger(__name__)
+HF_DIR, ADAPTER_DIR, REFERENCE_FILE, REPORT_FILE = "hf_model", "adapter", "reference.pt", "export.json"
+# fp32 merges are exact up to summation order; bf16 rounds W + BA once more than training.
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+
+
+def fixed_input(model_path: str) -> dict:
+    """A deterministic input (synthetic image + the scoring prompt) to compare models on."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from iqa_spider.train.preprocess import chat
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    yy, xx = np.mgrid[0:96, 0:128]
+    img = np.stack([xx * 2 % 256, yy * 2 % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    text = processor.apply_chat_template(chat(SCORE_QUESTION, SCORE_ANSWER_PREFIX), tokenize=False)
+    enc = processor(text=[text], images=[Image.fromarray(img)], return_tensors="pt")
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+
+
+def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any) -> None:
+    """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, adapter, reference.pt, export.json}."""
+    import torch
+
+    from iqa_spider.train.recipe import precision
+
+    on_gpu = next(engine.module.parameters()).device.type == "cuda"
+    prec = precision(cfg, on_gpu)
+    inputs = fixed_input(cfg.model.path)
+    engine.eval()
+    with torch.no_grad():
+        dev = {k: v.to(engine.device) for k, v in inputs.items()}
+        dev["pixel_values"] = dev["pixel_values"].to(next(engine.module.parameters()).dtype)
+        reference = engine(**dev).logits.float().cpu()
+    consolidated = out / "_consolidated"
+    engine.save_16bit_model(str(consolidated), "state.bin")  # gathers on rank 0 only
+    if rank != 0:
+        return
+    state = torch.load(consolidated / "state.bin", map_location="cpu", weights_only=True)
+    shutil.rmtree(consolidated)
+    _write_export(cfg, out, state, inputs, reference, prec, hf_ds)
+
+
+def _write_export(cfg: TrainConfig, out: Path, state: dict, inputs: dict, reference: Any, prec: str,
+                  hf_ds: Any) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from iqa_spider.train.recipe import lora_config_dict
+
+    if hf_ds is not None:  # build the export model normally, not partitioned by zero.Init
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=dtype)
+    model = get_peft_model(base, LoraConfig(**lora_config_dict(cfg)))
+    trainable = {n for n, p in model.named_parameters()
+                 if "lora_" in n or ".visual." in f".{n}" and (cfg.lora.train_vision or cfg.lora.train_merger)}
+    empty = [n for n in trainable if n in state and state[n].numel() == 0]
+    missing = sorted(n for n in trainable if n not in state)
+    if empty or missing:
+        raise RuntimeError(f"export lost trained weights: empty {empty[:3]}, missing {missing[:3]}")
+    result = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in result.missing_keys if k in dict(model.named_parameters())]
+    if real_missing:
+        raise RuntimeError(f"export: parameters missing from the consolidated state: {real_missing[:5]}")
+
+    adapter = out / ADAPTER_DIR
+    model.save_pretrained(adapter, safe_serialization=True)
+    vision = {n: t.contiguous() for n, t in state.items() if ".visual." in f".{n}"}
+    if vision:  # fully trained modules are not part of a LoRA adapter: ship them beside it
+        save_file(vision, str(adapter / "trained_modules.safetensors"))
+
+    merged = model.merge_and_unload().eval()
+    hf = out / HF_DIR
+    merged.save_pretrained(hf, safe_serialization=True)
+    AutoProcessor.from_pretrained(cfg.model.path).save_pretrained(hf)
+    with torch.no_grad():
+        feed = dict(inputs)
+        feed["pixel_values"] = feed["pixel_values"].to(dtype)
+        logits = merged(**feed).logits.float()
+    diff = float((logits - reference).abs().max())
+    torch.save({"inputs": inputs, "logits": reference}, out / REFERENCE_FILE)
+    report = {"max_abs_logit_diff": diff, "tolerance": TOLERANCE[prec], "precision": prec,
+              "lora_tensors": sum(1 for n in state if "lora_" in n), "vision_tensors": len(vision)}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if diff > TOLERANCE[prec]:
+        raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
+                           f"> {TOLERANCE[prec]}")
+    log.info("export written: %s (max |logit diff| %.2e)", out, diff)

@@ -1,0 +1,249 @@
+"""The per-worker training loop (Ray Train `train_loop_per_worker`).
+
+Straight path: join the process group -> load the model (partitioned at load under ZeRO-3)
+-> apply the recipe -> deepspeed.initialize -> resume from the latest checkpoint if Ray
+hands one -> stream batches from this worker's Ray Data shard -> every step: forward,
+per-task loss, backward, step -> report metrics, and at the configured interval a sharded
+ZeRO checkpoint -> at the end, the export (consolidated HF dir + adapter), reported as the
+last checkpoint so the driver can register it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from iqa_spider.config.schemas import TASK_NAMES, TrainConfig
+
+log = logging.getLogger(__name__)
+ZERO_TAG = "zero"
+STATE_FILE = "iqa_state.json"
+# Fault injection for tests and drills: crash one worker once at this step (see docs/training.md).
+FAIL_AT_STEP_ENV = "IQA_SPIDER_FAIL_AT_STEP"
+FAIL_MARKER_ENV = "IQA_SPIDER_FAIL_MARKER"
+
+
+def fault_from_env() -> dict[str, str]:
+    """Read on the driver: Ray workers do not inherit the driver's environment."""
+    return {k: os.environ[k] for k in (FAIL_AT_STEP_ENV, FAIL_MARKER_ENV) if os.environ.get(k)}
+
+
+def maybe_inject_failure(fault: dict[str, str], step: int, rank: int, world: int) -> None:
+    """Kill the last worker once at the configured step; the marker file makes it once."""
+    at, marker = fault.get(FAIL_AT_STEP_ENV), fault.get(FAIL_MARKER_ENV)
+    if at and marker and step == int(at) and rank == world - 1 and not os.path.exists(marker):
+        Path(marker).write_text(f"worker {rank} killed at step {step}\n")
+        log.error("fault injection: killing worker %d at step %d", rank, step)
+        os._exit(1)
+
+
+def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
+    """Endless stream of this worker's micro-batches (a new pass over the shard each epoch)."""
+    epoch = 0
+    while True:
+        got = False
+        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=shuffle_buffer or None,
+                                        local_shuffle_seed=seed + epoch):
+            got = True
+            yield batch
+        if not got:
+            raise RuntimeError("this worker's data shard is empty: fewer samples than workers x micro_batch_size")
+        epoch += 1
+
+
+def per_task_loss(logits: Any, labels: Any, tasks: list[str]) -> tuple[Any, dict[str, tuple[float, int]]]:
+    """Token-mean cross-entropy over answer tokens, plus (sum, count) per task for logging."""
+    import torch
+    import torch.nn.functional as F
+
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    tok = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                          ignore_index=-100, reduction="none").view(shift_labels.shape)
+    valid = (shift_labels != -100)
+    per_sample_sum = (tok * valid).sum(dim=1)
+    per_sample_n = valid.sum(dim=1)
+    loss = per_sample_sum.sum() / per_sample_n.sum().clamp(min=1)
+    stats: dict[str, tuple[float, int]] = {}
+    with torch.no_grad():
+        for t, s, n in zip(tasks, per_sample_sum.tolist(), per_sample_n.tolist()):
+            a, b = stats.get(t, (0.0, 0))
+            stats[t] = (a + s, b + n)
+    return loss, stats
+
+
+def reduce_metrics(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class StepLogger:
+    """Rank 0 streams step metrics into the job's MLflow run (training curves in the UI)."""
+
+    def __init__(self, mlflow_cfg: dict | None, rank: int):
+        self.client = self.run_id = None
+        if rank == 0 and mlflow_cfg and mlflow_cfg.get("run_id"):
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(mlflow_cfg["tracking_uri"]), mlflow_cfg["run_id"]
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
+                                                    if k != "step"])
+
+
+def partition_sizes(module: Any, rank: int, world: int) -> dict[str, float]:
+    """How many parameter elements this rank holds vs the model's total (ZeRO-3 evidence)."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    held = [0.0] * world
+    held[rank] = float(local)
+    held = reduce_metrics(held)
+    out = {f"params_held_rank{r}": held[r] for r in range(world)}
+    out["params_total"] = float(total)
+    return out
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from iqa_spider.train.preprocess import collate
+    from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available() and cfg.scaling.use_gpu
+    device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.optim.seed)
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses Ray Train's group
+
+    ds_config = deepspeed_config(cfg, world, on_gpu)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
+    hf_ds = None
+    if cfg.deepspeed.zero_stage == 3:
+        # Keeping this object alive makes from_pretrained build the model inside zero.Init,
+        # so no worker ever holds the full model (what lets 7B+ load on modest nodes).
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.model.path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    model.config.use_cache = False
+    if cfg.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model, groups = apply_recipe(model, cfg)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    pad_id = int(model.config.get_text_config().pad_token_id or 0)
+    sizes = partition_sizes(engine.module, rank, world)
+    step_logger = StepLogger(config.get("mlflow"), rank)
+
+    step = resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = json.loads(Path(d, STATE_FILE).read_text())
+            if state["kind"] == "export":  # the run had finished: nothing left to do
+                ray.train.report({"step": state["step"], "done": 1})
+                return
+            engine.load_checkpoint(d, tag=ZERO_TAG)
+            step = resumed_from = int(state["step"])
+        log.info("worker %d resumed at step %d", rank, step)
+
+    shard = ray.train.get_dataset_shard("train")
+    stream = batches(shard, cfg.optim.micro_batch_size, cfg.data.shuffle_buffer, cfg.optim.seed + step)
+    started = time.monotonic()
+    window = {"samples": 0.0, "tokens": 0.0, "t0": time.monotonic()}
+    engine.train()
+    while step < cfg.optim.max_steps:
+        task_stats: dict[str, tuple[float, int]] = {}
+        loss_sum, tok_n = 0.0, 0
+        for _ in range(cfg.optim.grad_accum):
+            batch = collate(next(stream), pad_id)
+            tasks = batch.pop("task")
+            labels = batch.pop("labels").to(device)
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            out = engine(**inputs)
+            loss, stats = per_task_loss(out.logits, labels, tasks)
+            engine.backward(loss)
+            engine.step()
+            for t, (s, n) in stats.items():
+                a, b = task_stats.get(t, (0.0, 0))
+                task_stats[t] = (a + s, b + n)
+                loss_sum, tok_n = loss_sum + s, tok_n + n
+            window["samples"] += len(tasks)
+            window["tokens"] += float(inputs["attention_mask"].sum())
+        step += 1
+        maybe_inject_failure(config.get("fault") or {}, step, rank, world)
+
+        # Every worker takes part in the reduction and in report(): Ray needs the same number
+        # of reports from each, and ZeRO-3 needs all ranks in every collective.
+        flat = [loss_sum, tok_n, window["samples"], window["tokens"]]
+        for t in TASK_NAMES:
+            flat += list(task_stats.get(t, (0.0, 0)))
+        red = reduce_metrics(flat)
+        elapsed = max(time.monotonic() - window["t0"], 1e-9)
+        metrics: dict[str, float] = {
+            "step": step, "loss": red[0] / max(red[1], 1), "lr": scheduler.get_lr()[0],
+            "samples_per_s": red[2] / elapsed, "tokens_per_s": red[3] / elapsed,
+        }
+        for i, t in enumerate(TASK_NAMES):
+            s, n = red[4 + 2 * i], red[5 + 2 * i]
+            if n:
+                metrics[f"loss_{t}"] = s / n
+        window.update({"samples": 0.0, "tokens": 0.0, "t0": time.monotonic()})
+        if step % cfg.tracking.log_every == 0:
+            step_logger(metrics, step)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, cfg.optim.max_steps,
+                         metrics["loss"], metrics["lr"], metrics["samples_per_s"])
+        metrics.update(sizes)
+
+        if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                engine.save_checkpoint(tmp, tag=ZERO_TAG)
+                if rank == 0:
+                    Path(tmp, STATE_FILE).write_text(json.dumps({"kind": "zero", "step": step}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        elif step % cfg.tracking.log_every == 0 or step == cfg.optim.max_steps:
+            ray.train.report(metrics)
+
+    train_seconds = time.monotonic() - started  # the steps only; the export is timed by the driver
+    from iqa_spider.train.export import export_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_model(engine, cfg, Path(tmp), rank, hf_ds)
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps({"kind": "export", "step": step}))
+        final = {"step": step, "done": 1, "resumed_from_step": resumed_from,
+                 "train_seconds": train_seconds, **sizes}
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+    del hf_ds  # keeps transformers' ZeRO-3 loading hook alive until here

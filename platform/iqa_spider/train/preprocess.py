@@ -1,0 +1,133 @@
+"""Sample -> model inputs, run in Ray Data on CPU so the training loop only does compute.
+
+A row of the dataset contract becomes one Qwen-VL chat (user: image + question, assistant:
+answer) tokenized by the model's own processor. Labels are the token ids of the assistant's
+answer (and its end-of-turn token); everything before is -100, so the loss teaches answers,
+never prompts. Collation pads text and concatenates the variable number of image patches.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from iqa_spider import storage
+from iqa_spider.images import ImageError, decode_image
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+def chat(question: str, answer: str | None = None) -> list[dict]:
+    """The conversation of one sample, in the processor's chat-template form."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+class Preprocessor:
+    """Callable for `Dataset.map_batches`: loads the processor once per Ray Data actor."""
+
+    def __init__(self, model_path: str, max_seq_len: int, max_pixels: int,
+                 min_image_pixels: int | None = None, max_image_pixels: int | None = None):
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        if min_image_pixels or max_image_pixels:
+            size = dict(self.processor.image_processor.size)
+            size["shortest_edge"] = min_image_pixels or size["shortest_edge"]
+            size["longest_edge"] = max_image_pixels or size["longest_edge"]
+            self.processor.image_processor.size = size
+        tok = self.processor.tokenizer
+        self.max_seq_len, self.max_pixels = max_seq_len, max_pixels
+        # "<|im_start|>assistant\n": where the answer starts, found in the ids of the full chat.
+        self.assistant_header = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def image_of(self, row: dict) -> Any:
+        data = row.get("image")
+        # A null binary cell reaches numpy batches as None or NaN, not as empty bytes.
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            data = storage.read_bytes(str(row["image_uri"]))
+        return decode_image(data, self.max_pixels)
+
+    def encode(self, row: dict) -> dict | None:
+        image = self.image_of(row)
+        text = self.processor.apply_chat_template(chat(row["question"], row["answer"]), tokenize=False)
+        enc = self.processor(text=[text], images=[image], return_tensors="np")
+        ids = enc["input_ids"][0].astype(np.int64)
+        start = _find_last(ids, self.assistant_header)
+        if start < 0:
+            raise ValueError("chat template produced no assistant turn")
+        start += len(self.assistant_header)
+        labels = np.full_like(ids, IGNORE_INDEX)
+        end = _find_last(ids, [self.im_end]) + 1  # train up to the end-of-turn token, not the newline after it
+        labels[start:end] = ids[start:end]
+        if len(ids) > self.max_seq_len:
+            if start >= self.max_seq_len:  # cutting would remove image tokens or the whole answer
+                return None
+            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": enc["pixel_values"].astype(np.float32),
+            "image_grid_thw": enc["image_grid_thw"][0].astype(np.int64),
+            "task": row["task"],
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "pixel_values", "image_grid_thw", "task")}
+        n = len(batch["task"])
+        for i in range(n):
+            row = {k: batch[k][i] for k in ("image", "image_uri", "question", "answer", "task")}
+            try:
+                enc = self.encode(row)
+            except (ImageError, OSError) as exc:
+                log.warning("dropped a %s sample: %s", row["task"], exc)
+                continue
+            if enc is None:
+                log.warning("dropped a %s sample longer than max_seq_len=%d before its answer",
+                            row["task"], self.max_seq_len)
+                continue
+            for k, v in enc.items():
+                out[k].append(v)
+        # Ragged arrays travel as raw bytes: Ray Data's tensor columns cannot mix the fixed- and
+        # variable-shaped blocks that images of equal and unequal sizes produce.
+        packed = {k: np.array([np.ascontiguousarray(a).tobytes() for a in out[k]], dtype=object)
+                  for k in ("input_ids", "labels", "pixel_values")}
+        packed["image_grid_thw"] = np.array(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+        packed["task"] = np.array(out["task"], dtype=object)
+        return packed
+
+
+def _find_last(ids: np.ndarray, pattern: list[int]) -> int:
+    n = len(pattern)
+    for i in range(len(ids) - n, -1, -1):
+        if list(ids[i:i + n]) == pattern:
+            return i
+    return -1
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
+    """A batch of preprocessed rows -> model kwargs (right padding for training)."""
+    import torch
+
+    seqs = [np.frombuffer(b, dtype=np.int64) for b in batch["input_ids"]]
+    labs = [np.frombuffer(b, dtype=np.int64) for b in batch["labels"]]
+    grids = np.asarray(batch["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        input_ids[i, : len(s)] = torch.from_numpy(s.copy())
+        labels[i, : len(l)] = torch.from_numpy(l.copy())
+        attention[i, : len(s)] = 1
+    # Each image contributes t*h*w patch rows; their width is the processor's patch size.
+    patches = [np.frombuffer(b, dtype=np.float32).reshape(int(np.prod(g)), -1)
+               for b, g in zip(batch["pixel_values"], grids)]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+            "pixel_values": torch.from_numpy(np.concatenate(patches)), "image_grid_thw": torch.from_numpy(grids),
+            "task": [str(t) for t in batch["task"]]}

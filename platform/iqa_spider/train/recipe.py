@@ -1,0 +1,95 @@
+"""The parameter-efficient recipe of the paper, and the DeepSpeed config built from ours.
+
+LoRA goes on the language model's linear layers only; the vision tower and its merger /
+projector are trained fully; everything else (embeddings, norms, LM head) is frozen.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from iqa_spider.config.schemas import TrainConfig
+
+# Vision towers of Qwen2.5-VL and Qwen3-VL live under ".visual."; their mergers under these names.
+VISION_PREFIX = "visual."
+MERGER_PATTERN = re.compile(r"\.visual\.(merger|deepstack_merger_list)\.")
+
+
+def lora_target_regex(modules: list[str]) -> str:
+    """Match the listed linear layers under the language model only (the vision MLP shares names)."""
+    return rf".*language_model\..*\.({'|'.join(map(re.escape, modules))})$"
+
+
+def apply_recipe(model: Any, cfg: TrainConfig) -> tuple[Any, list[dict]]:
+    """Wrap with LoRA, unfreeze the vision parts the config names; return (model, param groups)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=lora_target_regex(list(cfg.lora.target_modules)), bias="none")
+    model = get_peft_model(model, lora)
+    vision, other = [], []
+    for name, param in model.named_parameters():
+        is_vision = f".{VISION_PREFIX}" in f".{name}"
+        is_merger = bool(MERGER_PATTERN.search(f".{name}."))
+        if is_merger and cfg.lora.train_merger or (is_vision and not is_merger and cfg.lora.train_vision):
+            param.requires_grad_(True)
+        if param.requires_grad:
+            (vision if is_vision else other).append(param)
+    groups = [{"params": other, "lr": cfg.optim.lr, "name": "lora"}]
+    if vision:
+        groups.append({"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr, "name": "vision"})
+    return model, groups
+
+
+def lora_config_dict(cfg: TrainConfig) -> dict:
+    return {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
+            "target_modules": lora_target_regex(list(cfg.lora.target_modules)), "bias": "none"}
+
+
+def precision(cfg: TrainConfig, on_gpu: bool) -> str:
+    if cfg.deepspeed.precision != "auto":
+        return cfg.deepspeed.precision
+    return "bf16" if on_gpu else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+    o, d = cfg.optim, cfg.deepspeed
+    prec = precision(cfg, on_gpu)
+    zero: dict[str, Any] = {
+        "stage": d.zero_stage,
+        "overlap_comm": on_gpu,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": d.reduce_bucket_size,
+    }
+    if d.zero_stage == 3:
+        zero.update({
+            # Gather the full weights on rank 0 when exporting (save_16bit_model).
+            "stage3_gather_16bit_weights_on_model_save": True,
+            # Parameters smaller than this stay whole on every rank (DeepSpeed's trade of
+            # memory for fewer gathers); 0 partitions everything.
+            "stage3_param_persistence_threshold": d.param_persistence_threshold,
+            "stage3_prefetch_bucket_size": d.prefetch_bucket_size,
+        })
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if d.offload_params and d.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": o.micro_batch_size * o.grad_accum * world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        # torch's AdamW: DeepSpeed's fused/CPU Adam need compiled ops, which CPU installs lack.
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "weight_decay": o.weight_decay,
+                                                  "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "torch_adam": not (on_gpu or d.offload_optimizer)}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": o.max_steps, "warmup_num_steps": min(o.warmup_steps, o.max_steps - 1) if o.max_steps > 1 else 0,
+            "warmup_type": "linear", "cos_min_ratio": 0.1}},
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,177 @@
+"""Stage-1 training for real: 2 Ray Train CPU workers, DeepSpeed ZeRO-3 over gloo, LoRA,
+Ray Data streaming, MLflow on the real server fixture. About 3 minutes in all on 2 cores."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iqa_spider.config import load_config
+from iqa_spider.config.schemas import TrainConfig
+from iqa_spider.train.export import HF_DIR, REFERENCE_FILE, REPORT_FILE
+from iqa_spider.train.job import run_train
+from iqa_spider.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
+
+from conftest import REPO, env_vars
+
+RECIPE = REPO / "configs/train/tiny_cpu.yaml"
+STEPS = 24
+
+
+def train_config(data, model, out, *overrides) -> TrainConfig:
+    return load_config(TrainConfig, RECIPE, [f"data.uri={data}", f"model.path={model}", f"output.uri={out}",
+                                             *overrides])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, annotated_dataset, tiny_model_dir, mlflow_server):
+    out = tmp_path_factory.mktemp("train")
+    cfg = train_config(annotated_dataset, tiny_model_dir, out / "runs", f"optim.max_steps={STEPS}",
+                       "checkpoint.every_steps=12", f"tracking.uri={mlflow_server.uri}")
+    summary = run_train(cfg)
+    from mlflow.tracking import MlflowClient
+
+    return cfg, summary, MlflowClient(mlflow_server.uri)
+
+
+def test_loss_falls(trained):
+    _, summary, client = trained
+    losses = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "loss"), key=lambda m: m.step)]
+    assert len(losses) == STEPS
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.2, f"loss did not fall: first steps {losses[:4]}, last {losses[-4:]}"
+
+
+def test_each_worker_holds_only_its_shard(trained):
+    _, summary, _ = trained
+    m = summary["metrics"]
+    held = [m["params_held_rank0"], m["params_held_rank1"]]
+    # ZeRO-3 pads each partition to the world size, so the halves add up to at least the total.
+    assert sum(held) >= m["params_total"]
+    for h in held:
+        assert h <= 0.5 * m["params_total"] + 1000, f"a worker holds {h} of {m['params_total']} elements"
+
+
+def test_per_task_losses_rates_and_params_are_tracked(trained):
+    cfg, summary, client = trained
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.max_steps"] == str(STEPS)
+    assert run.data.params["deepspeed.zero_stage"] == "3"
+    for key in ("lr", "samples_per_s", "tokens_per_s", "loss_grounding", "loss_rating", "loss_global_desc"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["data_uri"] == cfg.data.uri
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"config", "system_info.json", "export", "data_counts.json"} <= artifacts
+
+
+def test_registered_version_with_provenance_tags(trained):
+    cfg, summary, client = trained
+    version = client.get_model_version(cfg.tracking.registered_model, summary["model_version"])
+    assert version.run_id == summary["run_id"]
+    assert version.tags["data_uri"] == cfg.data.uri
+    assert len(version.tags["config_hash"]) == 12
+    assert version.tags["git_commit"]
+    # The registered artifact is the pyfunc wrapping the plain HF directory.
+    import mlflow.pyfunc
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{cfg.tracking.registered_model}/{summary['model_version']}")
+    hf_dir = Path(loaded.unwrap_python_model().model_dir)
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+    # ... and it answers through MLflow's own predict, params included.
+    import pandas as pd
+
+    from iqa_spider.images import encode_png
+
+    rng = __import__("numpy").random.default_rng(0)
+    png = encode_png(rng.integers(0, 255, (80, 96, 3), dtype="uint8"))
+    rows = loaded.predict(pd.DataFrame({"image": [png, b"not an image"]}), params={"ground": True})
+    assert len(rows) == 2
+    good, bad = rows.iloc[0], rows.iloc[1]
+    assert good["error"] is None and 1.0 <= good["score"] <= 5.0 and len(good["regions"]) >= 1
+    assert bad["error"]
+
+
+def test_export_reloads_without_peft_and_matches_training_logits(trained, tmp_path):
+    _, summary, _ = trained
+    ckpt = Path(summary["checkpoint"])
+    report = json.loads((ckpt / REPORT_FILE).read_text())
+    assert report["lora_tensors"] > 0 and report["vision_tensors"] > 0  # no empty-adapter trap
+    assert report["max_abs_logit_diff"] <= report["tolerance"] == 1e-4
+    # A fresh interpreter where `import peft` fails: the merged export must not need it.
+    script = f"""
+import sys, torch
+sys.modules["peft"] = None
+from transformers import AutoModelForImageTextToText
+ref = torch.load({str(ckpt / REFERENCE_FILE)!r}, weights_only=False)
+model = AutoModelForImageTextToText.from_pretrained({str(ckpt / HF_DIR)!r}).eval()
+with torch.no_grad():
+    logits = model(**ref["inputs"]).logits.float()
+print((logits - ref["logits"]).abs().max().item())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4
+    adapter = ckpt / "adapter"
+    from safetensors.torch import load_file
+
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    assert lora and all(t.numel() > 0 for t in lora.values())
+    assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k)  # B starts at 0: it trained
+
+
+def test_killed_worker_resumes_from_last_checkpoint(tmp_path, annotated_dataset, tiny_model_dir, mlflow_server):
+    marker = tmp_path / "killed-once"
+    cfg = train_config(annotated_dataset, tiny_model_dir, tmp_path / "runs", "optim.max_steps=8",
+                       "checkpoint.every_steps=3", "scaling.max_failures=1", "tracking.registered_model=resume-drill",
+                       f"tracking.uri={mlflow_server.uri}")
+    with env_vars(**{FAIL_AT_STEP_ENV: "5", FAIL_MARKER_ENV: str(marker)}):
+        summary = run_train(cfg)
+    assert marker.exists(), "the fault was never injected"
+    assert summary["metrics"]["step"] == 8
+    assert summary["metrics"]["resumed_from_step"] == 3  # from the step-3 checkpoint, not from scratch
+
+    # Running the same config again finds the finished run in storage: no step is trained
+    # again, the result is the same export, and no new checkpoint appears.
+    runs = tmp_path / "runs"
+    before = sorted(p.name for p in runs.rglob("checkpoint_*"))
+    again = run_train(cfg)
+    assert again["checkpoint"] == summary["checkpoint"]
+    assert sorted(p.name for p in runs.rglob("checkpoint_*")) == before
+    assert again["model_version"] == summary["model_version"] == "1"  # not registered twice
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS="")  # a bad config must fail before Ray is even reached
+    return subprocess.run([sys.executable, str(REPO / "jobs/train.py"), "--config", str(RECIPE), *args],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("case", ["global_batch", "missing_data", "wrong_schema", "no_model"])
+def test_bad_config_fails_before_any_worker(case, tmp_path, tiny_model_dir, annotated_dataset):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    args = [f"model.path={tiny_model_dir}", f"data.uri={annotated_dataset}", f"output.uri={tmp_path / 'runs'}"]
+    if case == "global_batch":
+        args.append("optim.global_batch_size=5")
+        expect = "optim.global_batch_size"
+    elif case == "missing_data":
+        args = [a for a in args if not a.startswith("data.uri")]
+        expect = "data.uri"
+    elif case == "wrong_schema":
+        pq.write_table(pa.table({"image": [b"x"], "label": [3]}), tmp_path / "part-0.parquet")
+        args[1] = f"data.uri={tmp_path}"
+        expect = "column 'sample_id' missing"
+    else:
+        args[0] = f"model.path={tmp_path / 'nowhere'}"
+        expect = "model.path"
+    out = run_job(*args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.startswith("config error")]
+    assert len(lines) == 1 and expect in lines[0], out.stderr[-2000:]
+    assert "Started a local Ray" not in out.stderr
+    assert not (tmp_path / "runs").exists()
