@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (target, help_text) in JOB_COMMANDS.items():
         job = sub.add_parser(name, help=f"{help_text} (--config FILE [key=value ...])", add_help=False)
         job.set_defaults(func=None, job_main=target)
+    # Ray job submission (iqa_spider.submit parses its own arguments, like the job commands).
+    for name, help_text in (("submit", "submit jobs/NAME.py to a Ray cluster (see docs/jobs.md)"),
+                            ("jobs", "status|logs|stop|list of submitted jobs")):
+        sub.add_parser(name, help=help_text, add_help=False).set_defaults(
+            func=None, job_main=f"iqa_spider.submit:{name}_main")
     return parser
 
 

@@ -1,0 +1,205 @@
+"""Ray job submission end to end against a real `ray start --head` cluster on 127.0.0.1:
+`iqa-spider submit` -> SUCCEEDED with logs and output; a bad config -> FAILED with the config
+error in the logs; `jobs stop`; and the same entrypoint through the plain `ray job submit` CLI."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, free_port, stop
+from iqa_spider import storage
+from iqa_spider.submit import CONFIG_ENV, SubmitError, build_submission, client, submit, wait
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = ["distort.max_side=96", "distort.variants_per_image=1", "tasks.local_per_image=1",
+         "tasks.referring_per_image=1"]
+
+
+def _sweep(temp_dir: str, port_suffix: str) -> None:
+    """Kill, by pid, any process still tied to this cluster: its temp dir on the command line, or a
+    job driver whose RAY_ADDRESS is this cluster's GCS."""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid == os.getpid():
+                continue
+            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_ADDRESS", "").endswith(port_suffix):
+                p.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """The Jobs API answers (through the SDK: Ray 2.60 clusters use token auth by default)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            client(url).list_jobs()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with 2 CPUs; yields the dashboard URL."""
+    root = tmp_path_factory.mktemp("raycluster")
+    temp = Path("/tmp") / f"rs{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
+    port, dash = free_port(), free_port()
+    # the venv's python first on PATH (job entrypoints call `python`); no 30 s node drain at stop
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = root / "ray.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block",
+                                 "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                                 "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", str(temp),
+                                 "--disable-usage-stats"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_ready(url, proc, log)
+        yield url
+    finally:
+        stop(proc)
+        _sweep(str(temp), f":{port}")
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> str:
+    from iqa_spider.annotate.pipeline import iter_builtin_photos
+    from iqa_spider.images import encode_png
+
+    root = tmp_path_factory.mktemp("submit_photos")
+    for name, img in list(iter_builtin_photos())[:2]:
+        storage.write_bytes(str(root / f"{name}.png"), encode_png(img))
+    return str(root)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "iqa-spider"), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def logs(url: str, job_id: str) -> str:
+    return cli("jobs", "logs", job_id, "--address", url).stdout
+
+
+# ------------------------------------------------------------------ no cluster needed
+
+def test_runtime_env_and_entrypoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "abc")
+    monkeypatch.setenv("MY_TOKEN", "s3cret")
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    entry, renv = build_submission("annotate", str(REPO / "configs/annotate.yaml"), ["input.uri=/a b"],
+                                   env=["MY_TOKEN"], working_dir=str(REPO))
+    assert entry == "python jobs/annotate.py --config configs/annotate.yaml 'input.uri=/a b'"
+    assert renv["working_dir"] == str(REPO) and renv["py_modules"] == [str(REPO / "platform/iqa_spider")]
+    assert {".venv", ".git", "demo_out", "mlruns", "mlflow.db", "*.parquet", "__pycache__"} <= set(renv["excludes"])
+    assert renv["env_vars"]["AWS_ACCESS_KEY_ID"] == "abc" and renv["env_vars"]["MY_TOKEN"] == "s3cret"
+    assert "MLFLOW_TRACKING_TOKEN" not in renv["env_vars"]
+    _, bare = build_submission("annotate", None, [], env=[], default_env=False, working_dir=str(REPO))
+    assert bare["env_vars"] == {}
+    with pytest.raises(SubmitError, match="name, not a value"):
+        build_submission("annotate", None, [], env=["MY_TOKEN=x"], working_dir=str(REPO))
+    with pytest.raises(SubmitError, match="no job 'nosuchjob'.*annotate"):
+        build_submission("nosuchjob", None, [], working_dir=str(REPO))
+
+    outside = tmp_path / "my config.yaml"
+    outside.write_text("include:\n  distort: %s\ndistort:\n  max_side: 77\n" % (tmp_path / "inc.yaml"))
+    (tmp_path / "inc.yaml").write_text("distort:\n  variants_per_image: 1\n")
+    entry, renv = build_submission("annotate", str(outside), ["seed=3"], working_dir=str(REPO))
+    assert 'python jobs/annotate.py --config "$d/my_config.yaml" seed=3' in entry
+    inline = renv["env_vars"][CONFIG_ENV]
+    assert "max_side: 77" in inline and "variants_per_image: 1" in inline  # includes merged here
+
+
+# ------------------------------------------------------------------ against the cluster
+
+def test_submit_follow_to_succeeded_with_logs_and_output(cluster, photos, tmp_path):
+    out = tmp_path / "dq"
+    r = cli("submit", "annotate", "--config", "configs/annotate.yaml", f"input.uri={photos}",
+            f"output.uri={out}", *SMALL, "--address", cluster)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert job_id.startswith("iqa-annotate-") and "\n" not in job_id
+    assert "HF_HUB_OFFLINE" in r.stderr  # names of passed variables are shown, never values
+
+    followed = cli("jobs", "logs", job_id, "--follow", "--address", cluster, timeout=180)
+    r = cli("jobs", "status", job_id, "--address", cluster)
+    assert followed.returncode == 0 and r.stdout.startswith(f"{job_id}: SUCCEEDED"), followed.stdout + r.stdout
+    assert "connected to Ray at" in followed.stdout  # the job joined the cluster it was submitted to
+    assert "connected to Ray at" in logs(cluster, job_id)
+    summary = storage.read_bytes(str(out / "_summary.json")).decode()
+    assert '"annotated": 2' in summary
+    assert list(out.rglob("*.parquet"))
+
+
+def test_bad_config_ends_failed_with_the_error_in_logs(cluster, photos, tmp_path):
+    job_id = submit("annotate", "configs/annotate.yaml", [f"input.uri={photos}", f"output.uri={tmp_path}",
+                    "distort.no_such_key=1"], address=cluster)
+    assert wait(job_id, cluster, timeout=90).value == "FAILED"
+    text = logs(cluster, job_id)
+    assert "config error: command line: key 'distort.no_such_key': unknown key" in text, text
+    assert "Traceback" not in text
+
+    # an outside config travels inline; its error names the file
+    bad = tmp_path / "outside.yaml"
+    bad.write_text("job: annotate\ninput:\n  uri: /x\noutput:\n  uri: /y\ndistort:\n  max_side: big\n")
+    r = cli("submit", "annotate", "--config", str(bad), "--address", cluster, "--wait", timeout=120)
+    assert r.returncode == 1 and r.stdout.strip().startswith("iqa-annotate-"), r.stderr
+    assert "config error:" in r.stderr and "outside.yaml: key 'distort.max_side': wrong type" in r.stderr
+
+
+def test_jobs_stop_a_running_job(cluster, photos, tmp_path):
+    # full-size photos: runs long enough to be stopped while RUNNING
+    job_id = submit("annotate", "configs/annotate.yaml", [f"input.uri={photos}", f"output.uri={tmp_path / 'dq'}"],
+                    address=cluster)
+    c, deadline = client(cluster), time.monotonic() + 60
+    while c.get_job_status(job_id).value == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert c.get_job_status(job_id).value == "RUNNING"
+    r = cli("jobs", "stop", job_id, "--wait", "--address", cluster)
+    assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: STOPPED", r.stdout + r.stderr
+    assert not (tmp_path / "dq" / "_summary.json").exists()
+    assert f"{job_id}\tSTOPPED" in cli("jobs", "list", "--address", cluster).stdout
+    r = cli("jobs", "status", "no-such-job", "--address", cluster)
+    assert r.returncode == 1 and r.stderr.startswith("jobs status:") and "Traceback" not in r.stderr
+
+
+def test_package_is_shipped_with_py_modules(cluster):
+    """The job imports iqa_spider from the uploaded copy, not from an install on the cluster."""
+    _, renv = build_submission("annotate", None, [], working_dir=str(REPO))
+    c = client(cluster)
+    job_id = c.submit_job(entrypoint="python -c 'import iqa_spider; print(\"FROM\", iqa_spider.__file__)'",
+                               runtime_env=renv)
+    assert wait(job_id, cluster, timeout=60).value == "SUCCEEDED"
+    line = next(ln for ln in c.get_job_logs(job_id).splitlines() if ln.startswith("FROM "))
+    assert str(REPO) not in line and "py_modules" in line, line
+
+
+def test_plain_ray_job_submit_runs_the_same_entrypoint(cluster, photos, tmp_path):
+    out = tmp_path / "dq"
+    job_id = f"plain-{os.getpid()}"
+    renv = '{"py_modules": ["platform/iqa_spider"], "excludes": ["*.parquet", "mlflow.db", "mlruns"]}'  # docs/jobs.md
+    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster, "--working-dir", ".",
+                        "--runtime-env-json", renv, "--submission-id", job_id, "--no-wait",
+                        "--", "python", "jobs/annotate.py",
+                        "--config", "configs/annotate.yaml", f"input.uri={photos}", f"output.uri={out}", *SMALL],
+                       capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env={**os.environ, "RAY_AUTH_MODE": "token"})  # the `ray job` CLI sends the token only then
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert wait(job_id, cluster, timeout=150).value == "SUCCEEDED", logs(cluster, job_id)
+    assert '"annotated": 2' in storage.read_bytes(str(out / "_summary.json")).decode()
