@@ -182,10 +182,16 @@ class ShardAnnotator:
             except Exception as exc:  # noqa: BLE001 - one odd image must not stop a million-image job
                 skipped[f"failed:{type(exc).__name__}"] += 1
                 log.exception("skipped %s: annotation failed", source)
-        table = pa.Table.from_pylist(rows, schema=DATASET_SCHEMA)
+        # Two draws can write the same sample (two clean variants of one photo, or the same
+        # region and template twice): identical (image, task, question, answer) is one sample.
+        unique: dict[str, dict] = {}
+        for row in rows:
+            unique.setdefault(row["sample_id"], row)
+        table = pa.Table.from_pylist(list(unique.values()), schema=DATASET_SCHEMA)
         check(table)
         summary = {"shard": shard["name"], "sources": len(shard["sources"]), "annotated": counts["annotated"],
-                   "samples": table.num_rows, "skipped": dict(skipped),
+                   "samples": table.num_rows, "duplicates_dropped": len(rows) - table.num_rows,
+                   "skipped": dict(skipped),
                    "samples_by_task": dict(Counter(table.column("task").to_pylist())),
                    "rewrites": {k: counts[k] for k in ("rewrites_accepted", "rewrites_rejected") if counts[k]},
                    "seconds": round(time.monotonic() - started, 3)}
@@ -264,11 +270,11 @@ def read_shard_summary(uri: str) -> dict | None:
 
 
 def merge_summaries(summaries: Iterable[dict], reused: int, written: int, seconds: float) -> dict:
-    total: dict = {"sources": 0, "annotated": 0, "samples": 0, "skipped": Counter(),
+    total: dict = {"sources": 0, "annotated": 0, "samples": 0, "duplicates_dropped": 0, "skipped": Counter(),
                    "samples_by_task": Counter(), "rewrites": Counter()}
     for s in summaries:
-        for k in ("sources", "annotated", "samples"):
-            total[k] += s[k]
+        for k in ("sources", "annotated", "samples", "duplicates_dropped"):
+            total[k] += s.get(k, 0)
         for k in ("skipped", "samples_by_task", "rewrites"):
             total[k].update(s.get(k, {}))
     total.update({k: dict(v) for k, v in total.items() if isinstance(v, Counter)})

@@ -58,7 +58,7 @@ class DemoStages:
     """
 
     annotate: str = "configs/annotate.yaml"
-    annotate_overrides: list[str] = field(default_factory=lambda: ["distort.max_side=224"])
+    annotate_overrides: list[str] = field(default_factory=lambda: ["distort.max_side=224", "test_fraction=0.3"])
     train: str = "configs/train/tiny_cpu.yaml"
     train_overrides: list[str] = field(default_factory=list)
     evaluate: str = "configs/evaluate.yaml"
