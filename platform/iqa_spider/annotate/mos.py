@@ -144,7 +144,7 @@ def import_mos(table_uri: str, images_uri: str, output_uri: str, scale_min: floa
             "question": SCORE_QUESTION, "answer": answer,
             "target": {"regions": [], "target_region_ids": [], "whole_image": True,
                        "quality_level": level, "quality_score": score},
-            "source_uri": uri, "split": split_for(uri, test_fraction), "schema_version": SCHEMA_VERSION,
+            "source_uri": uri, "split": split_for(iid, test_fraction), "schema_version": SCHEMA_VERSION,
         })
     out = output_uri if output_uri.endswith(".parquet") else storage.join(output_uri, "mos-00000.parquet")
     write_shard(rows, out)

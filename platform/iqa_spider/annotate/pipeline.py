@@ -94,9 +94,8 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.
 
 
 def rows_for_variant(distorted_png: bytes, truth: Truth, samples: list[Sample], source_uri: str,
-                     image_uri: str | None, cfg: AnnotateConfig) -> list[dict]:
+                     split: str, image_uri: str | None, cfg: AnnotateConfig) -> list[dict]:
     iid = image_id(distorted_png)
-    split = split_for(source_uri, cfg.test_fraction)
     rows = []
     for s in samples:
         rows.append({
@@ -143,6 +142,7 @@ class ShardAnnotator:
         cfg = self.cfg
         img = resize_max_side(decode_image(data, cfg.input.max_pixels), cfg.distort.max_side)
         pristine = np.asarray(img)
+        split = split_for(image_id(data), cfg.test_fraction)
         base_seed = stable_int(cfg.seed, source_uri)
         props = self.proposals(pristine, base_seed % (2**31), masks)
         rows: list[dict] = []
@@ -159,7 +159,7 @@ class ShardAnnotator:
                     if s.task in REWRITTEN_TASKS:
                         s.answer, ok = self.rewriter(s.answer)
                         counts["rewrites_accepted" if ok else "rewrites_rejected"] += 1
-            rows.extend(rows_for_variant(png, truth, samples, source_uri, image_uri, cfg))
+            rows.extend(rows_for_variant(png, truth, samples, source_uri, split, image_uri, cfg))
         return rows
 
     def __call__(self, item: dict) -> dict:

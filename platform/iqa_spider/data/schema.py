@@ -66,9 +66,10 @@ def sample_id(image_id_: str, task: str, question: str, answer: str) -> str:
     return h.hexdigest()[:32]
 
 
-def split_for(source_uri: str, test_fraction: float) -> str:
-    """train/test by a hash of the pristine source, so no image leaks across splits."""
-    bucket = int(hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
+def split_for(source_key: str, test_fraction: float) -> str:
+    """train/test by a hash of the pristine source's key (its content hash, `image_id`), so no
+    image leaks across splits, copies under other names included, wherever the collection lives."""
+    bucket = int(hashlib.sha256(source_key.encode("utf-8")).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if bucket < test_fraction else "train"
 
 
