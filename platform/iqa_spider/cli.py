@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                             ("jobs", "status|logs|stop|list of submitted jobs")):
         sub.add_parser(name, help=help_text, add_help=False).set_defaults(
             func=None, job_main=f"iqa_spider.submit:{name}_main")
+    # Registry (iqa_spider.registry.promotion parses its own arguments; see docs/registry.md).
+    for name, help_text in (("models", "models list: registered versions, aliases, key metrics, tags"),
+                            ("promote", "gated promotion: --candidate N --eval-data URI [--gate FILE]"),
+                            ("rollback", "champion <- previous-champion [--model NAME]")):
+        sub.add_parser(name, help=help_text, add_help=False).set_defaults(
+            func=None, job_main=f"iqa_spider.registry.promotion:{name}_main")
     return parser
 
 

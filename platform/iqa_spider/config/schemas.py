@@ -298,6 +298,7 @@ JOB_SCHEMAS: dict[str, type] = {
 # Schemas that live beside their job (they import this module, so they register lazily).
 LAZY_JOB_SCHEMAS: dict[str, str] = {
     "evaluate": "iqa_spider.infer.config:EvaluateConfig",
+    "promote": "iqa_spider.registry.config:PromoteConfig",
 }
 
 

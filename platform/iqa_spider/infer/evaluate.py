@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -347,8 +348,11 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
         "metrics": compute_metrics(samples, mappings, cfg.infer.mapping),
     }
     report["seconds"] = round(time.monotonic() - started, 2)
-    _write_outputs(cfg, report, samples, drawn)
-    _log_mlflow(cfg, report)
+    try:
+        _write_outputs(cfg, report, samples, drawn)
+        _log_mlflow(cfg, report)
+    finally:  # the local copy only feeds output.uri and MLflow: promotions evaluate often
+        shutil.rmtree(report.pop("_local_dir", ""), ignore_errors=True)
     return report
 
 

@@ -1,0 +1,364 @@
+"""Gated promotion against a real `mlflow server`: decisions come from real evaluations with
+the harness (iqa_spider.infer.evaluate) of registered versions downloaded from the server.
+
+Better and worse models. Random tiny models are near chance on every metric, and which of
+two random models scores higher depends on the data, so the models here are made by exact
+weight surgery on one tiny model, and the evaluation data is made to agree with it:
+- ``intact``:   the tiny model as made. The evaluation data's rating truths
+  (``target.quality_score``) are set to this model's own Q-Align scores, so its SRCC and
+  linear PLCC are 1 by construction;
+- ``reversed``: the lm_head rows of the five level words in reverse order, so its level
+  probabilities are reversed and its score is exactly 6 - score(intact): SRCC and linear
+  PLCC are -1 on the same data (worse by 2, far past any tolerance);
+- ``broken``:   lm_head zeroed: every logit is 0, the score is 3 for every image and SRCC /
+  PLCC are undefined, so the harness leaves them out and no gate accepts it.
+Each test also checks that the metrics the promotion *recorded* show this ordering.
+Evaluation data: 3 bundled photos x 2 distorted variants, annotated in-process (no Ray).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from iqa_spider.config import load_config
+from iqa_spider.registry.config import GateMetric, PromoteConfig
+
+REPO = Path(__file__).resolve().parent.parent
+# Floors null: with no champion the candidate only needs defined (finite) values.
+GATE = ("gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null},"
+        " {name: rating.plcc_linear, direction: higher, tolerance: 0.05, floor: null}]")
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def _surgery(src: Path, dst: Path, how: str) -> Path:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from iqa_spider.model.tokenizer import word_token_id
+    from iqa_spider.vocab import LEVEL_WORDS
+
+    shutil.copytree(src, dst)
+    model = AutoModelForImageTextToText.from_pretrained(dst, dtype=torch.float32)
+    with torch.no_grad():
+        w = model.lm_head.weight
+        if how == "reversed":
+            ids = [word_token_id(AutoTokenizer.from_pretrained(dst), word) for word in LEVEL_WORDS]
+            w[ids] = w[ids[::-1]].clone()
+        else:
+            w.zero_()
+    model.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("promo_models")
+    return {"intact": Path(tiny_model_dir), "reversed": _surgery(tiny_model_dir, root / "reversed", "reversed"),
+            "broken": _surgery(tiny_model_dir, root / "broken", "zero")}
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory, models) -> str:
+    """A small four-task dataset, all in the test split, annotated without Ray; its rating
+    truths are then replaced by the intact model's own scores (measured by the harness)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iqa_spider import storage
+    from iqa_spider.annotate.pipeline import ShardAnnotator, iter_builtin_photos, list_sources, plan_shards
+    from iqa_spider.config.schemas import AnnotateConfig
+    from iqa_spider.data.io import read_dataset, write_table
+    from iqa_spider.data.schema import DATASET_SCHEMA
+    from iqa_spider.images import encode_png
+    from iqa_spider.infer.config import EvaluateConfig
+    from iqa_spider.infer.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("promo_data")
+    for name, img in list(iter_builtin_photos())[:3]:
+        storage.write_bytes(str(root / "photos" / f"{name}.png"), encode_png(img))
+    cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                      [f"input.uri={root / 'photos'}", f"output.uri={root / 'data'}", "distort.max_side=128",
+                       "distort.variants_per_image=2", "test_fraction=1.0"])
+    annotator = ShardAnnotator(cfg)
+    for shard in plan_shards(list_sources(cfg)[0], cfg):
+        annotator({"shard": json.dumps(shard)})
+    ecfg = load_config(EvaluateConfig, REPO / "configs/evaluate.yaml",
+                       [f"model.path={models['intact']}", f"data.uri={root / 'data'}", "model.device=cpu",
+                        "data.tasks=[rating]", f"output.uri={root / 'intact_eval'}", "mlflow.enabled=false",
+                        "output.html=false"])
+    evaluate(ecfg)
+    preds = pq.read_table(root / "intact_eval" / "predictions.parquet").to_pylist()
+    score = {p["sample_id"]: p["score"] for p in preds if p["task"] == "rating"}
+    rows = read_dataset(str(root / "data")).to_pylist()
+    for r in rows:
+        if r["task"] == "rating":
+            r["target"]["quality_score"] = float(score[r["sample_id"]])
+    assert len(set(score.values())) >= 4  # enough distinct scores for a meaningful correlation
+    write_table(pa.Table.from_pylist(rows, schema=DATASET_SCHEMA), str(root / "eval.parquet"))
+    return str(root / "eval.parquet")
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server):
+    from mlflow import MlflowClient
+
+    return MlflowClient(mlflow_server.uri)
+
+
+def register(client, name: str, model_dir: Path, kind: str) -> str:
+    """What training does: a run, its pyfunc model, a new registered version."""
+    from iqa_spider.registry.pyfunc import log_and_register
+
+    exp = client.get_experiment_by_name("promotion-test-train")
+    exp_id = exp.experiment_id if exp else client.create_experiment("promotion-test-train")
+    run = client.create_run(exp_id, tags={"kind": kind})
+    client.log_metric(run.info.run_id, "train_loss", 1.0)
+    version = log_and_register(client, run.info.run_id, model_dir, name, {"kind": kind})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return version
+
+
+def gate_config(name: str, data: str, cache: Path, *extra: str) -> PromoteConfig:
+    return load_config(PromoteConfig, REPO / "configs/gate.yaml",
+                       [f"registered_model={name}", f"data.uri={data}", "model.device=cpu", "infer.max_new_tokens=12",
+                        "infer.describe_max_new_tokens=16", f"infer.cache_dir={cache}", "lock.poll_s=0.2",
+                        "tracking.experiment=promotion-test", GATE, *extra])
+
+
+def aliases(client, name: str) -> tuple[str | None, str | None]:
+    from iqa_spider.registry.promotion import CHAMPION, PREVIOUS, alias_version
+
+    return alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+
+
+# ------------------------------------------------------------------ the gate alone
+
+
+def test_check_gate_directions_tolerances_floors():
+    from iqa_spider.registry.promotion import check_gate
+
+    gate = [GateMetric("srcc", "higher", 0.02, 0.5), GateMetric("loss", "lower", 0.1, None)]
+    ok = check_gate(gate, {"srcc": 0.79, "loss": 1.05}, {"srcc": 0.8, "loss": 1.0})
+    assert [c.passed for c in ok] == [True, True]
+    worse = check_gate(gate, {"srcc": 0.7, "loss": 1.2}, {"srcc": 0.8, "loss": 1.0})
+    assert [c.passed for c in worse] == [False, False] and "worse than champion" in worse[0].reason
+    first = check_gate(gate, {"srcc": 0.4, "loss": 9.0}, None)        # no champion: floors decide
+    assert [c.passed for c in first] == [False, True] and "floor" in first[0].reason
+    nan = check_gate(gate, {"srcc": math.nan}, {"srcc": 0.1})
+    assert [c.passed for c in nan] == [False, False]                  # NaN and missing both fail
+
+
+def test_bad_gate_file_exits_2(tmp_path, capsys):
+    from iqa_spider.registry.promotion import main
+
+    bad = tmp_path / "gate.yaml"
+    bad.write_text("job: promote\ngate:\n  - {name: rating.srcc, direction: up}\n")
+    assert main(["--config", str(bad), "candidate=1", "data.uri=/nowhere"]) == 2
+    assert "gate[rating.srcc].direction" in capsys.readouterr().err
+    assert main(["--config", str(REPO / "configs/gate.yaml"), "candidate=v1", "data.uri=/x"]) == 2
+
+
+# ------------------------------------------------------------------ the lock
+
+
+def test_registry_lock_is_exclusive_and_breaks_stale_leases(client):
+    from iqa_spider.registry.config import PromotionLockSettings
+    from iqa_spider.registry.promotion import RegistryLock
+
+    name = "promo-lock"
+    settings = PromotionLockSettings(ttl_s=60, wait_s=60, poll_s=0.05)
+    inside, most, errors = [0], [0], []
+    guard = threading.Lock()
+
+    def worker():
+        try:
+            for _ in range(2):
+                with RegistryLock(client, name, settings):
+                    with guard:
+                        inside[0] += 1
+                        most[0] = max(most[0], inside[0])
+                    threading.Event().wait(0.05)
+                    with guard:
+                        inside[0] -= 1
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and most[0] == 1
+    # a crashed holder's lease (expired) is broken by the next promotion
+    client.create_registered_model(name + ".promotion-lock", tags={"owner": "dead:1:x", "expires_at": "1.0"})
+    lock = RegistryLock(client, name, settings)
+    lock.acquire()
+    assert lock.held()
+    lock.release()
+    with pytest.raises(Exception):
+        client.get_registered_model(name + ".promotion-lock")
+
+
+# ------------------------------------------------------------------ promotion end to end
+
+
+@pytest.fixture(scope="module")
+def flow(client, models, eval_data, tmp_path_factory):
+    """broken (refused: no champion, undefined metrics) -> reversed (first champion) ->
+    intact (better: promoted) -> reversed again (worse: refused) -> load @champion -> rollback."""
+    from iqa_spider.infer.loading import resolve_model_path
+    from iqa_spider.registry.promotion import promote, rollback
+
+    name = "promo-flow"
+    cfg = gate_config(name, eval_data, tmp_path_factory.mktemp("promo_cache"))
+    v = {kind: register(client, name, models[kind], kind) for kind in ("broken", "reversed", "intact")}
+    v["reversed2"] = register(client, name, models["reversed"], "reversed")
+    out = {"name": name, "versions": v, "cfg": cfg, "decisions": {}, "aliases": {}}
+    for step in ("broken", "reversed", "intact", "reversed2"):
+        out["decisions"][step] = promote(v[step], eval_data, cfg, client=client)
+        out["aliases"][step] = aliases(client, name)
+    out["loaded"] = resolve_model_path(f"models:/{name}@champion", cfg.infer.cache_dir)
+    out["rollback"] = rollback(name, client=client, gate=cfg)
+    out["aliases"]["rollback"] = aliases(client, name)
+    return out
+
+
+def test_first_candidate_must_pass_the_floors(flow):
+    d, v = flow["decisions"], flow["versions"]
+    assert d["broken"]["decision"] == "refused" and d["broken"]["champion_before"] is None
+    assert "rating.srcc" not in d["broken"]["candidate_metrics"]  # constant score: undefined, left out
+    assert any("rating.srcc: candidate value None is missing" in r for r in d["broken"]["reasons"])
+    assert flow["aliases"]["broken"] == (None, None)                                    # nothing moved
+    assert d["reversed"]["decision"] == "promoted", d["reversed"]["reasons"]
+    assert flow["aliases"]["reversed"] == (v["reversed"], None)
+
+
+def test_better_candidate_is_promoted(flow):
+    d, v = flow["decisions"]["intact"], flow["versions"]
+    assert d["decision"] == "promoted", d["reasons"]
+    cand, champ = d["candidate_metrics"], d["champion_metrics"]
+    assert d["champion_before"] == v["reversed"]
+    # the harness really measured it better: +1 against -1 (the construction is exact)
+    assert cand["rating.srcc"] == pytest.approx(1.0) and champ["rating.srcc"] == pytest.approx(-1.0)
+    assert cand["rating.plcc_linear"] == pytest.approx(1.0) and champ["rating.plcc_linear"] == pytest.approx(-1.0)
+    assert flow["aliases"]["intact"] == (v["intact"], v["reversed"])
+
+
+def test_worse_candidate_is_refused_and_champion_stays(flow):
+    d, v = flow["decisions"]["reversed2"], flow["versions"]
+    assert d["decision"] == "refused"
+    cand, champ = d["candidate_metrics"], d["champion_metrics"]
+    assert cand["rating.srcc"] == pytest.approx(-1.0) and champ["rating.srcc"] == pytest.approx(1.0)
+    assert {r.split(":")[0] for r in d["reasons"]} == {"rating.srcc", "rating.plcc_linear"}
+    assert all("worse than champion" in r for r in d["reasons"])
+    assert flow["aliases"]["reversed2"] == (v["intact"], v["reversed"])       # unchanged
+
+
+def test_decisions_are_recorded_as_tags_and_runs(flow, client):
+    name, v = flow["name"], flow["versions"]
+    for step, expected in (("intact", "promoted"), ("reversed2", "refused"), ("broken", "refused")):
+        d = flow["decisions"][step]
+        tags = client.get_model_version(name, v[step]).tags
+        assert tags["promotion.decision"] == expected and tags["promotion.run_id"] == d["run_id"]
+        assert tags["promotion.reasons"] and "promotion.candidate.rating.srcc" in tags
+        run = client.get_run(d["run_id"])
+        assert run.data.tags["decision"] == expected and run.info.status == "FINISHED"
+        assert client.get_experiment(run.info.experiment_id).name == "promotion-test"
+        assert "candidate.rating.srcc" in run.data.metrics or step == "broken"
+        local = client.download_artifacts(d["run_id"], "decision.json")
+        recorded = json.loads(Path(local).read_text())
+        assert recorded["decision"] == expected and recorded["candidate"] == v[step]
+        assert set(recorded["candidate_metrics"]) >= {"rating.n", "grounding.all.miou"}
+    run = client.get_run(flow["decisions"]["reversed2"]["run_id"])
+    assert run.data.metrics["champion.rating.srcc"] > run.data.metrics["candidate.rating.srcc"]  # both sets logged
+
+
+def test_loading_champion_gives_the_promoted_version(flow, models):
+    import torch
+    from safetensors.torch import load_file
+
+    loaded = flow["loaded"]
+    assert loaded.version == flow["versions"]["intact"]
+
+    def lm_head(d):
+        return next(t for f in Path(d).glob("*.safetensors") for k, t in load_file(f).items() if "lm_head" in k)
+
+    assert torch.equal(lm_head(loaded.local_dir), lm_head(models["intact"]))   # the intact weights, not reversed
+    assert not torch.equal(lm_head(loaded.local_dir), lm_head(models["reversed"]))
+
+
+def test_rollback_restores_previous_champion(flow, client):
+    from iqa_spider.registry.promotion import PromotionError, rollback
+
+    name, v, d = flow["name"], flow["versions"], flow["rollback"]
+    assert flow["aliases"]["rollback"] == (v["reversed"], None)
+    assert d["champion_before"] == v["intact"] and d["champion_after"] == v["reversed"]
+    assert client.get_model_version(name, v["intact"]).tags["promotion.rolled_back_run_id"] == d["run_id"]
+    assert client.get_run(d["run_id"]).data.tags["decision"] == "rolled_back"
+    with pytest.raises(PromotionError, match="no previous-champion"):
+        rollback(name, client=client, gate=flow["cfg"])
+
+
+def test_models_list_cli(flow, capsys):
+    from iqa_spider.cli import main
+
+    assert main(["models", "list", "--model", flow["name"]]) == 0
+    out = capsys.readouterr().out
+    v = flow["versions"]
+    assert f"v{v['reversed']}" in out and "champion" in out and "promotion: refused" in out
+    assert "rating.srcc=" in out and "train_loss=" in out and "kind=reversed" in out
+    assert main(["models", "list", "--model", flow["name"], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["version"]: r["aliases"] for r in rows}[v["reversed"]] == ["champion"]
+
+
+# ------------------------------------------------------------------ concurrent promotions
+
+
+def test_concurrent_promotions_leave_consistent_aliases(client, models, eval_data, tmp_path_factory):
+    """Two better candidates promoted at once, lined up so that both evaluate the same
+    champion before either decides: the second to take the lock must see that the champion
+    moved, evaluate the new one, and decide again."""
+    from iqa_spider.registry.promotion import RegistryLock, promote
+
+    name = "promo-race"
+    cfg = gate_config(name, eval_data, tmp_path_factory.mktemp("promo_cache_race"))
+    first = register(client, name, models["reversed"], "reversed")
+    assert promote(first, eval_data, cfg, client=client)["decision"] == "promoted"
+    cands = [register(client, name, models["intact"], "intact") for _ in range(2)]
+    barrier = threading.Barrier(2, timeout=300)
+    results, errors = {}, []
+
+    def line_up(state):
+        if state["attempt"] == 1:
+            barrier.wait()
+
+    def run(version):
+        try:
+            results[version] = promote(version, eval_data, cfg, client=client, on_evaluated=line_up)
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cands]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    champion, previous = aliases(client, name)
+    last = next(d for d in results.values() if d["candidate"] == champion)
+    other = next(d for d in results.values() if d["candidate"] != champion)
+    # the final pair comes from one decision, and that decision saw the other's result
+    assert last["decision"] == "promoted" and (champion, previous) == (last["champion_after"],
+                                                                       last["previous_champion_after"])
+    assert other["decision"] == "promoted" and other["champion_before"] == first
+    assert previous == other["candidate"] and last["champion_before"] == other["candidate"]
+    assert last["champion_moved"] == [{"evaluated": first, "found": other["candidate"]}]
+    assert not RegistryLock(client, name).held() and RegistryLock(client, name)._holder() is None
