@@ -63,6 +63,8 @@ class DemoStages:
     train_overrides: list[str] = field(default_factory=list)
     evaluate: str = "configs/evaluate.yaml"
     evaluate_overrides: list[str] = field(default_factory=list)
+    promote: str = "configs/gate.yaml"
+    promote_overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +301,7 @@ JOB_SCHEMAS: dict[str, type] = {
 LAZY_JOB_SCHEMAS: dict[str, str] = {
     "evaluate": "iqa_spider.infer.config:EvaluateConfig",
     "promote": "iqa_spider.registry.config:PromoteConfig",
+    "serve": "iqa_spider.serve.config:ServeAppConfig",
 }
 
 

@@ -1,0 +1,550 @@
+"""The HTTP API: FastAPI routes, request parsing, limits and JSON errors.
+
+The app is built by :func:`build_api` around a *backend* (four coroutines: ``analyze``,
+``segment``, ``model_info``, ``stats``). In Serve the backend is the ingress deployment,
+whose coroutines call the model and grounding-head deployments through their handles; a
+test or benchmark can give any other object with the same coroutines.
+
+Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+- ``POST /v1/assess``: one image, as a multipart upload (field ``image``), as base64 in a JSON
+  body (``image_base64``), or as ``image_uri`` (``s3://`` in an allowed bucket); the tasks are
+  fields of the same body. The answer is one result-contract row (JSON) plus ``referring``
+  and ``local_descriptions`` for the texts asked about.
+- ``GET /healthz``, ``GET /v1/model``, ``GET /v1/stats``.
+
+Limits (``limits:`` of the config): body size (checked on Content-Length before reading and
+while streaming), decoded pixels (read from the image header before decoding, so a
+decompression bomb is never expanded), allowed image types (declared and sniffed), question
+count and length, and a per-request timeout. Every refusal is a JSON body
+``{"error": code, "detail": why, "status": N}`` with a 4xx status. Nothing on the request path
+unpickles anything: the body is JSON, multipart or base64 only.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Literal, Optional, Protocol, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from iqa_spider.images import ImageError, decode_image, looks_like_image
+from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
+from iqa_spider.serve.config import LimitsConfig
+
+log = logging.getLogger("ray.serve")
+
+API_VERSION = "v1"
+# HTTP status of each ImageError reason (iqa_spider.images / infer.predictor.prepare_image).
+IMAGE_ERROR_STATUS = {"empty": 422, "not_an_image": 415, "corrupt": 422, "too_many_pixels": 413,
+                      "bad_aspect_ratio": 422}
+JSON_TYPES = ("application/json",)
+MULTIPART_TYPES = ("multipart/form-data",)
+
+
+class ApiError(Exception):
+    """A refusal: status (4xx), a short stable code and a sentence saying why."""
+
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(f"{status} {error}: {detail}")
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail, "status": status}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- schemas (docs)
+
+MappingName = Literal[MAPPING_NAMES]  # type: ignore[valid-type]
+
+
+class AssessOptions(BaseModel):
+    """What to answer about the image. The Q-Align score is always computed (it shares the
+    image prefill with every other question and the result contract requires it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    describe: bool = Field(False, description="global quality description")
+    ground: Union[bool, list[str]] = Field(
+        False, description=f"grounding: true asks the HyD-G question ({HYD_QUESTION!r}); or a list of "
+                           "grounding questions (HyD-G, SiD-G, DAO-G). Each answer gets point(s) and a mask.")
+    refer: list[str] = Field(default_factory=list,
+                             description="region texts to ask the distortions of, e.g. 'the sky in the top left "
+                                         "of the image' (answers in `referring`)")
+    refer_long: bool = Field(False, description="long referring answers (distortions and their effects)")
+    describe_regions: list[str] = Field(default_factory=list,
+                                        description="region texts to describe locally (answers in `local_descriptions`)")
+    mapping: Optional[MappingName] = Field(None, description="text-to-point mapping for this request "
+                                                             "(default: the deployment's)")
+
+    def questions(self) -> list[str]:
+        if self.ground is True:
+            return [HYD_QUESTION]
+        if self.ground is False:
+            return []
+        return list(self.ground)
+
+
+class AssessJSON(AssessOptions):
+    """JSON body: exactly one of image_base64 / image_uri, plus the task fields."""
+
+    image_base64: Optional[str] = Field(None, description="the encoded image (JPEG, PNG, ...) in base64; "
+                                                          "a data: URL prefix is accepted")
+    image_uri: Optional[str] = Field(None, description="s3://bucket/key in one of the configured buckets")
+
+
+class RegionOut(BaseModel):
+    query: str
+    answer: str
+    point_x: Optional[float] = None
+    point_y: Optional[float] = None
+    p_right: Optional[float] = None
+    p_bottom: Optional[float] = None
+    mask_rle: Optional[dict[str, Any]] = Field(None, description="COCO RLE {size: [h, w], counts: str}")
+    mask_area: Optional[int] = None
+    bbox: Optional[list[float]] = Field(None, description="x0, y0, x1, y1 of the mask in 0..1")
+
+
+class TextAnswer(BaseModel):
+    region: str
+    query: str
+    answer: str
+
+
+class AssessResponse(BaseModel):
+    """One row of the result contract (ARCHITECTURE.md), plus the referring / local answers."""
+
+    image_uri: Optional[str] = None
+    image_sha256: str
+    width: Optional[int] = None
+    height: Optional[int] = None
+    score: Optional[float] = Field(None, description="Q-Align score 1..5")
+    level: Optional[str] = None
+    level_probs: Optional[list[float]] = Field(None, description="p(excellent, good, fair, poor, bad)")
+    description: Optional[str] = None
+    regions: list[RegionOut] = Field(default_factory=list)
+    model_uri: Optional[str] = None
+    model_version: Optional[str] = None
+    error: Optional[str] = None
+    scored_at: str
+    referring: list[TextAnswer] = Field(default_factory=list)
+    local_descriptions: list[TextAnswer] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="short stable code, e.g. body_too_large, not_an_image")
+    detail: str = Field(..., description="why, in words")
+    status: int
+
+
+_ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
+    400: "malformed JSON, multipart or base64",
+    403: "image_uri in a bucket that is not allowed (or S3 inputs are off)",
+    404: "image_uri does not exist",
+    408: "the request took longer than limits.request_timeout_s",
+    413: "body larger than limits.max_body_bytes, or image with more than limits.max_pixels pixels",
+    415: "content type not allowed, or the bytes are not an allowed image type",
+    422: "invalid fields, truncated/corrupt image, or an image the model cannot take",
+    429: "the service is overloaded: retry later",
+    503: "the model is not available (replica starting or gone)",
+}.items()}
+
+
+# ---------------------------------------------------------------------------- body size limit
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes``: at once from Content-Length, else while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, int(max_bytes)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = None
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return await error_response(400, "bad_content_length", "Content-Length is not a number")(
+                        scope, receive, send)
+        if length is not None and length > self.max_bytes:
+            return await error_response(413, "body_too_large",
+                                        f"body of {length} bytes exceeds the limit of {self.max_bytes} bytes")(
+                scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def sniff_image_type(data: bytes) -> str | None:
+    """MIME type from the leading bytes (None: not an image format we know)."""
+    head = data[:16]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head.startswith(b"BM"):
+        return "image/bmp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "image/tiff"
+    return None
+
+
+def _flag(value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ApiError(422, "invalid_request", f"expected a boolean, got {value!r}")
+
+
+def _validation_detail(exc: PydanticValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
+
+
+class ParsedRequest:
+    def __init__(self, data: bytes | None, uri: str | None, declared_type: str | None, options: AssessOptions):
+        self.data, self.uri, self.declared_type, self.options = data, uri, declared_type, options
+
+
+def _b64(text: str) -> tuple[bytes, str | None]:
+    declared = None
+    if text.startswith("data:"):
+        head, _, text = text.partition(",")
+        if ";base64" not in head:
+            raise ApiError(400, "bad_base64", "a data: URL must be base64 encoded")
+        declared = head[5:].split(";")[0].strip().lower() or None
+    try:
+        return base64.b64decode("".join(text.split()), validate=True), declared
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 ({exc})") from None
+
+
+async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest:
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype in JSON_TYPES:
+        raw = await request.body()
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "malformed_json", "the JSON body must be an object")
+        try:
+            body = AssessJSON.model_validate(payload)
+        except PydanticValidationError as exc:
+            raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
+        if (body.image_base64 is None) == (body.image_uri is None):
+            raise ApiError(422, "invalid_request", "give exactly one of image_base64 and image_uri")
+        options = AssessOptions.model_validate(body.model_dump(exclude={"image_base64", "image_uri"}))
+        if body.image_base64 is not None:
+            data, declared = _b64(body.image_base64)
+            return ParsedRequest(data, None, declared, options)
+        return ParsedRequest(None, body.image_uri, None, options)
+    if ctype in MULTIPART_TYPES:
+        try:
+            form = await request.form(max_files=1, max_fields=64, max_part_size=64 * 1024)
+        except BodyTooLarge:
+            raise
+        except StarletteHTTPException as exc:
+            raise ApiError(400, "malformed_multipart", str(exc.detail)) from None
+        try:
+            allowed = {"image", "image_uri", "describe", "ground", "refer", "refer_long", "describe_regions",
+                       "mapping"}
+            unknown = sorted(set(form.keys()) - allowed)
+            if unknown:
+                raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; expected some of "
+                                                       f"{sorted(allowed)}")
+            opts: dict[str, Any] = {}
+            for key in ("describe", "refer_long"):
+                if key in form:
+                    opts[key] = _flag(str(form[key]))
+            grounds = [str(v) for v in form.getlist("ground")]
+            if len(grounds) == 1 and grounds[0].strip().lower() in ("1", "true", "yes", "on", "0", "false", "no",
+                                                                     "off", ""):
+                opts["ground"] = _flag(grounds[0])
+            elif grounds:
+                opts["ground"] = grounds
+            for key in ("refer", "describe_regions"):
+                if key in form:
+                    opts[key] = [str(v) for v in form.getlist(key)]
+            if "mapping" in form:
+                opts["mapping"] = str(form["mapping"])
+            try:
+                options = AssessOptions.model_validate(opts)
+            except PydanticValidationError as exc:
+                raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
+            upload = form.get("image")
+            uri = form.get("image_uri")
+            if isinstance(upload, UploadFile) == isinstance(uri, str):
+                raise ApiError(422, "invalid_request", "give exactly one of the file field `image` and `image_uri`")
+            if isinstance(upload, UploadFile):
+                data = await upload.read()
+                declared = (upload.content_type or "").split(";")[0].strip().lower() or None
+                return ParsedRequest(data, None, declared, options)
+            return ParsedRequest(None, str(uri), None, options)
+        finally:
+            await form.close()
+    raise ApiError(415, "unsupported_content_type",
+                   f"send multipart/form-data or application/json, not {ctype or 'no Content-Type'}")
+
+
+def check_options(options: AssessOptions, limits: LimitsConfig) -> None:
+    texts = options.questions() + list(options.refer) + list(options.describe_regions)
+    if len(texts) > limits.max_questions:
+        raise ApiError(422, "too_many_questions",
+                       f"{len(texts)} questions and region texts; the limit is {limits.max_questions}")
+    for t in texts:
+        if not t.strip():
+            raise ApiError(422, "invalid_request", "an empty question or region text")
+        if len(t) > limits.max_text_chars:
+            raise ApiError(422, "text_too_long", f"a question or region text of {len(t)} characters; "
+                                                 f"the limit is {limits.max_text_chars}")
+
+
+def _read_s3(uri: str, max_bytes: int) -> bytes:
+    from iqa_spider import storage
+
+    fs, path = storage.get_fs(uri)
+    size = fs.size(path)
+    if size is not None and size > max_bytes:
+        raise ApiError(413, "body_too_large", f"{uri} has {size} bytes; the limit is {max_bytes} bytes")
+    with fs.open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ApiError(413, "body_too_large", f"{uri} exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
+    """The bytes of an ``s3://`` image in an allowed bucket (never a local path)."""
+    if not uri.startswith(("s3://", "s3a://")):
+        raise ApiError(422, "unsupported_uri", "image_uri must be s3://bucket/key")
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    if not limits.allowed_s3_buckets:
+        raise ApiError(403, "s3_not_allowed", "this service reads no S3 buckets (limits.allowed_s3_buckets is empty)")
+    if bucket not in limits.allowed_s3_buckets:
+        raise ApiError(403, "s3_bucket_not_allowed", f"bucket {bucket!r} is not one this service may read")
+    if not key or key.endswith("/") or ".." in key.split("/"):
+        raise ApiError(422, "unsupported_uri", f"{uri} does not name an object")
+    try:
+        return await asyncio.to_thread(_read_s3, uri, limits.max_body_bytes)
+    except ApiError:
+        raise
+    except FileNotFoundError:
+        raise ApiError(404, "not_found", f"{uri} does not exist") from None
+    except PermissionError as exc:
+        raise ApiError(403, "s3_forbidden", f"{uri}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - an unreadable object is the request's problem, not a 500
+        raise ApiError(422, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"[:300]) from None
+
+
+def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
+    """Validated PIL image (8-bit RGB) or ApiError. Runs in a worker thread."""
+    from iqa_spider.infer.predictor import prepare_image
+
+    allowed = limits.allowed_content_types
+    if declared and declared not in ("application/octet-stream",) and declared not in allowed:
+        raise ApiError(415, "unsupported_media_type", f"image type {declared} is not allowed; allowed: {allowed}")
+    if not data:
+        raise ApiError(422, "empty", "the image has zero bytes")
+    if not looks_like_image(data[:16]):
+        raise ApiError(415, "not_an_image", "the bytes are not an image of a known format "
+                                            f"(allowed: {', '.join(allowed)})")
+    sniffed = sniff_image_type(data)
+    if sniffed not in allowed:
+        raise ApiError(415, "unsupported_media_type", f"image type {sniffed} is not allowed; allowed: {allowed}")
+    try:
+        return prepare_image(decode_image(data, limits.max_pixels))
+    except ImageError as exc:
+        raise ApiError(IMAGE_ERROR_STATUS.get(exc.reason, 422), exc.reason, str(exc)[:300]) from None
+
+
+# ---------------------------------------------------------------------------- the app
+
+class Backend(Protocol):
+    async def analyze(self, image: np.ndarray, spec: dict) -> dict: ...
+    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]: ...
+    async def model_info(self) -> dict: ...
+    async def stats(self) -> dict: ...
+
+
+class BackendUnavailable(Exception):
+    """The model or grounding deployment could not answer (starting, gone, overloaded)."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[dict]) -> dict:
+    """The result-contract row (JSON) of one answered request."""
+    score = result.get("score") or {}
+    return {
+        "image_uri": parsed.uri,
+        "image_sha256": hashlib.sha256(data).hexdigest(),
+        "width": result["width"],
+        "height": result["height"],
+        "score": score.get("score"),
+        "level": score.get("level"),
+        "level_probs": score.get("level_probs"),
+        "description": result.get("description"),
+        "regions": regions,
+        "model_uri": result.get("model_uri"),
+        "model_version": result.get("model_version"),
+        "error": None,
+        "scored_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "referring": result.get("referring", []),
+        "local_descriptions": result.get("local_descriptions", []),
+    }
+
+
+def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
+    app = FastAPI(
+        title="IQA-Spider",
+        version=API_VERSION,
+        description="Explainable image quality assessment: a Q-Align score, descriptions, referring answers and "
+                    "pixel-level grounding (point + mask) from one multimodal model. Every refusal is a 4xx "
+                    "JSON error `{error, detail, status}`.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, exc: BodyTooLarge):
+        return error_response(413, "body_too_large", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        return error_response(422, "invalid_request", "; ".join(str(e.get("msg")) for e in exc.errors()[:5]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(BackendUnavailable)
+    async def _unavailable(_: Request, exc: BackendUnavailable):
+        return error_response(exc.status, exc.error, exc.detail, {"Retry-After": "5"})
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+
+    json_schema = AssessJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    multipart_schema = {
+        "type": "object",
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the image file"},
+            "image_uri": {"type": "string", "description": "s3://bucket/key (instead of a file)"},
+            "describe": {"type": "boolean"},
+            "ground": {"type": "array", "items": {"type": "string"},
+                       "description": "'true' for the HyD-G question, or one field per grounding question"},
+            "refer": {"type": "array", "items": {"type": "string"}, "description": "one field per region text"},
+            "refer_long": {"type": "boolean"},
+            "describe_regions": {"type": "array", "items": {"type": "string"}},
+            "mapping": {"type": "string", "enum": list(MAPPING_NAMES)},
+        },
+    }
+
+    async def _assess(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        parsed = await parse_request(request, limits)
+        check_options(parsed.options, limits)
+        data = parsed.data if parsed.data is not None else await fetch_uri(parsed.uri or "", limits)
+        image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits)
+        arr = np.asarray(image, dtype=np.uint8)
+        o = parsed.options
+        spec = {"describe": o.describe, "ground": o.questions(), "refer": list(o.refer), "refer_long": o.refer_long,
+                "describe_regions": list(o.describe_regions), "mapping": o.mapping}
+        result = await backend.analyze(arr, spec)
+        if result.get("error"):
+            raise ApiError(422, "inference_failed", str(result["error"])[:300])
+        regions = await backend.segment(arr, result["groundings"]) if result.get("groundings") else []
+        row = build_row(parsed, data, result, regions)
+        log.info("assess %dx%d %s in %.3fs", row["width"], row["height"],
+                 ",".join(k for k, v in spec.items() if v) or "score", time.perf_counter() - t0)
+        return JSONResponse(row)
+
+    @app.post(
+        "/v1/assess",
+        summary="Assess one image",
+        description="Score the image (always), and on request describe it, ground questions (point + mask) and "
+                    "answer referring questions about named regions. Send multipart/form-data (file field "
+                    "`image`) or JSON (`image_base64` or `image_uri`).",
+        response_model=None,
+        responses={200: {"model": AssessResponse, "description": "a result-contract row"}, **_ERRORS},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": json_schema},
+            "multipart/form-data": {"schema": multipart_schema},
+        }}},
+    )
+    async def assess(request: Request):
+        try:
+            return await asyncio.wait_for(_assess(request), timeout=limits.request_timeout_s)
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
+
+    @app.get("/healthz", summary="Liveness and readiness")
+    async def healthz():
+        try:
+            info = await asyncio.wait_for(backend.model_info(), timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            return error_response(503, "not_ready", f"the model deployment does not answer: {type(exc).__name__}")
+        return {"status": "ok", "model_uri": info.get("model_uri"), "model_version": info.get("model_version")}
+
+    @app.get("/v1/model", summary="The loaded model, segmenter and limits")
+    async def model():
+        info = await backend.model_info()
+        return {**info, "limits": {k: getattr(limits, k) for k in limits.__dataclass_fields__}}
+
+    @app.get("/v1/stats", summary="Batching statistics of the model replica that answers")
+    async def stats():
+        return await backend.stats()
+
+    return app
+
+
+__all__ = ["build_api", "ApiError", "BackendUnavailable", "AssessOptions", "AssessJSON", "AssessResponse",
+           "ErrorBody", "BodyLimitMiddleware", "parse_request", "decode_checked", "fetch_uri", "sniff_image_type",
+           "IMAGE_ERROR_STATUS"]

@@ -1,0 +1,290 @@
+"""The Ray Serve deployments: model (VLM predictor), grounding head (segmenter), ingress.
+
+``IQAModel``      one :class:`~iqa_spider.infer.predictor.Predictor` per replica (``num_gpus``
+                  per replica from the config). Requests from every ingress replica are
+                  gathered by ``@serve.batch`` into one ``Predictor.run`` call: each image
+                  brings its own questions, and the engine shares each image's prefill among
+                  them. Batch sizes are recorded in the Serve metric
+                  ``iqa_spider_model_batch_size`` (a histogram), a log line per batch and
+                  ``stats()`` (served at ``GET /v1/stats``).
+``IQAGrounding``  the segmenter (SAM or the offline superpixel one): points -> masks -> the
+                  result contract's region entries (COCO RLE, area, bbox).
+``IQAIngress``    the FastAPI app of :mod:`iqa_spider.serve.api`: parsing, limits, decoding,
+                  then the model and grounding calls through their handles.
+
+Between deployments only plain data travels (uint8 arrays, dicts of str/float/list).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from iqa_spider.serve.config import ServeAppConfig, config_from_args
+
+log = logging.getLogger("ray.serve")
+
+BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
+    """Engine queries for one request, and what each answer is (kind, text)."""
+    from iqa_spider.infer.engine import Query
+    from iqa_spider.infer.predictor import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, REFER_QUESTION
+    from iqa_spider.vocab import SCORE_QUESTION
+
+    queries = [Query(SCORE_QUESTION, mode="score")]
+    kinds: list[tuple[str, Any]] = [("score", None)]
+    if spec.get("describe"):
+        queries.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=cfg.describe_max_new_tokens))
+        kinds.append(("describe", None))
+    for region in spec.get("describe_regions") or []:
+        queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
+        kinds.append(("local", region))
+    cap = cfg.describe_max_new_tokens if spec.get("refer_long") else cfg.max_new_tokens
+    for region in spec.get("refer") or []:
+        queries.append(Query(REFER_QUESTION.format(region=region), max_new_tokens=cap))
+        kinds.append(("refer", region))
+    for q in spec.get("ground") or []:
+        queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
+        kinds.append(("ground", q))
+    return queries, kinds
+
+
+@serve.deployment(name="IQAModel")
+class IQAModel:
+    def __init__(self, cfg: dict):
+        from iqa_spider.infer.loading import load_model
+        from iqa_spider.infer.predictor import Predictor
+
+        self.cfg: ServeAppConfig = config_from_args(cfg)
+        t0 = time.perf_counter()
+        loaded = load_model(self.cfg.model, self.cfg.infer.cache_dir)
+        self.predictor = Predictor(loaded.model, loaded.processor, self.cfg.infer, loaded.uri, loaded.version)
+        self.info_ = {
+            "model_uri": loaded.uri, "model_version": loaded.version, "local_dir": loaded.local_dir,
+            "family": getattr(loaded.model.config, "model_type", None), "device": str(loaded.device),
+            "dtype": str(loaded.dtype).replace("torch.", ""), "mapping": self.cfg.infer.mapping,
+            "tau": self.cfg.infer.tau, "prefix_sharing": self.cfg.infer.prefix_sharing,
+            "max_batch_size": self.cfg.deployments.model.max_batch_size,
+            "batch_wait_timeout_s": self.cfg.deployments.model.batch_wait_timeout_s,
+            "load_seconds": round(time.perf_counter() - t0, 2),
+        }
+        settings = self.cfg.deployments.model
+        self._batched.set_max_batch_size(settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.requests = 0
+        self.busy_s = 0.0
+        try:
+            from ray.serve.metrics import Counter, Histogram
+
+            self.m_batch = Histogram("iqa_spider_model_batch_size", description="images per model batch",
+                                     boundaries=BATCH_BOUNDARIES)
+            self.m_images = Counter("iqa_spider_model_images", description="images answered by the model")
+        except Exception:  # noqa: BLE001 - metrics are best effort (no metrics agent in some setups)
+            self.m_batch = self.m_images = None
+        log.info("IQAModel ready: %s version %s on %s", loaded.uri, loaded.version, loaded.device)
+
+    def model_info(self) -> dict:
+        return dict(self.info_)
+
+    def stats(self) -> dict:
+        n = sum(self.batch_sizes.values())
+        ctx = serve.get_replica_context()
+        return {"replica": ctx.replica_id.unique_id if ctx else None, "requests": self.requests, "batches": n,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "max_batch_size_seen": max(self.batch_sizes) if self.batch_sizes else 0,
+                "mean_batch_size": (self.requests / n) if n else 0.0, "busy_s": round(self.busy_s, 3)}
+
+    def check_health(self) -> None:
+        if self.predictor is None:
+            raise RuntimeError("no predictor")
+
+    async def analyze(self, image: np.ndarray, spec: dict) -> dict:
+        """One image and its questions; answered together with whatever else is queued."""
+        return await self._batched(image, spec)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batched(self, images: list[np.ndarray], specs: list[dict]) -> list[dict]:
+        n = len(images)
+        self.batch_sizes[n] += 1
+        self.requests += n
+        if self.m_batch is not None:
+            self.m_batch.observe(n)
+            self.m_images.inc(n)
+        t0 = time.perf_counter()
+        out = await asyncio.to_thread(self._run, images, specs)
+        dt_ = time.perf_counter() - t0
+        self.busy_s += dt_
+        log.info("model batch of %d image(s), %d question(s) in %.3fs", n,
+                 sum(len(_spec_queries(s, self.cfg.infer)[0]) for s in specs), dt_)
+        return out
+
+    def _run(self, arrays: list[np.ndarray], specs: list[dict]) -> list[dict]:
+        from PIL import Image
+
+        images = [Image.fromarray(a) for a in arrays]
+        planned = [_spec_queries(s, self.predictor.cfg) for s in specs]
+        try:
+            results = self.predictor.run(images, [q for q, _ in planned])
+        except Exception:  # noqa: BLE001 - isolate the request that fails, answer the rest
+            log.exception("a batch of %d images failed; retrying one by one", len(images))
+            results = []
+            for im, (qs, _) in zip(images, planned):
+                try:
+                    results.append(self.predictor.run([im], [qs])[0])
+                except Exception as exc:  # noqa: BLE001
+                    results.append(exc)
+        return [self._answer(im, spec, kinds, res) for im, spec, (_, kinds), res in zip(images, specs, planned, results)]
+
+    def _answer(self, image, spec: dict, kinds: list, results) -> dict:
+        p = self.predictor
+        base = {"width": image.width, "height": image.height, "model_uri": p.model_uri,
+                "model_version": None if p.model_version is None else str(p.model_version)}
+        if isinstance(results, Exception):
+            return {**base, "error": f"inference_failed: {type(results).__name__}: {results}"[:500]}
+        out: dict[str, Any] = {**base, "error": None, "description": None, "referring": [],
+                               "local_descriptions": [], "groundings": []}
+        for (kind, text), r in zip(kinds, results):
+            if kind == "score":
+                s = p.score_of(r)
+                out["score"] = {"score": s.score, "level": s.level, "level_probs": s.level_probs}
+            elif kind == "describe":
+                out["description"] = r.text or ""
+            elif kind == "local":
+                out["local_descriptions"].append({"region": text, "query": r_question(kind, text),
+                                                  "answer": r.text or ""})
+            elif kind == "refer":
+                out["referring"].append({"region": text, "query": r_question(kind, text), "answer": r.text or ""})
+            else:
+                g = p.grounding_of(r, text, image.width, image.height, spec.get("mapping"))
+                out["groundings"].append({"query": g.query, "answer": g.answer, "whole_image": g.whole_image,
+                                          "points": [[pt.x, pt.y, pt.p_right, pt.p_bottom] for pt in g.points]})
+        return out
+
+
+def r_question(kind: str, region: str) -> str:
+    from iqa_spider.infer.predictor import LOCAL_DESC_QUESTION, REFER_QUESTION
+
+    return (LOCAL_DESC_QUESTION if kind == "local" else REFER_QUESTION).format(region=region)
+
+
+@serve.deployment(name="IQAGrounding")
+class IQAGrounding:
+    def __init__(self, cfg: dict):
+        from iqa_spider.infer.predictor import GroundingHead
+        from iqa_spider.infer.segmenters import build_segmenter
+
+        self.cfg = config_from_args(cfg)
+        self.head = GroundingHead(None, build_segmenter(self.cfg.segmenter))  # masks only: no predictor here
+        self.kind = self.cfg.segmenter.kind
+        log.info("IQAGrounding ready: segmenter %s", self.kind)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "path": self.cfg.segmenter.path}
+
+    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
+        return await asyncio.to_thread(self._segment, image, groundings)
+
+    def _segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
+        from PIL import Image
+
+        from iqa_spider.infer import results as R
+        from iqa_spider.infer.predictor import Grounding
+        from iqa_spider.infer.text_to_point import Point
+
+        pil = Image.fromarray(image)
+        gs = [Grounding(g["query"], g["answer"], pil.width, pil.height, bool(g["whole_image"]),
+                        points=[Point(*map(float, pt)) for pt in g["points"]]) for g in groundings]
+        self.head.attach_masks(pil, gs)
+        return [e for g in gs for e in R.region_entries(g)]
+
+
+@serve.deployment(name="IQAIngress")
+@serve.ingress()
+class IQAIngress:
+    """FastAPI ingress; the app is built per replica from the config (``__serve_build_asgi_app__``)."""
+
+    def __init__(self, model: DeploymentHandle, grounding: DeploymentHandle, cfg: dict):
+        self.cfg = config_from_args(cfg)
+        self.model, self.grounding = model, grounding
+        self._segmenter: dict | None = None
+
+    def __serve_build_asgi_app__(self):
+        from iqa_spider.serve.api import build_api
+
+        return build_api(self, self.cfg.limits)
+
+    # the api.Backend protocol -------------------------------------------------
+
+    async def _call(self, response, what: str):
+        from ray.serve.exceptions import BackPressureError
+
+        from iqa_spider.serve.api import BackendUnavailable
+
+        try:
+            return await response
+        except BackPressureError as exc:
+            raise BackendUnavailable(429, "overloaded", f"the {what} deployment is at capacity: {exc}") from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - a crashed or missing replica is "unavailable", not a 500
+            log.exception("%s call failed", what)
+            raise BackendUnavailable(503, f"{what}_unavailable", f"{type(exc).__name__}: {exc}"[:300]) from None
+
+    async def analyze(self, image: np.ndarray, spec: dict) -> dict:
+        return await self._call(self.model.analyze.remote(image, spec), "model")
+
+    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
+        return await self._call(self.grounding.segment.remote(image, groundings), "grounding")
+
+    async def model_info(self) -> dict:
+        info = await self._call(self.model.model_info.remote(), "model")
+        if self._segmenter is None:
+            self._segmenter = await self._call(self.grounding.info.remote(), "grounding")
+        return {**info, "segmenter": self._segmenter}
+
+    async def stats(self) -> dict:
+        return await self._call(self.model.stats.remote(), "model")
+
+
+def _options(settings, env: dict[str, str], extra: dict | None = None) -> dict:
+    """Deployment options from one deployments.<name> section."""
+    actor: dict[str, Any] = {"num_cpus": settings.num_cpus}
+    if getattr(settings, "num_gpus", 0):
+        actor["num_gpus"] = settings.num_gpus
+    if env:
+        actor["runtime_env"] = {"env_vars": dict(env)}
+    opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": settings.max_ongoing_requests}
+    if getattr(settings, "max_queued_requests", None) is not None:
+        opts["max_queued_requests"] = settings.max_queued_requests
+    if settings.autoscaling.enabled:
+        opts["autoscaling_config"] = settings.autoscaling.as_serve()
+    else:
+        opts["num_replicas"] = settings.num_replicas
+    opts.update(extra or {})
+    return opts
+
+
+def build_application(cfg: ServeAppConfig):
+    """The bound application: ingress -> (model, grounding)."""
+    from iqa_spider.serve.config import config_to_args
+
+    env = {k: os.environ[k] for k in cfg.forward_env if os.environ.get(k)}
+    args = config_to_args(cfg)
+    d = cfg.deployments
+    model = IQAModel.options(**_options(d.model, env)).bind(args)
+    grounding = IQAGrounding.options(**_options(d.grounding, env)).bind(args)
+    return IQAIngress.options(**_options(d.ingress, env)).bind(model, grounding, args)
+
+
+__all__ = ["IQAModel", "IQAGrounding", "IQAIngress", "build_application"]

@@ -1,0 +1,349 @@
+"""Online serving: Ray Serve on 127.0.0.1 with the tiny model (from the MLflow registry, by
+alias) and the tiny SAM, exercised with real HTTP requests."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import datetime as dt
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from conftest import REPO, free_port, wait_http
+from iqa_spider.infer import results as R
+from iqa_spider.infer.config import HYD_QUESTION
+
+MODEL_NAME = "iqa-spider-serve-test"
+MAX_BODY = 512 * 1024
+MAX_PIXELS = 1_000_000
+
+
+def png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def photo(seed: int, size=(64, 48)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size[0] * size[1] * 3).reshape(size[1], size[0], 3)
+    return Image.fromarray((base * 0.6 + rng.integers(0, 100, base.shape)).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def champion(mlflow_server, tiny_model_dir):
+    """The tiny model registered twice, alias champion on version 1 (so 'latest' would be 2)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from iqa_spider.registry.pyfunc import log_and_register
+
+    client = MlflowClient()
+    mlflow.set_experiment("serve-test")
+    versions = []
+    for _ in range(2):
+        run = client.create_run(mlflow.get_experiment_by_name("serve-test").experiment_id)
+        versions.append(log_and_register(client, run.info.run_id, Path(tiny_model_dir), MODEL_NAME, {}))
+        client.set_terminated(run.info.run_id)
+    client.set_registered_model_alias(MODEL_NAME, "champion", versions[0])
+    return versions
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, champion, moto_s3, tmp_path_factory):
+    """The app of serving/config.yaml's schema, with test limits, on a free port."""
+    from ray import serve
+
+    from iqa_spider.model.tiny_sam import init_tiny_sam
+    from iqa_spider.serve.app import build_app
+
+    sam = init_tiny_sam(tmp_path_factory.mktemp("sam") / "tiny_sam", seed=0)
+    port = free_port()
+    args = {
+        "model": {"path": f"models:/{MODEL_NAME}@champion", "device": "cpu"},
+        "infer": {"max_new_tokens": 6, "describe_max_new_tokens": 6, "cache_dir": str(tmp_path_factory.mktemp("c"))},
+        "segmenter": {"kind": "sam", "path": str(sam), "device": "cpu"},
+        "deployments": {
+            "model": {"num_cpus": 0.5, "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
+                      "max_ongoing_requests": 64},
+            "grounding": {"num_cpus": 0.25},
+            "ingress": {"num_cpus": 0.25},
+        },
+        "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS, "request_timeout_s": 60,
+                   "allowed_s3_buckets": [moto_s3.bucket]},
+        # the test cluster started before these were set: hand them to the replicas by name
+        "forward_env": ["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                        "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"],
+    }
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="iqa-spider", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", 120)
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def assess_json(url: str, body: dict, timeout: float = 60) -> requests.Response:
+    return requests.post(url + "/v1/assess", json=body, timeout=timeout)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def ok_row(resp: requests.Response) -> dict:
+    assert resp.status_code == 200, resp.text
+    row = resp.json()
+    assert R.check_row(row) == [], row
+    assert row["error"] is None and 1 <= row["score"] <= 5
+    return row
+
+
+def test_model_reports_the_alias_version(service, champion):
+    info = requests.get(service + "/v1/model", timeout=10).json()
+    assert info["model_uri"] == f"models:/{MODEL_NAME}@champion"
+    assert info["model_version"] == champion[0] == "1"     # the alias, not the latest (2)
+    assert info["segmenter"]["kind"] == "sam" and info["limits"]["max_pixels"] == MAX_PIXELS
+    health = requests.get(service + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["model_version"] == "1"
+    docs = requests.get(service + "/openapi.json", timeout=10).json()
+    assert {"/v1/assess", "/healthz", "/v1/model"} <= set(docs["paths"])
+    assert set(docs["paths"]["/v1/assess"]["post"]["requestBody"]["content"]) == {"application/json",
+                                                                                 "multipart/form-data"}
+    assert requests.get(service + "/docs", timeout=10).status_code == 200
+
+
+def test_every_task_answers_with_valid_fields(service):
+    img = photo(0, (80, 60))
+    data = png(img)
+    # JSON + base64: everything at once
+    row = ok_row(assess_json(service, {
+        "image_base64": b64(data), "describe": True, "ground": [HYD_QUESTION, "Which region shows the most severe noise?"],
+        "refer": ["the sky in the top left of the image"], "refer_long": True,
+        "describe_regions": ["the car in the bottom right of the image"], "mapping": "paper"}))
+    assert (row["width"], row["height"]) == (80, 60) and row["model_version"] == "1"
+    assert isinstance(row["description"], str)
+    assert {r["query"] for r in row["regions"]} == {HYD_QUESTION, "Which region shows the most severe noise?"}
+    for r in row["regions"]:
+        if r["mask_rle"] is not None:
+            assert r["mask_rle"]["size"] == [60, 80] and r["mask_area"] >= 0
+    assert [a["region"] for a in row["referring"]] == ["the sky in the top left of the image"]
+    assert [a["region"] for a in row["local_descriptions"]] == ["the car in the bottom right of the image"]
+    assert row["image_sha256"] == hashlib.sha256(data).hexdigest()
+    # the row fits the Parquet result schema of batch scoring
+    R.rows_to_table([{**{k: row[k] for k in R.RESULT_FIELDS},
+                      "scored_at": dt.datetime.fromisoformat(row["scored_at"])}])
+
+    # multipart upload: score only, then ground=true (the HyD-G question)
+    jpeg = png(img, "JPEG")
+    only = ok_row(requests.post(service + "/v1/assess", files={"image": ("a.jpg", jpeg, "image/jpeg")}, timeout=60))
+    assert only["regions"] == [] and only["description"] is None and only["referring"] == []
+    grounded = ok_row(requests.post(service + "/v1/assess", files={"image": ("a.jpg", jpeg, "image/jpeg")},
+                                    data={"ground": "true", "refer": ["the left half", "the right half"]}, timeout=60))
+    assert {r["query"] for r in grounded["regions"]} == {HYD_QUESTION}
+    assert len(grounded["referring"]) == 2
+    # the same image scores the same whichever way it came
+    again = ok_row(assess_json(service, {"image_base64": b64(jpeg)}))
+    assert again["score"] == pytest.approx(only["score"], abs=1e-4)
+
+
+def test_s3_inputs_only_from_allowed_buckets(service, moto_s3):
+    from iqa_spider import storage
+
+    uri = moto_s3.uri("serve", "a.png")
+    storage.write_bytes(uri, png(photo(3)))
+    row = ok_row(assess_json(service, {"image_uri": uri}))
+    assert row["image_uri"] == uri
+    denied = assess_json(service, {"image_uri": "s3://someone-elses-bucket/a.png"})
+    assert denied.status_code == 403 and denied.json()["error"] == "s3_bucket_not_allowed"
+    local = assess_json(service, {"image_uri": "/etc/passwd"})
+    assert local.status_code == 422 and local.json()["error"] == "unsupported_uri"
+    missing = assess_json(service, {"image_uri": moto_s3.uri("serve", "missing.png")})
+    assert missing.status_code == 404, missing.text
+
+
+def test_concurrent_requests_are_batched(service):
+    before = requests.get(service + "/v1/stats", timeout=10).json()
+    images = [png(photo(100 + i, (48 + i % 5 * 8, 40))) for i in range(50)]
+
+    def one(i: int) -> dict:
+        return ok_row(assess_json(service, {"image_base64": b64(images[i])}, timeout=120))
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(50) as pool:
+        rows = list(pool.map(one, range(50)))
+    elapsed = time.monotonic() - t0
+    assert len(rows) == 50 and all(r["error"] is None for r in rows)
+    assert [r["width"] for r in rows] == [48 + i % 5 * 8 for i in range(50)]  # each answer is its own
+    after = requests.get(service + "/v1/stats", timeout=10).json()
+    assert after["requests"] - before["requests"] == 50
+    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert max(k for k, v in sizes.items() if v > 0) > 1, sizes     # batching across requests happened
+    assert sum(k * v for k, v in sizes.items()) == 50
+    print(f"50 concurrent requests in {elapsed:.1f}s; batch sizes {sizes}")
+
+
+def bomb_png(side: int = 1200) -> bytes:
+    """A 1-bit PNG of side x side pixels: a few hundred bytes, more pixels than the limit."""
+    return png(Image.new("1", (side, side), 0))
+
+
+@pytest.mark.parametrize("case", ["malformed_json", "non_image", "truncated", "oversized", "pixel_bomb",
+                                  "wrong_type", "bad_base64", "unknown_field", "too_many_questions",
+                                  "declared_type", "json_array"])
+def test_refusals_are_4xx_json(service, case):
+    good = png(photo(7))
+    url = service + "/v1/assess"
+    if case == "malformed_json":
+        r = requests.post(url, data=b'{"image_base64": "abc', headers={"Content-Type": "application/json"}, timeout=30)
+        expect = (400, "malformed_json")
+    elif case == "non_image":
+        r = requests.post(url, files={"image": ("a.png", b"hello, I am text, not a picture" * 4, "image/png")},
+                          timeout=30)
+        expect = (415, "not_an_image")
+    elif case == "truncated":
+        r = assess_json(service, {"image_base64": b64(good[: len(good) // 2])})
+        expect = (422, "corrupt")
+    elif case == "oversized":
+        r = requests.post(url, files={"image": ("big.png", b"\x89PNG\r\n\x1a\n" + bytes(MAX_BODY + 10), "image/png")},
+                          timeout=30)
+        expect = (413, "body_too_large")
+    elif case == "pixel_bomb":
+        data = bomb_png()
+        assert len(data) < 10_000
+        r = requests.post(url, files={"image": ("bomb.png", data, "image/png")}, timeout=30)
+        expect = (413, "too_many_pixels")
+    elif case == "wrong_type":
+        r = requests.post(url, data=good, headers={"Content-Type": "text/plain"}, timeout=30)
+        expect = (415, "unsupported_content_type")
+    elif case == "bad_base64":
+        r = assess_json(service, {"image_base64": "***not base64***"})
+        expect = (400, "bad_base64")
+    elif case == "unknown_field":
+        r = assess_json(service, {"image_base64": b64(good), "grond": True})
+        expect = (422, "invalid_request")
+    elif case == "too_many_questions":
+        r = assess_json(service, {"image_base64": b64(good), "refer": [f"region {i}" for i in range(20)]})
+        expect = (422, "too_many_questions")
+    elif case == "declared_type":
+        r = requests.post(url, files={"image": ("a.svg", good, "image/svg+xml")}, timeout=30)
+        expect = (415, "unsupported_media_type")
+    else:
+        r = requests.post(url, data=json.dumps([1, 2]), headers={"Content-Type": "application/json"}, timeout=30)
+        expect = (400, "malformed_json")
+    assert (r.status_code, r.json().get("error")) == expect, r.text
+    assert r.json()["detail"] and r.json()["status"] == expect[0]
+
+
+def test_service_still_answers_after_refusals(service):
+    # a chunked body (no Content-Length) over the limit is cut off while streaming
+    def chunks():
+        for _ in range(MAX_BODY // 65536 + 4):
+            yield b"x" * 65536
+
+    r = requests.post(service + "/v1/assess", data=chunks(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    ok_row(assess_json(service, {"image_base64": b64(png(photo(9))), "ground": True}))
+    assert requests.get(service + "/healthz", timeout=10).status_code == 200
+
+
+def test_serving_config_file_is_valid():
+    from iqa_spider.config.schemas import job_schema
+    from iqa_spider.serve.config import ServeAppConfig, check_serve_config_file, load_serve_config
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = REPO / "serving" / "config.yaml"
+    serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))  # what `serve deploy` checks
+    assert serve_cfg.applications[0].import_path == "iqa_spider.serve.app:build_app"
+    apps = check_serve_config_file(path)
+    (cfg,) = apps.values()
+    assert cfg.model.path == "models:/iqa-spider@champion"
+    assert job_schema("serve") is ServeAppConfig
+    from iqa_spider.config.loader import ConfigError
+
+    with pytest.raises(ConfigError, match="deployments.model.num_gpu"):
+        load_serve_config({"deployments.model.num_gpu": "1"})
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        load_serve_config({"deployments": {"model": {"max_batch_size": 500}}})
+
+
+class FakeBackend:
+    """The api.Backend protocol without Ray: a slow, a failing and an overloaded model."""
+
+    def __init__(self):
+        self.mode = "ok"
+
+    async def analyze(self, image, spec):
+        import asyncio
+
+        from iqa_spider.serve.api import BackendUnavailable
+
+        if self.mode == "slow":
+            await asyncio.sleep(5)
+        if self.mode == "gone":
+            raise BackendUnavailable(503, "model_unavailable", "ActorDiedError: the replica died")
+        if self.mode == "busy":
+            raise BackendUnavailable(429, "overloaded", "the model deployment is at capacity")
+        if self.mode == "fails":
+            return {"width": image.shape[1], "height": image.shape[0], "error": "inference_failed: boom"}
+        return {"width": image.shape[1], "height": image.shape[0], "error": None, "model_uri": "fake",
+                "model_version": "7", "score": {"score": 3.0, "level": "fair", "level_probs": [0.2] * 5},
+                "groundings": []}
+
+    async def segment(self, image, groundings):
+        return []
+
+    async def model_info(self):
+        if self.mode == "gone":
+            raise RuntimeError("no replica")
+        return {"model_uri": "fake", "model_version": "7"}
+
+    async def stats(self):
+        return {}
+
+
+def test_api_timeout_and_backend_failures_without_ray():
+    """The refusals a healthy tiny model cannot provoke: timeout, failed inference, a gone or
+    overloaded model deployment. The FastAPI app of the ingress, served by uvicorn."""
+    import threading
+
+    import uvicorn
+
+    from iqa_spider.serve.api import build_api
+    from iqa_spider.serve.config import LimitsConfig
+
+    backend = FakeBackend()
+    app = build_api(backend, LimitsConfig(request_timeout_s=0.5))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", 30)
+        body = {"image_base64": b64(png(photo(1)))}
+        assert ok_row(assess_json(url, body))["model_version"] == "7"
+        for mode, status, error in (("slow", 408, "timeout"), ("fails", 422, "inference_failed"),
+                                    ("gone", 503, "model_unavailable"), ("busy", 429, "overloaded")):
+            backend.mode = mode
+            r = assess_json(url, body)
+            assert (r.status_code, r.json()["error"]) == (status, error), r.text
+        backend.mode = "gone"
+        assert requests.get(url + "/healthz", timeout=10).status_code == 503   # not ready while gone
+        backend.mode = "ok"
+        ok_row(assess_json(url, body))
+        assert requests.get(url + "/nowhere", timeout=10).json()["error"] == "not_found"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
