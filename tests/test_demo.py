@@ -10,7 +10,9 @@ from conftest import REPO
 
 def test_demo_runs_every_stage(tmp_path):
     overrides = [f"workdir={tmp_path / 'demo'}", "stages.train_overrides=[optim.max_steps=4,checkpoint.every_steps=5]",
-                     "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]"]
+                 "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
+                 "stages.promote_overrides=['gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null}]',"
+                 "data.max_images=2]"]
     proc = subprocess.run([sys.executable, str(REPO / "jobs/demo.py"), "--config", str(REPO / "configs/demo.yaml"),
                            *overrides], capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
@@ -23,3 +25,7 @@ def test_demo_runs_every_stage(tmp_path):
     assert report["images"] == 2 and report["samples"] > 0
     assert (work / "evaluate" / "report.html").stat().st_size > 1000
     assert Path(work / "mlflow.db").is_file()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("iqa-spider", "champion").version) == "1"

@@ -3,7 +3,7 @@
 A straight path through the real jobs, each loaded from its shipped config with small
 overrides, each reading what the previous one wrote under `workdir`:
 
-    tiny model -> bundled photos -> annotate -> train (+ MLflow registry) -> evaluate
+    tiny model -> bundled photos -> annotate -> train (+ MLflow registry) -> evaluate -> promote
 
 Nothing is special-cased: the same functions run when a user calls the jobs one by one.
 MLflow is a sqlite file in the workdir unless MLFLOW_TRACKING_URI is set.
@@ -34,6 +34,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import run_evaluate
     from iqa_spider.model.tiny import init_tiny
+    from iqa_spider.registry.config import PromoteConfig
+    from iqa_spider.registry.promotion import run_promote
     from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.train.export import HF_DIR
     from iqa_spider.train.job import run_train
@@ -45,21 +47,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     st = cfg.stages
     out: dict[str, str] = {}
 
-    log.info("demo 1/5: tiny %s model (seed %d)", cfg.tiny.family, cfg.tiny.seed)
+    log.info("demo 1/6: tiny %s model (seed %d)", cfg.tiny.family, cfg.tiny.seed)
     model = init_tiny(cfg.tiny.family, work / "tiny_model", seed=cfg.tiny.seed)
     out["tiny model"] = str(model)
 
-    log.info("demo 2/5: scikit-image's bundled photos as the pristine collection")
+    log.info("demo 2/6: scikit-image's bundled photos as the pristine collection")
     write_builtin_photos(str(work / "photos"))
     out["photos"] = str(work / "photos")
 
-    log.info("demo 3/5: annotate (Ray Data)")
+    log.info("demo 3/6: annotate (Ray Data)")
     dataset = work / "dataset"
     run_annotate(stage_config(AnnotateConfig, st.annotate, st.annotate_overrides,
                               [f"input.uri={work / 'photos'}", f"output.uri={dataset}"]))
     out["dataset"] = str(dataset)
 
-    log.info("demo 4/5: train (Ray Train, DeepSpeed ZeRO-3, LoRA) and register in MLflow")
+    log.info("demo 4/6: train (Ray Train, DeepSpeed ZeRO-3, LoRA) and register in MLflow")
     trained = run_train(stage_config(TrainConfig, st.train, st.train_overrides,
                                      [f"data.uri={dataset}", f"model.path={model}", f"output.uri={work / 'runs'}",
                                       f"tracking.uri={mlflow_uri}"]))
@@ -67,11 +69,19 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     if trained.get("model_version"):
         out["registered"] = f"models:/{trained['registered_model']}/{trained['model_version']}"
 
-    log.info("demo 5/5: evaluate the trained model on the held-out split")
+    log.info("demo 5/6: evaluate the trained model on the held-out split")
     run_evaluate(stage_config(EvaluateConfig, st.evaluate, st.evaluate_overrides,
                                        [f"model.path={out['trained model']}", f"data.uri={dataset}",
                                         f"output.uri={work / 'evaluate'}"]))
     out["evaluation"] = str(work / "evaluate" / "report.html")
+
+    if trained.get("model_version"):
+        log.info("demo 6/6: gated promotion of the new version to champion")
+        decision = run_promote(stage_config(PromoteConfig, st.promote, st.promote_overrides,
+                                            [f"registered_model={trained['registered_model']}",
+                                             f"candidate={trained['model_version']}", f"data.uri={dataset}",
+                                             f"tracking.uri={mlflow_uri}"]))
+        out["champion"] = f"models:/{trained['registered_model']}@champion -> version {decision['champion_after']}"
     out["mlflow"] = mlflow_uri
 
     print("\nIQA-Spider demo finished. Outputs:")
