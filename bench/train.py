@@ -152,6 +152,20 @@ def quality(make_cfg, steps: int) -> str:
     for label, key in QUALITY_KEYS:
         lines.append(f"| {label} | {base.get(key, float('nan')):.3f} | {trained.get(key, float('nan')):.3f} |")
     lines.append(f"| grounding point-in-mask, uniform random point | {chance_point_in_mask(Path(cfg.data.uri)):.3f} | |")
+    return "\n".join(lines) + "\n\n" + mapping_table(trained)
+
+
+def mapping_table(metrics: dict[str, float]) -> str:
+    """Text-to-point mappings on the same held-out grounding samples: on the trained model's own
+    answers, and teacher-forced on the true answers (the mapping apart from what was written)."""
+    from iqa_spider.infer.config import MAPPING_NAMES
+
+    lines = ["| text-to-point mapping | point-in-mask (own answers) | mIoU | point-in-mask (true answers) | mIoU |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for m in MAPPING_NAMES:
+        vals = [metrics.get(f"grounding.all.{which}.{m}.{k}", float("nan"))
+                for which in ("mapping", "forced") for k in ("point_acc", "miou")]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
