@@ -28,5 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
+# Every CPU benchmark, each appending its figures to BENCHMARKS.md (about 15 minutes on 2 cores).
+# The GPU benchmark (bench/gpu.py) runs only where a GPU is: see bench/README.md.
+bench: $(STAMP)
+	$(BIN)/python bench/annotate.py
+	$(BIN)/python bench/infer.py --record
+	$(BIN)/python bench/train.py --steps 12
+	$(BIN)/python bench/score.py --record
+	$(BIN)/python bench/serve.py --record
+
 clean:
 	rm -rf demo_out .pytest_cache

@@ -33,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
 
 import numpy as np  # noqa: E402
 
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per path (median reported)")
     ap.add_argument("--masks", action="store_true", help="also run the superpixel segmenter on the points")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--md", default=None, help="write the markdown section to this file")
+    ap.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -214,10 +213,11 @@ def main(argv=None) -> int:
         f"Command: `{cmd.strip()}`",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.md:
-        Path(args.md).write_text(text)
+    print("\n".join(lines))
+    if args.record:
+        from common import record
+
+        record("Inference: score + ground per image, predictor vs naive loop", "\n".join(lines[2:-3]))
     return 0
 
 

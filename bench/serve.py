@@ -26,15 +26,12 @@ import argparse
 import concurrent.futures as cf
 import io
 import os
+import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "platform"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
                ("RAY_USAGE_STATS_ENABLED", "0")):
@@ -141,11 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the direct path (= CPUs of the model replica, which Ray gives "
                          "OMP_NUM_THREADS=1)")
-    ap.add_argument("--md", default="/tmp/bench_serve.md")
+    ap.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
 
-    from common import command, machine, versions
+    from common import record
 
     from iqa_spider.config.schemas import ModelConfig
     from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
@@ -181,11 +178,9 @@ def main(argv=None) -> int:
 
     from iqa_spider.serve.app import build_app
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    port = __import__("socket").socket()
-    port.bind(("127.0.0.1", 0))
-    port_no = port.getsockname()[1]
-    port.close()
+    with socket.socket() as probe:  # a free port for Serve's HTTP proxy
+        probe.bind(("127.0.0.1", 0))
+        port_no = probe.getsockname()[1]
     ray.init(num_cpus=max(args.num_cpus, args.threads + 1), include_dashboard=False, configure_logging=True, logging_level="WARNING",
              log_to_driver=False)
     try:
@@ -237,11 +232,10 @@ def main(argv=None) -> int:
           f"max {args.max_batch_size}, wait {args.batch_wait_ms:g} ms) and the grounding deployment; model batch "
           f"sizes from `GET /v1/stats`. Local Ray with {args.num_cpus} CPUs, clients in the same machine; torch "
           f"threads {args.threads} on both paths (the model replica has num_cpus {args.threads}).\n\n"
-          + "\n".join(rows) +
-          f"\n\nCommand: `{command()}`  \nMachine: {machine()}  \nVersions: {versions()}\n")
+          + "\n".join(rows) + "\n")
     print("\n" + md)
-    Path(args.md).write_text(md)
-    print(f"written to {args.md}")
+    if args.record:
+        record(f"Online serving ({task}): Ray Serve vs the predictor called directly", md.split("\n\n", 1)[1])
     return 0
 
 

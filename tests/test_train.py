@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from iqa_spider.config import load_config
 from iqa_spider.config.schemas import TrainConfig

@@ -21,7 +21,7 @@ import datetime as dt
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
