@@ -120,6 +120,64 @@ def ray_local():
         ray.shutdown()
 
 
+def _sweep(temp_dir: str, gcs_port: int) -> None:
+    """Kill, by pid, what is left of a test cluster: processes with its temp dir on the command
+    line, and job drivers whose RAY_ADDRESS is its GCS. (`ray stop` would kill every cluster.)"""
+    import psutil
+
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid == os.getpid():
+                continue
+            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_ADDRESS", "").endswith(f":{gcs_port}"):
+                p.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> str:
+    """A `ray start --head --block` cluster on 127.0.0.1 with 2 CPUs, as users run one; yields the
+    dashboard URL (the Job Submission address)."""
+    from iqa_spider.submit import client
+
+    root = tmp_path_factory.mktemp("raycluster")
+    temp = Path("/tmp") / f"rs{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
+    port, dash = free_port(), free_port()
+    # the venv's python first on PATH (job entrypoints call `python`); no 30 s node drain at stop
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = root / "ray.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--port", str(port),
+                                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+                                 "--include-dashboard", "true", "--temp-dir", str(temp), "--disable-usage-stats",
+                                 # not the default agent port: ray_local may hold it in this session
+                                 "--dashboard-agent-listen-port", str(free_port())],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        # Ready when the Jobs API answers through the SDK (Ray 2.60 clusters use token auth, so a
+        # plain HTTP probe sees 401 and the job agent starts after the dashboard).
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                client(url).list_jobs()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield url
+    finally:
+        stop(proc)
+        _sweep(str(temp), port)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 @dataclass
 class S3Server:
     endpoint: str

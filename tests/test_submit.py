@@ -4,14 +4,13 @@ error in the logs; `jobs stop`; and the same entrypoint through the plain `ray j
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, free_port, stop
+from conftest import BIN
 from iqa_spider import storage
 from iqa_spider.submit import CONFIG_ENV, SubmitError, build_submission, client, submit, wait
 
@@ -20,61 +19,9 @@ SMALL = ["distort.max_side=96", "distort.variants_per_image=1", "tasks.local_per
          "tasks.referring_per_image=1"]
 
 
-def _sweep(temp_dir: str, port_suffix: str) -> None:
-    """Kill, by pid, any process still tied to this cluster: its temp dir on the command line, or a
-    job driver whose RAY_ADDRESS is this cluster's GCS."""
-    import psutil
-
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.pid == os.getpid():
-                continue
-            if temp_dir in " ".join(p.info["cmdline"] or []) or p.environ().get("RAY_ADDRESS", "").endswith(port_suffix):
-                p.kill()
-        except (psutil.Error, OSError):
-            continue
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    """The Jobs API answers (through the SDK: Ray 2.60 clusters use token auth by default)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            client(url).list_jobs()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with 2 CPUs; yields the dashboard URL."""
-    root = tmp_path_factory.mktemp("raycluster")
-    temp = Path("/tmp") / f"rs{os.getpid()}"  # short: Ray's socket paths must fit in 107 bytes
-    port, dash = free_port(), free_port()
-    # the venv's python first on PATH (job entrypoints call `python`); no 30 s node drain at stop
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    env.pop("RAY_ADDRESS", None)
-    log = root / "ray.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block",
-                                 "--port", str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                                 "--num-cpus", "2", "--include-dashboard", "true", "--temp-dir", str(temp),
-                                 "--disable-usage-stats"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        _wait_ready(url, proc, log)
-        yield url
-    finally:
-        stop(proc)
-        _sweep(str(temp), f":{port}")
-        shutil.rmtree(temp, ignore_errors=True)
+def cluster(ray_head):
+    return ray_head
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ JOB_COMMANDS = {
     "annotate": ("iqa_spider.annotate.pipeline:main", "pristine images -> four-task dataset (Ray Data)"),
     "train": ("iqa_spider.train.job:main", "stage-1 LoRA fine-tuning, DeepSpeed ZeRO on Ray Train"),
     "evaluate": ("iqa_spider.infer.evaluate:main", "model (+ segmenter) metrics on a test split: JSON, HTML, MLflow"),
+    "score": ("iqa_spider.score.job:main", "image collection (local or S3) -> scores, points, masks as Parquet (Ray Data)"),
 }
 
 

@@ -146,6 +146,9 @@ def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[st
     atomic writes and hidden files are skipped.
     """
     fs, root = get_fs(uri)
+    # s3fs caches listings per process; files written since (by Ray workers, other jobs) would
+    # be invisible to a second listing in this process.
+    fs.invalidate_cache(root)
     if fs.isfile(root):
         yield to_uri(fs, root)
         return

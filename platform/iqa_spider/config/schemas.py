@@ -65,6 +65,8 @@ class DemoStages:
     evaluate_overrides: list[str] = field(default_factory=list)
     promote: str = "configs/gate.yaml"
     promote_overrides: list[str] = field(default_factory=list)
+    score: str = "configs/score.yaml"
+    score_overrides: list[str] = field(default_factory=lambda: ["output.overlays=true"])
 
 
 @dataclass
@@ -302,6 +304,7 @@ LAZY_JOB_SCHEMAS: dict[str, str] = {
     "evaluate": "iqa_spider.infer.config:EvaluateConfig",
     "promote": "iqa_spider.registry.config:PromoteConfig",
     "serve": "iqa_spider.serve.config:ServeAppConfig",
+    "score": "iqa_spider.score.config:ScoreConfig",
 }
 
 

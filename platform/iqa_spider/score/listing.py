@@ -1,0 +1,156 @@
+"""Which keys are inputs, which are already in the output, and the input blocks.
+
+- An input is a file below ``input.uri`` (recursive, streamed one folder listing at a time)
+  with an image suffix (``images.IMAGE_SUFFIXES``, any case), or, without one, whose first
+  bytes are those of an image (``images.looks_like_image``). A file with an image suffix
+  that is not an image is still an input: it gets a row with ``error`` not_an_image.
+- The output index: the ``image_uri`` of every row of ``OUTPUT/data/*.parquet``. A key that
+  has a row (scored, or with its permanent ``error``) is done and skipped by a re-run.
+- Pending keys are cut into blocks of ``output.block_size``; a block's shard name is a hash
+  of its keys, so a retried block overwrites its own shard and never adds a second one.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import pyarrow.parquet as pq
+
+from iqa_spider import storage
+from iqa_spider.images import IMAGE_SUFFIXES, looks_like_image
+
+log = logging.getLogger(__name__)
+
+# Suffixes that are never images: not even sniffed.
+NOT_IMAGES = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".md", ".parquet", ".yaml", ".yml", ".xml", ".html",
+              ".zip", ".tar", ".gz", ".pdf", ".log", ".py")
+INDEX_COLUMNS = ["image_uri", "error", "score"]
+
+
+def read_with_retry(uri: str, attempts: int = 4, backoff_s: float = 0.5, reader=None) -> bytes:
+    """Read one object, retrying transient errors (OSError: connection, 5xx, throttling left
+    after botocore's own retries) with exponential backoff and jitter. A missing object is
+    not retried."""
+    reader = reader or storage.read_bytes
+    for attempt in range(1, attempts + 1):
+        try:
+            return reader(uri)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            wait = backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("read %s failed (%s: %s); retry %d/%d in %.2fs", uri, type(exc).__name__, exc, attempt,
+                        attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _fs_path(uri: str) -> str:
+    return storage.get_fs(uri)[1].rstrip("/")
+
+
+@dataclass
+class Listing:
+    ignored: int = 0                # files that are not images (by name and by content)
+    sniffed: int = 0                # files without an image suffix whose bytes were checked
+    seconds: float = 0.0
+
+
+def iter_inputs(input_uri: str, output_uri: str, sniff_unknown: bool, stats: Listing) -> Iterator[str]:
+    """Input keys in listing order (sorted per folder), streamed."""
+    started = time.monotonic()
+    same_fs = storage.is_s3(input_uri) == storage.is_s3(output_uri)
+    out_prefix = _fs_path(output_uri) + "/" if same_fs else None
+    for uri in storage.iter_files(input_uri):
+        if out_prefix and _fs_path(uri).startswith(out_prefix):
+            continue  # our own output inside the input folder is not input
+        name = posixpath.basename(uri).lower()
+        if name.endswith(IMAGE_SUFFIXES):
+            yield uri
+        elif sniff_unknown and not name.endswith(NOT_IMAGES) and _sniff(uri):
+            stats.sniffed += 1
+            yield uri
+        else:
+            stats.ignored += 1
+            log.info("not an image, ignored: %s", uri)
+    stats.seconds = time.monotonic() - started
+
+
+def _sniff(uri: str) -> bool:
+    try:
+        with storage.open_read(uri) as f:
+            return looks_like_image(f.read(16))
+    except OSError:
+        return True  # unreadable: let it be an input, so its row says why
+
+
+@dataclass
+class OutputIndex:
+    keys: dict[str, str | None] = field(default_factory=dict)  # key -> error (None: scored)
+    scores: list[float] = field(default_factory=list)
+    shards: int = 0
+
+
+def shard_dir(output_uri: str) -> str:
+    return storage.join(output_uri, "data")
+
+
+def load_index(output_uri: str) -> OutputIndex:
+    """Every key already written under ``output_uri``; a key found twice is reported (it
+    would mean two jobs wrote one output at once)."""
+    idx = OutputIndex()
+    base = shard_dir(output_uri)
+    fs, path = storage.get_fs(base)
+    fs.invalidate_cache(path)  # shards are written by workers: this process's listing cache is stale
+    if not fs.exists(path):
+        return idx
+    for uri in storage.iter_files(base, suffixes=(".parquet",)):
+        fs, path = storage.get_fs(uri)
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=INDEX_COLUMNS)
+        idx.shards += 1
+        for key, err, score in zip(*(t.column(c).to_pylist() for c in INDEX_COLUMNS)):
+            if key in idx.keys:
+                log.error("key %s is in more than one shard (concurrent jobs on one output?)", key)
+            idx.keys[key] = err
+            if score is not None:
+                idx.scores.append(score)
+    return idx
+
+
+def block_name(keys: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def plan_blocks(keys: Iterable[str], done: dict, block_size: int, output_uri: str) -> tuple[list[dict], int]:
+    """(blocks of pending keys, number of keys skipped because they are already done)."""
+    blocks, current, skipped = [], [], 0
+    base = shard_dir(output_uri)
+
+    def close() -> None:
+        name = block_name(current)
+        blocks.append({"name": name, "uri": storage.join(base, name), "keys": list(current)})
+        current.clear()
+
+    for key in keys:
+        if key in done:
+            skipped += 1
+            continue
+        current.append(key)
+        if len(current) >= block_size:
+            close()
+    if current:
+        close()
+    return blocks, skipped
+
+
+__all__ = ["iter_inputs", "load_index", "plan_blocks", "read_with_retry", "block_name", "Listing", "OutputIndex",
+           "shard_dir"]

@@ -1,0 +1,248 @@
+"""The Ray Data stages of the scoring job. One Ray Data row is one input block (a list of
+keys); what travels between stages is one pickled payload per block.
+
+1. ``read_decode`` (CPU task): read every key (retries with backoff), hash, decode and
+   validate (pixel limit, decompression bombs, odd modes -> 8-bit RGB, EXIF rotation).
+   A bad input becomes an error entry here, never an exception.
+2. ``Scorer`` (actor pool; a model per actor, ``num_gpus`` per actor) or ``ServeScorer``
+   (actors holding handles of a running Serve app): result-contract rows, one per key.
+3. ``write_block`` (CPU task): the block's Parquet shard under its deterministic name (with
+   its summary in the file metadata), then the optional mask / overlay artifacts.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import pickle
+import time
+
+import numpy as np
+
+from iqa_spider.images import ImageError, decode_image
+from iqa_spider.score.listing import read_with_retry
+
+log = logging.getLogger(__name__)
+
+
+def _pack(obj) -> dict:
+    return {"payload": pickle.dumps(obj, protocol=5)}
+
+
+def _unpack(row: dict):
+    return pickle.loads(row["payload"])
+
+
+def _apply_env(env: dict | None) -> None:
+    # Workers of a cluster do not inherit the driver's environment: the driver passes the
+    # variables the stages need (S3 endpoint and keys, MLflow) explicitly.
+    if env:
+        os.environ.update(env)
+
+
+# ---------------------------------------------------------------- 1. read + decode
+
+def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, env: dict | None = None) -> dict:
+    from iqa_spider.infer.predictor import prepare_image
+
+    _apply_env(env)
+    block = _unpack(row)
+    items, t_read, t_decode = [], 0.0, 0.0
+    for key in block["keys"]:
+        item = {"key": key, "sha": hashlib.sha256(b"").hexdigest(), "error": None, "image": None,
+                "width": None, "height": None}
+        t0 = time.perf_counter()
+        try:
+            data = read_with_retry(key, attempts, backoff_s)
+        except OSError as exc:  # missing, permission, S3 errors left after every retry
+            item["error"] = f"unreadable: {type(exc).__name__}: {exc}"[:500]
+            items.append(item)
+            t_read += time.perf_counter() - t0
+            continue
+        t1 = time.perf_counter()
+        t_read += t1 - t0
+        item["sha"] = hashlib.sha256(data).hexdigest()
+        try:
+            img = prepare_image(decode_image(data, max_pixels))
+            item["image"] = np.asarray(img)
+            item["height"], item["width"] = item["image"].shape[:2]
+        except ImageError as exc:
+            item["error"] = str(exc)[:500]
+        except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-image job
+            item["error"] = f"corrupt: {type(exc).__name__}: {exc}"[:500]
+        t_decode += time.perf_counter() - t1
+        items.append(item)
+    block["items"] = items
+    block["seconds"] = {"read": t_read, "decode": t_decode}
+    return _pack(block)
+
+
+# ---------------------------------------------------------------- 2. scoring
+
+def _maybe_crash(marker: str | None) -> None:
+    """Test hook (IQA_SPIDER_SCORE_CRASH_ONCE): kill this actor once, mid-block."""
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        log.warning("IQA_SPIDER_SCORE_CRASH_ONCE: scoring actor %d exits mid-block", os.getpid())
+        os._exit(17)
+
+
+class _ScorerBase:
+    def __init__(self, describe: bool, ground_questions: list[str], crash_marker: str | None, env: dict | None):
+        _apply_env(env)
+        self.describe, self.ground_questions = describe, list(ground_questions)
+        self.crash_marker = crash_marker
+
+    def meta(self) -> dict:
+        raise NotImplementedError
+
+    def score_good(self, items: list[dict], scored_at) -> list[dict]:
+        raise NotImplementedError
+
+    def __call__(self, row: dict) -> dict:
+        from iqa_spider.infer import results as R
+
+        block = _unpack(row)
+        t0 = time.perf_counter()
+        scored_at = dt.datetime.now(dt.timezone.utc)
+        meta = {**self.meta(), "scored_at": scored_at}
+        good = [it for it in block["items"] if it["error"] is None]
+        scored = iter(self.score_good(good, scored_at) if good else [])
+        rows = []
+        for it in block["items"]:
+            if it["error"] is not None:
+                rows.append(R.error_row(it["key"], it["sha"], it["error"], it["width"], it["height"], **meta))
+            else:
+                rows.append(next(scored))
+        block["rows"] = rows
+        block["seconds"]["score"] = time.perf_counter() - t0
+        if not block.get("keep_images"):
+            for it in block["items"]:
+                it["image"] = None
+        return _pack(block)
+
+
+class Scorer(_ScorerBase):
+    """Backend ``actors``: a grounding head (model + segmenter) per actor."""
+
+    def __init__(self, model_cfg, infer_cfg, seg_cfg, model_uri: str, model_version: str | None,
+                 describe: bool, ground_questions: list[str], crash_marker: str | None = None,
+                 env: dict | None = None):
+        super().__init__(describe, ground_questions, crash_marker, env)
+        from iqa_spider.infer.predictor import GroundingHead
+
+        self.head = GroundingHead.from_config(model_cfg, infer_cfg, seg_cfg)
+        # rows name the model as configured and the version resolved once by the driver
+        self.head.predictor.model_uri = model_uri
+        if model_version is not None:
+            self.head.predictor.model_version = model_version
+
+    def meta(self) -> dict:
+        p = self.head.predictor
+        return {"model_uri": p.model_uri, "model_version": p.model_version}
+
+    def score_good(self, items: list[dict], scored_at) -> list[dict]:
+        from PIL import Image
+
+        from iqa_spider.infer import results as R
+
+        meta = {**self.meta(), "scored_at": scored_at}
+        bs = self.head.cfg.batch_size
+        rows = []
+        for start in range(0, len(items), bs):
+            batch = items[start:start + bs]
+            images = [Image.fromarray(it["image"]) for it in batch]
+            try:
+                analyses = self.head.analyze(images, self.describe, self.ground_questions)
+            except Exception:  # noqa: BLE001 - isolate the image that fails, score the rest
+                log.exception("a batch of %d images failed; retrying one by one", len(batch))
+                analyses = []
+                for img in images:
+                    try:
+                        analyses.append(self.head.analyze([img], self.describe, self.ground_questions)[0])
+                    except Exception as exc:  # noqa: BLE001
+                        analyses.append(exc)
+            for it, a in zip(batch, analyses):
+                if isinstance(a, Exception):
+                    rows.append(R.error_row(it["key"], it["sha"], f"inference_failed: {type(a).__name__}: {a}"[:500],
+                                            width=it["width"], height=it["height"], **meta))
+                else:
+                    rows.append(R.analysis_row(a, it["key"], it["sha"], **meta))
+            if start == 0 and len(items) > 1:
+                _maybe_crash(self.crash_marker)  # after the first batch: mid-block
+        return rows
+
+
+class ServeScorer(_ScorerBase):
+    """Backend ``serve``: the model and grounding deployments of a running Serve application."""
+
+    def __init__(self, app_name: str, model_deployment: str, grounding_deployment: str, timeout_s: float,
+                 describe: bool, ground_questions: list[str], crash_marker: str | None = None,
+                 env: dict | None = None):
+        super().__init__(describe, ground_questions, crash_marker, env)
+        from ray import serve
+
+        self.model = serve.get_deployment_handle(model_deployment, app_name=app_name)
+        self.grounding = serve.get_deployment_handle(grounding_deployment, app_name=app_name)
+        self.timeout_s = timeout_s
+        info = self.model.model_info.remote().result(timeout_s=timeout_s)
+        self.info = {"model_uri": info.get("model_uri"), "model_version": info.get("model_version")}
+
+    def meta(self) -> dict:
+        return dict(self.info)
+
+    def score_good(self, items: list[dict], scored_at) -> list[dict]:
+        from iqa_spider.infer import results as R
+
+        spec = {"describe": self.describe, "ground": self.ground_questions}
+        pending = [self.model.analyze.remote(it["image"], spec) for it in items]  # all in flight: Serve batches them
+        results = [p.result(timeout_s=self.timeout_s) for p in pending]
+        _maybe_crash(self.crash_marker)
+        segs = [self.grounding.segment.remote(it["image"], r["groundings"]) if r.get("groundings") else None
+                for it, r in zip(items, results)]
+        rows = []
+        for it, r, s in zip(items, results, segs):
+            meta = {"model_uri": r.get("model_uri"), "model_version": r.get("model_version"), "scored_at": scored_at}
+            if r.get("error"):
+                rows.append(R.error_row(it["key"], it["sha"], r["error"], r["width"], r["height"], **meta))
+                continue
+            score = r.get("score") or {}
+            rows.append({"image_uri": it["key"], "image_sha256": it["sha"], "width": r["width"],
+                         "height": r["height"], "score": score.get("score"), "level": score.get("level"),
+                         "level_probs": score.get("level_probs"), "description": r.get("description"),
+                         "regions": s.result(timeout_s=self.timeout_s) if s is not None else [],
+                         "error": None, **meta})
+        return rows
+
+
+# ---------------------------------------------------------------- 3. write
+
+def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, overlays: bool,
+                env: dict | None = None) -> dict:
+    import json
+
+    from iqa_spider.data.io import write_table
+    from iqa_spider.infer import results as R
+    from iqa_spider.score import report
+
+    _apply_env(env)
+    block = _unpack(row)
+    t0 = time.perf_counter()
+    rows = block["rows"]
+    keys = [r["image_uri"] for r in rows]
+    if keys != block["keys"]:  # exactly once, in block order: anything else is a bug, fail loudly
+        raise RuntimeError(f"block {block['name']}: {len(rows)} rows do not match its {len(block['keys'])} keys")
+    table = R.rows_to_table(rows)
+    summary = report.block_summary(block, rows)
+    table = table.replace_schema_metadata({report.SUMMARY_KEY: json.dumps(summary).encode()})
+    write_table(table, block["uri"])
+    if masks or overlays:
+        images = {it["key"]: it["image"] for it in block["items"]} if overlays else {}
+        report.write_artifacts(rows, input_uri, output_uri, masks, images)
+    summary["seconds"]["write"] = round(time.perf_counter() - t0, 4)
+    return {"summary": json.dumps(summary)}
+
+
+__all__ = ["read_decode", "Scorer", "ServeScorer", "write_block"]
