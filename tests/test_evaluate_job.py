@@ -50,7 +50,7 @@ def in_unit(value):
 
 
 def test_every_metric_exists_is_finite_and_in_range(report):
-    from iqa_spider.infer.evaluate import flatten_metrics
+    from iqa_spider.infer.metrics import flatten_metrics
 
     rep, _ = report
     m = rep["metrics"]

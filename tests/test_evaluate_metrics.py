@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iqa_spider.infer.evaluate import (PRF, answer_level, compute_metrics, distortion_families, distortion_pairs,
-                                       flatten_metrics, grounding_sample_metrics, iou, logistic4, plcc,
-                                       point_in_mask, rating_metrics, srcc, target_mask)
+from iqa_spider.infer.metrics import (PRF, answer_level, compute_metrics, distortion_families, distortion_pairs,
+                                      flatten_metrics, grounding_sample_metrics, iou, logistic4, plcc,
+                                      point_in_mask, rating_metrics, srcc, target_mask)
 from iqa_spider.data import rle
 
 

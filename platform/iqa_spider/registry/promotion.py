@@ -201,7 +201,8 @@ def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[st
     """The harness (:func:`iqa_spider.infer.evaluate.evaluate`) on one registered version ->
     flattened metrics."""
     from iqa_spider.infer.config import EvalMlflow, EvalOutput, EvaluateConfig
-    from iqa_spider.infer.evaluate import evaluate, flatten_metrics
+    from iqa_spider.infer.evaluate import evaluate
+    from iqa_spider.infer.metrics import flatten_metrics
 
     ecfg = EvaluateConfig(model=replace(cfg.model, path=model_uri(cfg.registered_model, version)),
                           infer=cfg.infer, segmenter=cfg.segmenter, data=replace(cfg.data, uri=data_uri),

@@ -22,6 +22,19 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{Path(DEFAULT_LOCAL_STORE).resolve()}"
 
 
+def experiment_id(client: Any, name: str) -> str:
+    """Get or create an experiment by name through the client (no process-wide active experiment)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another job created it between the two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:

@@ -73,10 +73,10 @@ def run_train(cfg: TrainConfig) -> dict:
     uri = tracking.tracking_uri(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    experiment = mlflow.set_experiment(cfg.tracking.experiment)
+    experiment = tracking.experiment_id(client, cfg.tracking.experiment)
     tags = {"data_uri": cfg.data.uri, "git_commit": tracking.git_commit(),
             "config_hash": tracking.config_hash(cfg_yaml), "ray_run_name": name}
-    run = client.create_run(experiment.experiment_id, run_name=name, tags=tags)
+    run = client.create_run(experiment, run_name=name, tags=tags)
     run_id = run.info.run_id
     try:
         params = {k: str(v)[:500] for k, v in config_to_flat_dict(cfg).items()}

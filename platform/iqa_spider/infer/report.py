@@ -1,0 +1,169 @@
+"""The outputs of an evaluation: ``report.json`` (metrics, counts, provenance),
+``predictions.parquet`` (one row per sample), ``report.html`` (metrics table; image, truth mask,
+predicted point and mask overlaid for grounding samples) under ``output.uri``, MLflow metrics
+and artifacts, and the printed metrics table.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Sequence
+
+import numpy as np
+
+from iqa_spider.infer.config import EvaluateConfig
+from iqa_spider.infer.metrics import flatten_metrics
+
+
+def publish(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
+    """Write the report files (to ``output.uri`` when set) and log to MLflow (when enabled); sets
+    ``output_uri`` / ``mlflow_run_id`` in ``report``. The local copy only feeds those two, and
+    promotions evaluate often, so it is removed."""
+    try:
+        _write_outputs(cfg, report, samples, drawn)
+        _log_mlflow(cfg, report)
+    finally:
+        shutil.rmtree(report.pop("_local_dir", ""), ignore_errors=True)
+
+
+def _overlay_png(item: dict, max_side: int = 256) -> str:
+    from PIL import Image, ImageDraw
+
+    img = item["image"].convert("RGB")
+    arr = np.asarray(img).astype(np.float32)
+    tm = item["truth_mask"]
+    arr[tm] = 0.55 * arr[tm] + 0.45 * np.array([40, 220, 40])      # truth: green
+    pm = item.get("mask")
+    if pm is not None:
+        arr[pm] = 0.6 * arr[pm] + 0.4 * np.array([230, 40, 40])    # prediction: red
+    out = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    r = max(2, round(max(out.size) / 60))
+    for x, y in item["points"]:
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=(30, 80, 255), outline=(255, 255, 255))
+    scale = min(1.0, max_side / max(out.size))
+    if scale < 1.0:
+        out = out.resize((max(1, round(out.width * scale)), max(1, round(out.height * scale))))
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_html(report: dict, drawn: Sequence[dict]) -> str:
+    import html
+
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
+                   for k, v in sorted(flatten_metrics(report["metrics"]).items()))
+    cards = []
+    for it in drawn:
+        cards.append(
+            f"<figure><img src='data:image/png;base64,{_overlay_png(it)}'/><figcaption>"
+            f"<b>{html.escape(it['subtask'] or '')}</b> {html.escape(it['question'])}<br/>"
+            f"<i>truth:</i> {html.escape(it['truth'])}<br/><i>model:</i> {html.escape(it['pred'] or '')}<br/>"
+            f"hit {it['hit']:.0f}, IoU {it['iou']:.3f}</figcaption></figure>")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>IQA-Spider evaluation</title>"
+        "<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;width:270px;"
+        "vertical-align:top;margin:6px}figcaption{font-size:12px}table{border-collapse:collapse}"
+        "td{border:1px solid #ccc;padding:2px 6px;font-size:13px}</style></head><body>"
+        f"<h1>IQA-Spider evaluation</h1><p>model {html.escape(str(report['model_uri']))} "
+        f"(version {html.escape(str(report['model_version']))}), data {html.escape(report['data_uri'])} "
+        f"split {html.escape(report['split'])}, mapping {html.escape(report['mapping'])}, segmenter "
+        f"{html.escape(report['segmenter'])}: {report['images']} images, {report['samples']} samples.</p>"
+        "<p>Overlays: truth mask green, predicted mask red, predicted point blue.</p>"
+        f"<h2>Metrics</h2><table>{rows}</table><h2>Grounding samples</h2>{''.join(cards)}</body></html>")
+
+
+def _predictions_table(samples: Sequence[dict]):
+    import pyarrow as pa
+
+    cols = ("sample_id", "image_id", "task", "subtask", "question", "truth", "pred", "score", "target_score",
+            "point_x", "point_y", "position_ok")
+    rows = [{c: s.get(c) for c in cols} for s in samples]
+    for r, s in zip(rows, samples):
+        r["hit"] = next((v for k, v in s.items() if k.startswith("mapping.") and k.endswith(".hit")), None)
+    schema = pa.schema([("sample_id", pa.string()), ("image_id", pa.string()), ("task", pa.string()),
+                        ("subtask", pa.string()), ("question", pa.string()), ("truth", pa.string()),
+                        ("pred", pa.string()), ("score", pa.float64()), ("target_score", pa.float64()),
+                        ("point_x", pa.float64()), ("point_y", pa.float64()), ("position_ok", pa.float64()),
+                        ("hit", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _write_outputs(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
+    """report.json, predictions.parquet and report.html into a local folder, then to output.uri."""
+    from iqa_spider import storage
+    from iqa_spider.data.io import write_table
+
+    local = tempfile.mkdtemp(prefix="iqa-eval-")
+    report["_local_dir"] = local
+    files = {"report.json": json.dumps(_jsonable(report), indent=2).encode()}
+    if cfg.output.html:
+        files["report.html"] = render_html(report, drawn).encode()
+    for name, data in files.items():
+        with open(os.path.join(local, name), "wb") as f:
+            f.write(data)
+    write_table(_predictions_table(samples), os.path.join(local, "predictions.parquet"))
+    if cfg.output.uri:
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as f:
+                storage.write_bytes(storage.join(cfg.output.uri, name), f.read())
+        report["output_uri"] = cfg.output.uri
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def mlflow_enabled(cfg: EvaluateConfig) -> bool:
+    if cfg.mlflow.enabled == "true":
+        return True
+    return cfg.mlflow.enabled == "auto" and bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
+    if not mlflow_enabled(cfg):
+        return
+    import mlflow
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from iqa_spider.registry.tracking import experiment_id, tracking_uri
+
+    # The client API, not mlflow.set_experiment/start_run: those change process-wide state
+    # that later runs of other jobs in the same process (promotion, training) trip over.
+    client = MlflowClient(tracking_uri())
+    parent = mlflow.active_run()
+    tags = {"mlflow.parentRunId": parent.info.run_id} if parent else {}
+    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=cfg.mlflow.run_name,
+                               tags=tags).info.run_id
+    params = {"model_uri": report["model_uri"], "model_version": report["model_version"],
+              "data_uri": report["data_uri"], "split": report["split"], "mapping": report["mapping"],
+              "tau": report["tau"], "segmenter": report["segmenter"]}
+    metrics = {**flatten_metrics(report["metrics"]),
+               "eval.images": float(report["images"]), "eval.samples": float(report["samples"])}
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    if report.get("_local_dir"):
+        client.log_artifacts(run_id, report["_local_dir"], artifact_path="evaluation")
+    client.set_terminated(run_id, "FINISHED")
+    report["mlflow_run_id"] = run_id
+
+
+def format_metrics(metrics: dict) -> str:
+    flat = flatten_metrics(metrics)
+    width = max((len(k) for k in flat), default=10)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(flat.items()))
