@@ -174,3 +174,21 @@ def test_bad_config_fails_before_any_worker(case, tmp_path, tiny_model_dir, anno
     assert len(lines) == 1 and expect in lines[0], out.stderr[-2000:]
     assert "Started a local Ray" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
+    import torch
+    import torch.nn.functional as F
+
+    from iqa_spider.train.loop import per_task_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11)
+    labels = torch.full((3, 7), -100)
+    labels[0, 3:6] = torch.tensor([1, 2, 3])
+    labels[2, 1:3] = torch.tensor([4, 5])  # sample 1 has no answer token inside the window
+    loss, stats = per_task_loss(logits, labels, ["rating", "grounding", "rating"])
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert stats["grounding"] == (0.0, 0) and stats["rating"][1] == 5
+    assert stats["rating"][0] / 5 == pytest.approx(float(expected), rel=1e-6)
