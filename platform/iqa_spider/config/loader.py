@@ -92,7 +92,6 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
     Raises ConfigError for an unknown key, a wrong type, a missing required value (`???`
     left unset), a value the schema rejects, or an unreadable file.
     """
-    base = OmegaConf.structured(schema)
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         layers.append((str(path), read_yaml(Path(path).resolve())))
@@ -102,7 +101,17 @@ def load_config(schema: type[T], path: str | os.PathLike | None = None,
             raise ConfigError(f"override must look like key=value, got {bad[0]!r}",
                               source="command line")
         layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    cfg = base
+    return build_config(schema, layers)
+
+
+def build_config(schema: type[T], layers: Sequence[tuple[str, DictConfig]]) -> T:
+    """Merge schema defaults <- each (source name, node) layer in order, and build the dataclass.
+
+    The one place that turns OmegaConf's errors into one-line ConfigErrors naming the key and
+    the layer it came from; every way of configuring a job (files, dotlists, Serve args) ends here.
+    """
+    layers = list(layers)
+    cfg = OmegaConf.structured(schema)
     for source, layer in layers:
         try:
             cfg = OmegaConf.merge(cfg, layer)

@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-    ValidationError,
-)
+from omegaconf.errors import OmegaConfBaseException
 
-from iqa_spider.config.loader import ConfigError, ConfigValueError, read_yaml
+from iqa_spider.config.loader import ConfigError, ConfigValueError, build_config, read_yaml
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
@@ -178,11 +172,6 @@ class ServeAppConfig:
                 raise ConfigValueError("limits.allowed_s3_buckets", f"a bucket name without '/', got {b!r}")
 
 
-def _full_key(exc: OmegaConfBaseException) -> str | None:
-    key = getattr(exc, "full_key", None)
-    return str(key) if key not in (None, "") else None
-
-
 def load_serve_config(args: Mapping[str, Any] | None = None) -> ServeAppConfig:
     """Serve's ``args`` -> :class:`ServeAppConfig` (see the module doc for the layers)."""
     args = dict(args or {})
@@ -207,24 +196,7 @@ def load_serve_config(args: Mapping[str, Any] | None = None) -> ServeAppConfig:
             if not isinstance(v, str):
                 OmegaConf.update(node, k, v, merge=True)
         layers.append(("serve args", node))
-    cfg = OmegaConf.structured(ServeAppConfig)
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except (ConfigKeyError, ConfigAttributeError) as exc:
-            raise ConfigError("unknown key (not in the schema)", _full_key(exc), source) from None
-        except ValidationError as exc:
-            raise ConfigError(f"wrong type: {str(exc).splitlines()[0]}", _full_key(exc), source) from None
-    sources = " + ".join(s for s, _ in layers) or "defaults"
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError("required value is missing", missing[0], sources)
-    try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except MissingMandatoryValue as exc:
-        raise ConfigError("required value is missing", _full_key(exc), sources) from None
-    except ConfigValueError as exc:
-        raise ConfigError(str(exc), exc.key, sources) from None
+    return build_config(ServeAppConfig, layers)
 
 
 def config_to_args(cfg: ServeAppConfig) -> dict[str, Any]:
