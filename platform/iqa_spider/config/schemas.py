@@ -250,7 +250,8 @@ class TrackingSettings:
     experiment: str = "iqa-spider-train"
     registered_model: str = "iqa-spider"
     register: bool = True
-    log_every: int = 1
+    log_every: int = 1                 # steps between MLflow metric points (sent in the background)
+    report_every: int = 20             # steps between ray.train.report calls (each syncs all workers)
 
 
 @dataclass
