@@ -1,6 +1,7 @@
 """`make demo`'s job end to end, shortened: every stage runs for real and hands its output on."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,15 @@ def test_demo_runs_every_stage(tmp_path):
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("iqa-spider", "champion").version) == "1"
+
+    # batch scoring with the champion: every input once, the broken ones with a reason
+    scores = json.loads((work / "scores" / "_summary.json").read_text())
+    photos = len(list((work / "photos").glob("*.png")))
+    assert scores["rows"] == photos + 3 and scores["scored"] == photos
+    assert scores["errors"] == {"empty": 1, "not_an_image": 1, "corrupt": 1}
+    assert scores["model_version"] == "1"
+    page = (work / "scores" / "report.html").read_text()
+    links = re.findall(r"(?:src|href)='([^']+)'", page)
+    assert any(link.startswith("overlays/") for link in links)
+    for link in links:  # every image the page shows is there
+        assert (work / "scores" / link).is_file(), link
