@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --config configs/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 # Every CPU benchmark, each appending its figures to BENCHMARKS.md (about 15 minutes on 2 cores).
 # The GPU benchmark (bench/gpu.py) runs only where a GPU is: see bench/README.md.
