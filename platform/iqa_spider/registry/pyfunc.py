@@ -45,12 +45,28 @@ class IQASpiderModel(mlflow.pyfunc.PythonModel):
 
 def log_and_register(client: Any, run_id: str, hf_dir: Path, registered_model: str | None,
                      tags: dict[str, str]) -> str | None:
-    """Log HF_DIR as the run's pyfunc model; register it as a new version. Returns the version."""
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=IQASpiderModel(), artifacts={HF_ARTIFACT: str(hf_dir)},
-            signature=signature(), pip_requirements=["iqa-spider"])
+    """Log HF_DIR as the run's pyfunc model; register it as a new version. Returns the version.
+
+    Saved locally and uploaded with the client rather than `start_run(run_id)` + `log_model`:
+    the fluent API refuses a run outside the process's active experiment, which any earlier
+    `mlflow.set_experiment` in the same process (a notebook, another job) would have moved.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / MODEL_NAME
+        mlflow.pyfunc.save_model(str(local), python_model=IQASpiderModel(), artifacts={HF_ARTIFACT: str(hf_dir)},
+                                 signature=signature(), pip_requirements=["iqa-spider"])
+        client.log_artifacts(run_id, str(local), artifact_path=MODEL_NAME)
     if not registered_model:
         return None
-    version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(registered_model)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(registered_model, f"runs:/{run_id}/{MODEL_NAME}", run_id=run_id,
+                                          tags=tags)
     return str(version.version)
