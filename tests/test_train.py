@@ -192,3 +192,25 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert stats["grounding"] == (0.0, 0) and stats["rating"][1] == 5
     assert stats["rating"][0] / 5 == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_resume_finds_the_newest_complete_checkpoint_in_storage(tmp_path):
+    """A worker that dies right after reporting can take the report with it; the run folder
+    still has the files, and resuming must use the newest checkpoint that is complete."""
+    from iqa_spider.train.loop import STATE_FILE, ZERO_TAG, newest_checkpoint
+
+    def checkpoint(name, step, ranks):
+        d = tmp_path / "run" / name
+        (d / ZERO_TAG).mkdir(parents=True)
+        (d / STATE_FILE).write_text(json.dumps({"kind": "zero", "step": step}))
+        for r in ranks:
+            (d / ZERO_TAG / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(b"x")
+        return d
+
+    assert newest_checkpoint(None, str(tmp_path / "run"), world=2) is None  # a fresh run
+    checkpoint("checkpoint_a", 3, ranks=[0, 1])
+    checkpoint("checkpoint_b", 6, ranks=[0])            # rank 1's shard never arrived
+    found = newest_checkpoint(None, str(tmp_path / "run"), world=2)
+    assert found.path.endswith("checkpoint_a")
+    checkpoint("checkpoint_c", 9, ranks=[0, 1])
+    assert newest_checkpoint(None, str(tmp_path / "run"), world=2).path.endswith("checkpoint_c")

@@ -94,7 +94,7 @@ def run_train(cfg: TrainConfig) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg, "mlflow": {"tracking_uri": uri, "run_id": run_id},
-                               "fault": fault_from_env()},
+                               "fault": fault_from_env(), "run_uri": storage.join(cfg.output.uri, name)},
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,

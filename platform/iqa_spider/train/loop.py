@@ -159,6 +159,47 @@ def partition_sizes(module: Any, rank: int, world: int) -> dict[str, float]:
     return out
 
 
+def _state_of(fs: Any, path: str) -> dict | None:
+    try:
+        with fs.open(f"{path}/{STATE_FILE}", "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def newest_checkpoint(reported: Any, run_uri: str | None, world: int) -> Any:
+    """Ray's latest checkpoint, or a newer complete one found in the run's storage.
+
+    A report is registered by Ray Train's controller only when it next polls the workers; a
+    worker that dies right after reporting can take its last checkpoint with it, although the
+    files are already in storage. So the run folder is the record: the newest checkpoint whose
+    state file and every rank's ZeRO shard (or the export) are all there wins.
+    """
+    import ray.train
+
+    from iqa_spider import storage
+
+    best, best_step = reported, -1
+    if reported is not None:
+        fs, path = storage.get_fs(reported.path)
+        best_step = (_state_of(fs, path) or {}).get("step", -1)
+    if not run_uri or not storage.exists(run_uri):
+        return best
+    fs, root = storage.get_fs(run_uri)
+    fs.invalidate_cache(root)
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        state = _state_of(fs, entry) if name.startswith("checkpoint_") else None
+        if not state or state["step"] <= best_step:
+            continue
+        needed = ([f"{ZERO_TAG}/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+                  if state["kind"] == "zero" else ["export.json"])
+        if all(fs.exists(f"{entry}/{n}") for n in needed):
+            arrow_fs, arrow_path = storage.arrow_filesystem(storage.to_uri(fs, entry))
+            best, best_step = ray.train.Checkpoint(path=arrow_path, filesystem=arrow_fs), state["step"]
+    return best
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -200,7 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
     step_logger = StepLogger(config.get("mlflow"), rank)
 
     step = resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_uri"), world)
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads(Path(d, STATE_FILE).read_text())
