@@ -192,20 +192,15 @@ class LoadedModel:
 
 def load_model(cfg: ModelConfig, cache_dir: str | None = None) -> LoadedModel:
     """Model (eval mode, on its device) and processor (left padding) for ``cfg``."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from iqa_spider.model.processor import load_processor
 
     resolved = resolve_model_path(cfg.path, cache_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    processor = AutoProcessor.from_pretrained(resolved.local_dir)
+    processor = load_processor(resolved.local_dir, cfg.min_pixels, cfg.max_pixels)
     processor.tokenizer.padding_side = "left"
-    if cfg.min_pixels is not None or cfg.max_pixels is not None:
-        size = dict(processor.image_processor.size)
-        if cfg.min_pixels is not None:
-            size["shortest_edge"] = int(cfg.min_pixels)
-        if cfg.max_pixels is not None:
-            size["longest_edge"] = int(cfg.max_pixels)
-        processor.image_processor.size = size
     model = AutoModelForImageTextToText.from_pretrained(
         resolved.local_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.to(device).eval()

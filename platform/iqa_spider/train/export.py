@@ -72,17 +72,16 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, inputs: dict, refere
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from iqa_spider.train.recipe import lora_config_dict
+    from iqa_spider.train.recipe import lora_config_dict, torch_dtype, trains_fully
 
     if hf_ds is not None:  # build the export model normally, not partitioned by zero.Init
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+    dtype = torch_dtype(prec)
     base = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=dtype)
     model = get_peft_model(base, LoraConfig(**lora_config_dict(cfg)))
-    trainable = {n for n, p in model.named_parameters()
-                 if "lora_" in n or ".visual." in f".{n}" and (cfg.lora.train_vision or cfg.lora.train_merger)}
+    trainable = {n for n, _ in model.named_parameters() if "lora_" in n or trains_fully(n, cfg)}
     empty = [n for n in trainable if n in state and state[n].numel() == 0]
     missing = sorted(n for n in trainable if n not in state)
     if empty or missing:
@@ -94,7 +93,7 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, inputs: dict, refere
 
     adapter = out / ADAPTER_DIR
     model.save_pretrained(adapter, safe_serialization=True)
-    vision = {n: t.contiguous() for n, t in state.items() if ".visual." in f".{n}"}
+    vision = {n: t.contiguous() for n, t in state.items() if trains_fully(n, cfg)}
     if vision:  # fully trained modules are not part of a LoRA adapter: ship them beside it
         save_file(vision, str(adapter / "trained_modules.safetensors"))
 

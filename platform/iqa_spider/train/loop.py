@@ -86,8 +86,11 @@ def reduce_metrics(values: list[float]) -> list[float]:
 
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
+        # NCCL reduces only CUDA tensors; gloo (CPU training) reduces CPU ones.
+        if dist.get_backend() == "nccl":
+            t = t.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 class StepLogger:
@@ -207,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForImageTextToText
 
     from iqa_spider.train.preprocess import collate
-    from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision
+    from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
 
     cfg: TrainConfig = config["cfg"]
     ctx = ray.train.get_context()
@@ -220,7 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses Ray Train's group
 
     ds_config = deepspeed_config(cfg, world, on_gpu)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg, on_gpu), torch.float32)
+    dtype = torch_dtype(precision(cfg, on_gpu))
     hf_ds = None
     if cfg.deepspeed.zero_stage == 3:
         # Keeping this object alive makes from_pretrained build the model inside zero.Init,

@@ -32,14 +32,9 @@ class Preprocessor:
 
     def __init__(self, model_path: str, max_seq_len: int, max_pixels: int,
                  min_image_pixels: int | None = None, max_image_pixels: int | None = None):
-        from transformers import AutoProcessor
+        from iqa_spider.model.processor import load_processor
 
-        self.processor = AutoProcessor.from_pretrained(model_path)
-        if min_image_pixels or max_image_pixels:
-            size = dict(self.processor.image_processor.size)
-            size["shortest_edge"] = min_image_pixels or size["shortest_edge"]
-            size["longest_edge"] = max_image_pixels or size["longest_edge"]
-            self.processor.image_processor.size = size
+        self.processor = load_processor(model_path, min_image_pixels, max_image_pixels)
         tok = self.processor.tokenizer
         self.max_seq_len, self.max_pixels = max_seq_len, max_pixels
         # "<|im_start|>assistant\n": where the answer starts, found in the ids of the full chat.

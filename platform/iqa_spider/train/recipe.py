@@ -24,21 +24,34 @@ def apply_recipe(model: Any, cfg: TrainConfig) -> tuple[Any, list[dict]]:
     """Wrap with LoRA, unfreeze the vision parts the config names; return (model, param groups)."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=lora_target_regex(list(cfg.lora.target_modules)), bias="none")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, LoraConfig(**lora_config_dict(cfg)))
     vision, other = [], []
     for name, param in model.named_parameters():
-        is_vision = f".{VISION_PREFIX}" in f".{name}"
-        is_merger = bool(MERGER_PATTERN.search(f".{name}."))
-        if is_merger and cfg.lora.train_merger or (is_vision and not is_merger and cfg.lora.train_vision):
+        if trains_fully(name, cfg):
             param.requires_grad_(True)
         if param.requires_grad:
-            (vision if is_vision else other).append(param)
+            (vision if is_vision(name) else other).append(param)
     groups = [{"params": other, "lr": cfg.optim.lr, "name": "lora"}]
     if vision:
         groups.append({"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr, "name": "vision"})
     return model, groups
+
+
+def is_vision(name: str) -> bool:
+    return f".{VISION_PREFIX}" in f".{name}"
+
+
+def trains_fully(name: str, cfg: TrainConfig) -> bool:
+    """Whether the recipe trains this (non-LoRA) parameter fully: the merger, the vision tower."""
+    if MERGER_PATTERN.search(f".{name}."):
+        return cfg.lora.train_merger
+    return is_vision(name) and cfg.lora.train_vision
+
+
+def torch_dtype(prec: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
 
 
 def lora_config_dict(cfg: TrainConfig) -> dict:
