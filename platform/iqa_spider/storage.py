@@ -163,6 +163,15 @@ def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[st
             yield to_uri(fs, posixpath.join(dirpath, name))
 
 
+def relative_key(base_uri: str, uri: str) -> str:
+    """`uri`'s path below `base_uri` (its file name if it is not below it): what names an input
+    wherever its collection is stored or copied."""
+    base = get_fs(base_uri)[1].rstrip("/")
+    path = get_fs(uri)[1]
+    rel = path[len(base):].lstrip("/") if path.startswith(base + "/") else posixpath.basename(path)
+    return rel or posixpath.basename(path)
+
+
 def arrow_filesystem(uri: str):
     """(pyarrow FileSystem, path) for Ray Data and Ray Train, with the same S3 settings as get_fs."""
     import pyarrow.fs as pafs

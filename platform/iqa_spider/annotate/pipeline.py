@@ -18,7 +18,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from iqa_spider import storage
 from iqa_spider.annotate import distortions as D
@@ -26,12 +25,11 @@ from iqa_spider.annotate import regions as R
 from iqa_spider.annotate.truth import Region, Truth, target_struct
 from iqa_spider.annotate.writers import Sample, write_all
 from iqa_spider.config.schemas import AnnotateConfig
-from iqa_spider.data.io import write_table
+from iqa_spider.data.io import read_shard_summary, write_table
 from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
 from iqa_spider.images import IMAGE_SUFFIXES, ImageError, decode_image, encode_png, resize_max_side
 
 log = logging.getLogger(__name__)
-SUMMARY_KEY = b"iqa_spider.shard_summary"
 REWRITTEN_TASKS = ("global_desc", "local_desc", "referring_long")
 
 
@@ -143,7 +141,9 @@ class ShardAnnotator:
         img = resize_max_side(decode_image(data, cfg.input.max_pixels), cfg.distort.max_side)
         pristine = np.asarray(img)
         split = split_for(image_id(data), cfg.test_fraction)
-        base_seed = stable_int(cfg.seed, source_uri)
+        # Seeded by the source's key below the input, not its absolute URI: the same collection
+        # gets the same distortions (and sample_ids) wherever it is stored.
+        base_seed = stable_int(cfg.seed, storage.relative_key(cfg.input.uri, source_uri))
         props = self.proposals(pristine, base_seed % (2**31), masks)
         rows: list[dict] = []
         for v in range(cfg.distort.variants_per_image):
@@ -195,9 +195,7 @@ class ShardAnnotator:
                    "samples_by_task": dict(Counter(table.column("task").to_pylist())),
                    "rewrites": {k: counts[k] for k in ("rewrites_accepted", "rewrites_rejected") if counts[k]},
                    "seconds": round(time.monotonic() - started, 3)}
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                               SUMMARY_KEY: json.dumps(summary).encode()})
-        write_table(table, shard["uri"])
+        write_table(table, shard["uri"], summary=summary)
         return {"summary": json.dumps(summary)}
 
 
@@ -257,16 +255,6 @@ def plan_shards(sources: list[tuple[str, list | None]], cfg: AnnotateConfig) -> 
                        "sources": [s for s, _ in group],
                        "masks": [m for _, m in group] if any(m is not None for _, m in group) else None})
     return shards
-
-
-def read_shard_summary(uri: str) -> dict | None:
-    fs, path = storage.get_fs(uri)
-    try:
-        with fs.open(path, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return None
-    return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None
 
 
 def merge_summaries(summaries: Iterable[dict], reused: int, written: int, seconds: float) -> dict:

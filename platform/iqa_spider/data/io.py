@@ -7,6 +7,7 @@ reach a training job.
 from __future__ import annotations
 
 import io
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,8 +16,17 @@ from iqa_spider import storage
 from iqa_spider.data.schema import DATASET_SCHEMA, check
 
 
-def write_table(table: pa.Table, uri: str, *, compression: str = "zstd") -> None:
-    """Write one Parquet file atomically (no schema check: results use this too)."""
+# Jobs that write shards (annotation, scoring) keep each shard's summary in its Parquet
+# metadata: a re-run reads footers only to know what is done and to total the run.
+SUMMARY_KEY = b"iqa_spider.shard_summary"
+
+
+def write_table(table: pa.Table, uri: str, *, compression: str = "zstd", summary: dict | None = None) -> None:
+    """Write one Parquet file atomically (no schema check: results use this too), with the
+    shard's `summary` in its metadata when given."""
+    if summary is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SUMMARY_KEY: json.dumps(summary).encode()})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=compression)
     storage.write_bytes(uri, buf.getvalue())
@@ -62,3 +72,14 @@ def shard_name(index: int, prefix: str = "part") -> str:
 
 
 __all__ = ["write_table", "write_shard", "shard_uris", "read_table", "read_dataset", "shard_name"]
+
+
+def read_shard_summary(uri: str) -> dict | None:
+    """The summary a job kept in a shard's metadata (footer only); None if absent or unreadable."""
+    fs, path = storage.get_fs(uri)
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+    except (FileNotFoundError, OSError, pa.ArrowInvalid):
+        return None
+    return json.loads(meta[SUMMARY_KEY]) if SUMMARY_KEY in meta else None

@@ -32,7 +32,7 @@ from iqa_spider.images import ImageError, decode_image, to_rgb
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
-from iqa_spider.vocab import LEVEL_WORDS, SCORE_QUESTION
+from iqa_spider.vocab import SCORE_QUESTION
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ class Predictor:
 
     @staticmethod
     def score_of(result: QueryResult) -> ScoreResult:
-        probs = [float(p) for p in result.level_probs or []]
-        return ScoreResult(float(result.score), LEVEL_WORDS[int(np.argmax(probs))], probs)
+        return ScoreResult(float(result.score), result.level, [float(p) for p in result.level_probs])
 
     def grounding_of(self, result: QueryResult, question: str, width: int, height: int,
                      mapping: str | None = None) -> Grounding:
@@ -274,16 +273,8 @@ class GroundingHead:
         bs = self.cfg.batch_size
         for start in range(0, len(good), bs):
             batch = good[start:start + bs]
-            try:
-                analyses = self.analyze([g[1] for g in batch], describe, ground_questions)
-            except Exception:  # noqa: BLE001 - isolate the image that fails, score the rest
-                log.exception("a batch of %d images failed; retrying one by one", len(batch))
-                analyses = []
-                for _, img, _ in batch:
-                    try:
-                        analyses.append(self.analyze([img], describe, ground_questions)[0])
-                    except Exception as exc:  # noqa: BLE001
-                        analyses.append(exc)
+            analyses = isolate_failures(lambda imgs: self.analyze(imgs, describe, ground_questions),
+                                        [g[1] for g in batch])
             for (i, img, sha), a in zip(batch, analyses):
                 uri = items[i][0]
                 if isinstance(a, Exception):
@@ -294,5 +285,21 @@ class GroundingHead:
         return rows  # type: ignore[return-value]
 
 
-__all__ = ["Predictor", "GroundingHead", "Grounding", "Analysis", "ScoreResult", "prepare_image",
+def isolate_failures(run, items: list) -> list:
+    """``run(items)``, and if the batch fails, each item alone: one bad image costs only its own
+    result, which is then the exception it raised (every batch caller turns it into an error row)."""
+    try:
+        return run(items)
+    except Exception:  # noqa: BLE001 - isolate the item that fails, answer the rest
+        log.exception("a batch of %d images failed; retrying one by one", len(items))
+        out: list = []
+        for item in items:
+            try:
+                out.append(run([item])[0])
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
+
+__all__ = ["Predictor", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult", "prepare_image",
            "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION"]

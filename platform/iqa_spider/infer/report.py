@@ -24,7 +24,9 @@ from iqa_spider.infer.metrics import flatten_metrics
 def publish(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
     """Write the report files (to ``output.uri`` when set) and log to MLflow (when enabled); sets
     ``output_uri`` / ``mlflow_run_id`` in ``report``. The local copy only feeds those two, and
-    promotions evaluate often, so it is removed."""
+    promotions evaluate often, so it is removed; with neither, nothing is rendered at all."""
+    if not cfg.output.uri and not mlflow_enabled(cfg):
+        return
     try:
         _write_outputs(cfg, report, samples, drawn)
         _log_mlflow(cfg, report)

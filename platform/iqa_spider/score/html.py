@@ -9,14 +9,13 @@ works wherever the output folder is copied or served from.
 from __future__ import annotations
 
 import html
-import json
 import posixpath
 
 from iqa_spider import storage
 from iqa_spider.data.io import read_table
 from iqa_spider.score.listing import shard_dir
-from iqa_spider.score.report import relative_key
 
+PAGE_COLUMNS = ("image_uri", "error", "score", "level", "description", "regions")
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:320px}"
          ".err{color:#a00}")
@@ -26,9 +25,8 @@ def _esc(value) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def render(output_uri: str, input_uri: str, max_items: int = 48) -> str:
-    summary = json.loads(storage.read_bytes(storage.join(output_uri, "_summary.json")))
-    rows = read_table(shard_dir(output_uri)).to_pylist()
+def render(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:
+    rows = read_table(shard_dir(output_uri), columns=list(PAGE_COLUMNS)).to_pylist()
     scored = sorted((r for r in rows if r["error"] is None), key=lambda r: r["score"])
     failed = sorted((r for r in rows if r["error"] is not None), key=lambda r: r["image_uri"] or "")
     has_overlays = storage.exists(storage.join(output_uri, "overlays"))
@@ -36,7 +34,7 @@ def render(output_uri: str, input_uri: str, max_items: int = 48) -> str:
     def image_cell(row: dict) -> str:
         if not has_overlays:
             return ""
-        link = posixpath.join("overlays", relative_key(input_uri, row["image_uri"]) + ".jpg")
+        link = posixpath.join("overlays", storage.relative_key(input_uri, row["image_uri"]) + ".jpg")
         return f"<a href='{_esc(link)}'><img src='{_esc(link)}' alt='overlay'/></a>"
 
     def grounding(row: dict) -> str:
@@ -65,7 +63,8 @@ def render(output_uri: str, input_uri: str, max_items: int = 48) -> str:
             f"<h2>Not scored ({len(failed)})</h2><table>{errors}</table></body></html>")
 
 
-def write(output_uri: str, input_uri: str, max_items: int = 48) -> str:
+def write(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:
+    """The page for `output_uri` given the run summary the job just computed."""
     uri = storage.join(output_uri, "report.html")
-    storage.write_bytes(uri, render(output_uri, input_uri, max_items).encode())
+    storage.write_bytes(uri, render(output_uri, input_uri, summary, max_items).encode())
     return uri

@@ -167,7 +167,7 @@ def run_score(cfg: ScoreConfig) -> dict:
             if cfg.output.html:
                 from iqa_spider.score import html
 
-                summary["report"] = html.write(cfg.output.uri, cfg.input.uri)
+                summary["report"] = html.write(cfg.output.uri, cfg.input.uri, summary)
     log.info("score summary: %s", json.dumps({k: v for k, v in summary.items() if k != "score_histogram"}))
     return summary
 

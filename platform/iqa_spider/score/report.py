@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import posixpath
 from collections import Counter
 from typing import Iterable
 
@@ -15,7 +14,6 @@ import numpy as np
 from iqa_spider import storage
 
 log = logging.getLogger(__name__)
-SUMMARY_KEY = b"iqa_spider.shard_summary"  # the same metadata key the annotation shards use
 STAGES = ("read", "decode", "score", "write")
 HIST_BINS = np.linspace(1.0, 5.0, 17)
 
@@ -87,14 +85,6 @@ def write_histogram_png(summary: dict, uri: str) -> bool:
 
 # ---------------------------------------------------------------- artifacts
 
-def relative_key(input_uri: str, key: str) -> str:
-    """The key below the input prefix (the artifact's name keeps the input's folders)."""
-    base = storage.get_fs(input_uri)[1].rstrip("/")
-    path = storage.get_fs(key)[1]
-    rel = path[len(base):].lstrip("/") if path.startswith(base + "/") else posixpath.basename(path)
-    return rel or posixpath.basename(path)
-
-
 def _png(mask: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -128,7 +118,7 @@ def write_artifacts(rows: list[dict], input_uri: str, output_uri: str, masks: bo
     for row in rows:
         if row["error"] is not None:
             continue
-        rel = relative_key(input_uri, row["image_uri"])
+        rel = storage.relative_key(input_uri, row["image_uri"])
         decoded = [rle.decode(r["mask_rle"]) if r["mask_rle"] is not None else None for r in row["regions"]]
         if masks:
             for k, m in enumerate(decoded):
@@ -145,5 +135,5 @@ def dumps(summary: dict) -> bytes:
     return json.dumps(summary, indent=2, default=str).encode()
 
 
-__all__ = ["SUMMARY_KEY", "block_summary", "run_summary", "write_histogram_png", "write_artifacts", "overlay",
-           "relative_key", "reason", "histogram"]
+__all__ = ["block_summary", "run_summary", "write_histogram_png", "write_artifacts", "overlay",
+           "reason", "histogram"]

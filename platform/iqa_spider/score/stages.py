@@ -147,6 +147,7 @@ class Scorer(_ScorerBase):
         from PIL import Image
 
         from iqa_spider.infer import results as R
+        from iqa_spider.infer.predictor import isolate_failures
 
         meta = {**self.meta(), "scored_at": scored_at}
         bs = self.head.cfg.batch_size
@@ -154,16 +155,8 @@ class Scorer(_ScorerBase):
         for start in range(0, len(items), bs):
             batch = items[start:start + bs]
             images = [Image.fromarray(it["image"]) for it in batch]
-            try:
-                analyses = self.head.analyze(images, self.describe, self.ground_questions)
-            except Exception:  # noqa: BLE001 - isolate the image that fails, score the rest
-                log.exception("a batch of %d images failed; retrying one by one", len(batch))
-                analyses = []
-                for img in images:
-                    try:
-                        analyses.append(self.head.analyze([img], self.describe, self.ground_questions)[0])
-                    except Exception as exc:  # noqa: BLE001
-                        analyses.append(exc)
+            analyses = isolate_failures(lambda imgs: self.head.analyze(imgs, self.describe, self.ground_questions),
+                                        images)
             for it, a in zip(batch, analyses):
                 if isinstance(a, Exception):
                     rows.append(R.error_row(it["key"], it["sha"], f"inference_failed: {type(a).__name__}: {a}"[:500],
@@ -236,8 +229,7 @@ def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, over
         raise RuntimeError(f"block {block['name']}: {len(rows)} rows do not match its {len(block['keys'])} keys")
     table = R.rows_to_table(rows)
     summary = report.block_summary(block, rows)
-    table = table.replace_schema_metadata({report.SUMMARY_KEY: json.dumps(summary).encode()})
-    write_table(table, block["uri"])
+    write_table(table, block["uri"], summary=summary)
     if masks or overlays:
         images = {it["key"]: it["image"] for it in block["items"]} if overlays else {}
         report.write_artifacts(rows, input_uri, output_uri, masks, images)

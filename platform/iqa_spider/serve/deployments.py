@@ -131,18 +131,12 @@ class IQAModel:
     def _run(self, arrays: list[np.ndarray], specs: list[dict]) -> list[dict]:
         from PIL import Image
 
+        from iqa_spider.infer.predictor import isolate_failures
+
         images = [Image.fromarray(a) for a in arrays]
         planned = [_spec_queries(s, self.predictor.cfg) for s in specs]
-        try:
-            results = self.predictor.run(images, [q for q, _ in planned])
-        except Exception:  # noqa: BLE001 - isolate the request that fails, answer the rest
-            log.exception("a batch of %d images failed; retrying one by one", len(images))
-            results = []
-            for im, (qs, _) in zip(images, planned):
-                try:
-                    results.append(self.predictor.run([im], [qs])[0])
-                except Exception as exc:  # noqa: BLE001
-                    results.append(exc)
+        results = isolate_failures(lambda pairs: self.predictor.run([im for im, _ in pairs], [qs for _, qs in pairs]),
+                                   [(im, qs) for im, (qs, _) in zip(images, planned)])
         return [self._answer(im, spec, kinds, res) for im, spec, (_, kinds), res in zip(images, specs, planned, results)]
 
     def _answer(self, image, spec: dict, kinds: list, results) -> dict:
