@@ -250,10 +250,9 @@ def _record_run(client, cfg: PromoteConfig, decision: dict[str, Any]) -> str:
     """An MLflow run in the promotion experiment: params, both metric sets, decision.json."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from iqa_spider.registry.tracking import git_commit
+    from iqa_spider.registry.tracking import experiment_id, git_commit
 
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{decision['action']}-{cfg.registered_model}-v{decision['candidate']}",
                             tags={"registered_model": cfg.registered_model, "decision": decision["decision"],
                                   "candidate_version": str(decision["candidate"]), "git_commit": git_commit()})

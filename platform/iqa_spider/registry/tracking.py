@@ -55,10 +55,12 @@ def system_info() -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
     }
+    from importlib.metadata import PackageNotFoundError, version
+
     for pkg in ("transformers", "peft", "deepspeed", "ray", "mlflow"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - informational only
+        try:  # from the installed metadata: importing deepspeed & co. on the driver costs seconds
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
             info[pkg] = "missing"
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
