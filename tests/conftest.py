@@ -84,6 +84,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sam_dir(tmp_path_factory) -> Path:
+    """The project's own tiny random SAM (the `sam` segmenter and region proposals)."""
+    from iqa_spider.model.tiny_sam import init_tiny_sam
+
+    return init_tiny_sam(tmp_path_factory.mktemp("tiny_sam") / "sam", seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_model_dir(tmp_path_factory) -> Path:
     from iqa_spider.model.tiny import init_tiny
 

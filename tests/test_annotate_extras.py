@@ -4,7 +4,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,9 @@ from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset
 from iqa_spider.images import decode_image, encode_png, resize_max_side
 from iqa_spider.vocab import LEVEL_WORDS, SCORE_ANSWER_PREFIX, SCORE_QUESTION
+from conftest import BIN, REPO
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 MAX_SIDE = 128
-
-
-@pytest.fixture(scope="module")
-def sam_dir(tmp_path_factory):
-    from iqa_spider.model.tiny_sam import init_tiny_sam
-
-    return init_tiny_sam(tmp_path_factory.mktemp("tiny_sam") / "sam", seed=0)
 
 
 def small_photos(n: int) -> list[tuple[str, np.ndarray]]:
@@ -57,9 +48,9 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- SAM regions
 
-def test_sam_regions_are_disjoint_bool_masks_of_the_image_shape(sam_dir):
+def test_sam_regions_are_disjoint_bool_masks_of_the_image_shape(tiny_sam_dir):
     (_, image), = small_photos(1)
-    proposals = SamRegions(str(sam_dir))(image)
+    proposals = SamRegions(str(tiny_sam_dir))(image)
     assert len(proposals) >= 3  # the random model needs the relaxed pass, and gets there
     claimed = np.zeros(image.shape[:2], int)
     for p in proposals:
@@ -71,11 +62,11 @@ def test_sam_regions_are_disjoint_bool_masks_of_the_image_shape(sam_dir):
     assert areas == sorted(areas, reverse=True)
 
 
-def test_annotate_with_tiny_sam(tmp_path, sam_dir, ray_local):
+def test_annotate_with_tiny_sam(tmp_path, tiny_sam_dir, ray_local):
     photos = small_photos(2)
     for name, img in photos:
         storage.write_bytes(str(tmp_path / "in" / f"{name}.png"), encode_png(img))
-    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), "regions.method=sam", f"regions.sam_path={sam_dir}")
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), "regions.method=sam", f"regions.sam_path={tiny_sam_dir}")
     summary = run_annotate(cfg)
     assert summary["annotated"] == 2 and summary["skipped"] == {}
     table = read_dataset(cfg.output.uri)  # validates the contract
@@ -83,7 +74,7 @@ def test_annotate_with_tiny_sam(tmp_path, sam_dir, ray_local):
     # The regions of the targets are SAM's (not the superpixel fallback's), made with the
     # job's own region settings.
     rc = cfg.regions
-    sam = SamRegions(str(sam_dir), rc.max_regions, rc.min_area_frac, min_regions=rc.min_regions)
+    sam = SamRegions(str(tiny_sam_dir), rc.max_regions, rc.min_area_frac, min_regions=rc.min_regions)
     expected = {str(tmp_path / "in" / f"{name}.png"): [p.mask for p in sam(img)] for name, img in photos}
     for row in table.to_pylist():
         got = [rle.decode(r["mask_rle"]) for r in row["target"]["regions"]]

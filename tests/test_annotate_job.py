@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset
 from iqa_spider.images import decode_image, encode_png, resize_max_side
 from iqa_spider.vocab import position_words
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_SIDE = 128
 N_PHOTOS = 4
 

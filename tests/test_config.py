@@ -8,8 +8,8 @@ import pytest
 from iqa_spider.cli import main as cli_main
 from iqa_spider.config import ConfigError, load_config
 from iqa_spider.config.schemas import DemoConfig, ModelRecipe
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:

@@ -3,15 +3,14 @@ the tiny model, the offline segmenter; report files and MLflow metrics (real `ml
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 
 from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -236,12 +236,11 @@ def test_infer_config_is_checked():
     assert InferConfig().mapping == "expected_bin_centre"
 
 
-def test_grounding_head_with_the_tiny_sam(predictor, tmp_path):
+def test_grounding_head_with_the_tiny_sam(predictor, tiny_sam_dir):
     """The grounding head that serving deploys, with the `sam` segmenter (tiny random SamModel)."""
     from iqa_spider.infer.segmenters import build_segmenter
-    from iqa_spider.model.tiny_sam import init_tiny_sam
 
-    sam = build_segmenter(SegmenterConfig(kind="sam", path=str(init_tiny_sam(tmp_path / "sam")), device="cpu"))
+    sam = build_segmenter(SegmenterConfig(kind="sam", path=str(tiny_sam_dir), device="cpu"))
     head = GroundingHead(predictor, sam)
     imgs = [photo("coffee", (120, 80)), photo("chelsea", (50, 70))]
     gs = predictor.ground_forced(imgs, [[HYD_QUESTION, HYD_QUESTION]] * 2, [[GROUND_ANSWER, WHOLE_ANSWER]] * 2,

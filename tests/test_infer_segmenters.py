@@ -47,10 +47,8 @@ def test_superpixel_segment_many_and_edge_cases():
     assert seg.segment(image, [(-5, 1e6)]).shape == rect.shape  # points are clamped into the image
 
 
-def test_sam_segmenter_with_the_tiny_sam(tmp_path):
-    from iqa_spider.model.tiny_sam import init_tiny_sam
-
-    path = init_tiny_sam(tmp_path / "sam", seed=0)
+def test_sam_segmenter_with_the_tiny_sam(tiny_sam_dir):
+    path = tiny_sam_dir
     seg = build_segmenter(SegmenterConfig(kind="sam", path=str(path), device="cpu"))
     assert isinstance(seg, SamSegmenter) and isinstance(seg, Segmenter)
     image, rect = rectangle_scene()

@@ -27,8 +27,8 @@ import pytest
 
 from iqa_spider.config import load_config
 from iqa_spider.registry.config import GateMetric, PromoteConfig
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 # Floors null: with no champion the candidate only needs defined (finite) values.
 GATE = ("gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null},"
         " {name: rating.plcc_linear, direction: higher, tolerance: 0.05, floor: null}]")

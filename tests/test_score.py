@@ -9,20 +9,18 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import BIN, env_vars, free_port
+from conftest import BIN, REPO, env_vars, free_port
 from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer import results as R
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_PIXELS = 40_000  # 200 x 200: the "huge" inputs are over it, every good one (<= 160 px) under it
 
 

@@ -57,14 +57,13 @@ def champion(mlflow_server, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def service(ray_local, champion, moto_s3, tmp_path_factory):
+def service(ray_local, champion, moto_s3, tiny_sam_dir, tmp_path_factory):
     """The app of serving/config.yaml's schema, with test limits, on a free port."""
     from ray import serve
 
-    from iqa_spider.model.tiny_sam import init_tiny_sam
     from iqa_spider.serve.app import build_app
 
-    sam = init_tiny_sam(tmp_path_factory.mktemp("sam") / "tiny_sam", seed=0)
+    sam = tiny_sam_dir
     port = free_port()
     args = {
         "model": {"path": f"models:/{MODEL_NAME}@champion", "device": "cpu"},

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import BIN
+from conftest import BIN, REPO
 from iqa_spider import storage
 from iqa_spider.submit import CONFIG_ENV, SubmitError, build_submission, client, submit, wait
 
-REPO = Path(__file__).resolve().parent.parent
 SMALL = ["distort.max_side=96", "distort.variants_per_image=1", "tasks.local_per_image=1",
          "tasks.referring_per_image=1"]
 

@@ -1,33 +1,27 @@
 """The project's tiny random SAM: real classes, an ordinary HF directory, a mask per prompt."""
 import numpy as np
-import pytest
 import torch
 from skimage import data
 
 from iqa_spider.model.tiny_sam import IMAGE_SIZE, init_tiny_sam
 
 
-@pytest.fixture(scope="module")
-def sam_dir(tmp_path_factory):
-    return init_tiny_sam(tmp_path_factory.mktemp("tiny_sam") / "sam", seed=0)
-
-
-def test_directory_loads_with_the_real_classes(sam_dir):
+def test_directory_loads_with_the_real_classes(tiny_sam_dir):
     from transformers import SamImageProcessor, SamModel, SamProcessor
 
-    model = SamModel.from_pretrained(sam_dir)
-    processor = SamProcessor.from_pretrained(sam_dir)
+    model = SamModel.from_pretrained(tiny_sam_dir)
+    processor = SamProcessor.from_pretrained(tiny_sam_dir)
     assert isinstance(processor.image_processor, SamImageProcessor)
     assert processor.image_processor.size["longest_edge"] == IMAGE_SIZE
     assert model.config.vision_config.image_size == IMAGE_SIZE
     assert sum(p.numel() for p in model.parameters()) < 500_000
 
 
-def test_point_prompt_gives_a_mask_of_the_image_size(sam_dir):
+def test_point_prompt_gives_a_mask_of_the_image_size(tiny_sam_dir):
     from transformers import SamModel, SamProcessor
 
-    model = SamModel.from_pretrained(sam_dir).eval()
-    processor = SamProcessor.from_pretrained(sam_dir)
+    model = SamModel.from_pretrained(tiny_sam_dir).eval()
+    processor = SamProcessor.from_pretrained(tiny_sam_dir)
     image = data.astronaut()  # 512 x 512 RGB, bundled with scikit-image
     h, w = image.shape[:2]
     inputs = processor(images=image, input_points=[[[300, 200]]], return_tensors="pt")
@@ -39,11 +33,11 @@ def test_point_prompt_gives_a_mask_of_the_image_size(sam_dir):
     assert out.iou_scores.shape == (1, 1, 3)
 
 
-def test_mask_generation_pipeline_loads_it(sam_dir):
+def test_mask_generation_pipeline_loads_it(tiny_sam_dir):
     from PIL import Image
     from transformers import pipeline
 
-    generator = pipeline("mask-generation", model=str(sam_dir), device="cpu")
+    generator = pipeline("mask-generation", model=str(tiny_sam_dir), device="cpu")
     image = Image.fromarray(data.astronaut()).resize((96, 64))
     result = generator(image, points_per_batch=16, points_per_crop=2, pred_iou_thresh=0.0,
                        stability_score_thresh=0.0, crops_nms_thresh=1.0)
@@ -51,10 +45,10 @@ def test_mask_generation_pipeline_loads_it(sam_dir):
     assert all(tuple(np.asarray(m).shape) == (64, 96) for m in result["masks"])
 
 
-def test_same_seed_same_weights(sam_dir, tmp_path):
+def test_same_seed_same_weights(tiny_sam_dir, tmp_path):
     from safetensors.numpy import load_file
 
-    a = load_file(str(sam_dir / "model.safetensors"))
+    a = load_file(str(tiny_sam_dir / "model.safetensors"))
     b = load_file(str(init_tiny_sam(tmp_path / "again", seed=0) / "model.safetensors"))
     c = load_file(str(init_tiny_sam(tmp_path / "other", seed=1) / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
