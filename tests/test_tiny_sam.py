@@ -46,10 +46,15 @@ def test_mask_generation_pipeline_loads_it(tiny_sam_dir):
 
 
 def test_same_seed_same_weights(tiny_sam_dir, tmp_path):
-    from safetensors.numpy import load_file
+    from transformers import SamModel
 
-    a = load_file(str(tiny_sam_dir / "model.safetensors"))
-    b = load_file(str(init_tiny_sam(tmp_path / "again", seed=0) / "model.safetensors"))
-    c = load_file(str(init_tiny_sam(tmp_path / "other", seed=1) / "model.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    # Compare the loaded models, not the files: SAM ties two positional embeddings and
+    # which of the pair save_pretrained writes can differ between processes.
+    def weights(path):
+        return SamModel.from_pretrained(path).state_dict()
+
+    a = weights(tiny_sam_dir)
+    b = weights(init_tiny_sam(tmp_path / "again", seed=0))
+    c = weights(init_tiny_sam(tmp_path / "other", seed=1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
