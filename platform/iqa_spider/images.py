@@ -17,8 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; huge scans beyond this are refused, not decoded
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
-# Leading bytes of the formats we accept, to tell images from other files whatever their name.
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+# Leading bytes of the formats we accept, to tell images from other files whatever their name
+# (WebP, "RIFF....WEBP", is checked in image_type).
+_MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
+          (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
 
 
 class ImageError(ValueError):
@@ -29,11 +31,16 @@ class ImageError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+def image_type(head: bytes) -> str | None:
+    """The MIME type that the first bytes (16 are enough) name; None: not a supported image format."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mime for magic, mime in _MAGIC if head.startswith(magic)), None)
+
+
 def looks_like_image(head: bytes) -> bool:
     """True if the first bytes are those of a supported image format."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return any(head.startswith(m) for m in _MAGIC)
+    return image_type(head) is not None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

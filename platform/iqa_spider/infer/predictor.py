@@ -89,6 +89,35 @@ class Analysis:
     regions: list[Grounding] = field(default_factory=list)
 
 
+def plan_queries(cfg: InferConfig, describe: bool = False, ground_questions: Sequence[str] = (),
+                 describe_regions: Sequence[str] = (), refer: Sequence[str] = (),
+                 refer_long: bool = False) -> tuple[list[Query], list[tuple[str, str | None]]]:
+    """The engine queries for one image, in the order they are asked, and what each answer is:
+    ``(kind, text)`` with kind ``score`` | ``describe`` | ``local`` | ``refer`` | ``ground`` and
+    text the region (local, refer), the question (ground) or None.
+
+    Score first, then the global description, local descriptions, referring questions and
+    grounding questions; :meth:`Predictor.analyze` and the Serve model deployment both ask
+    what this plans.
+    """
+    queries = [Query(SCORE_QUESTION, mode="score")]
+    kinds: list[tuple[str, str | None]] = [("score", None)]
+    if describe:
+        queries.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=cfg.describe_max_new_tokens))
+        kinds.append(("describe", None))
+    for region in describe_regions:
+        queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
+        kinds.append(("local", region))
+    cap = cfg.describe_max_new_tokens if refer_long else cfg.max_new_tokens
+    for region in refer:
+        queries.append(Query(REFER_QUESTION.format(region=region), max_new_tokens=cap))
+        kinds.append(("refer", region))
+    for q in ground_questions:
+        queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
+        kinds.append(("ground", q))
+    return queries, kinds
+
+
 def _as_list(value, n: int) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -180,24 +209,23 @@ class Predictor:
                 for im, rs, qs in zip(images, res, questions)]
 
     def analyze(self, images: Sequence[Image.Image], describe: bool | None = None,
-                ground_questions: Sequence[str] | None = None) -> list[Analysis]:
+                ground_questions: Sequence[str] | None = None, mapping: str | None = None) -> list[Analysis]:
         """Score + (global description) + grounding answers, every question of an image
-        sharing one prefill."""
+        sharing one prefill. ``mapping``: text-to-point mapping for this call (default: the config's)."""
         describe = self.cfg.describe if describe is None else describe
         gq = list(self.cfg.ground_questions if ground_questions is None else ground_questions)
-        per_image = [Query(SCORE_QUESTION, mode="score")]
-        if describe:
-            per_image.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=self.cfg.describe_max_new_tokens))
-        per_image += [Query(q, max_new_tokens=self.cfg.max_new_tokens) for q in gq]
-        res = self.run(images, [per_image] * len(images))
+        queries, kinds = plan_queries(self.cfg, describe=describe, ground_questions=gq)
+        res = self.run(images, [queries] * len(images))
         out = []
         for im, rs in zip(images, res):
-            a = Analysis(im.width, im.height, self.score_of(rs[0]))
-            k = 1
-            if describe:
-                a.description = rs[1].text
-                k = 2
-            a.regions = [self.grounding_of(r, q, im.width, im.height) for r, q in zip(rs[k:], gq)]
+            a = Analysis(im.width, im.height)
+            for (kind, text), r in zip(kinds, rs):
+                if kind == "score":
+                    a.score = self.score_of(r)
+                elif kind == "describe":
+                    a.description = r.text
+                else:
+                    a.regions.append(self.grounding_of(r, text, im.width, im.height, mapping))
             out.append(a)
         return out
 
@@ -240,8 +268,8 @@ class GroundingHead:
         return out
 
     def analyze(self, images: Sequence[Image.Image], describe: bool | None = None,
-                ground_questions: Sequence[str] | None = None) -> list[Analysis]:
-        out = self.predictor.analyze(images, describe, ground_questions)
+                ground_questions: Sequence[str] | None = None, mapping: str | None = None) -> list[Analysis]:
+        out = self.predictor.analyze(images, describe, ground_questions, mapping)
         for im, a in zip(images, out):
             self.attach_masks(im, a.regions)
         return out
@@ -249,8 +277,9 @@ class GroundingHead:
     # ---------------------------------------------------------------- result rows
 
     def predict_rows(self, items: Sequence[tuple[str | None, bytes]], describe: bool | None = None,
-                     ground_questions: Sequence[str] | None = None) -> list[dict]:
-        """Result-contract rows for encoded images ``(image_uri, bytes)``, in input order.
+                     ground_questions: Sequence[str] | None = None, mapping: str | None = None) -> list[dict]:
+        """Result-contract rows for encoded images ``(image_uri, bytes)``, in input order
+        (``mapping``: text-to-point mapping for this call; default the config's).
 
         Never raises for a bad input: an undecodable image, or one the model fails on, gets a
         row with ``error`` set, and every input appears exactly once.
@@ -273,7 +302,7 @@ class GroundingHead:
         bs = self.cfg.batch_size
         for start in range(0, len(good), bs):
             batch = good[start:start + bs]
-            analyses = isolate_failures(lambda imgs: self.analyze(imgs, describe, ground_questions),
+            analyses = isolate_failures(lambda imgs: self.analyze(imgs, describe, ground_questions, mapping),
                                         [g[1] for g in batch])
             for (i, img, sha), a in zip(batch, analyses):
                 uri = items[i][0]
@@ -301,5 +330,5 @@ def isolate_failures(run, items: list) -> list:
         return out
 
 
-__all__ = ["Predictor", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult", "prepare_image",
-           "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION"]
+__all__ = ["Predictor", "plan_queries", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult",
+           "prepare_image", "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION"]

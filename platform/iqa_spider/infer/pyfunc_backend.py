@@ -26,7 +26,6 @@ segmenter) choose where the model runs and which segmenter masks the points.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -156,13 +155,9 @@ def predict_frame(predictor, model_input, params: dict | None = None):
         items.append((uri, bytes(data)))
         where.append(i)
 
-    cfg = predictor.predictor.cfg
-    if mapping is not None and mapping != cfg.mapping:
-        predictor.predictor.cfg = dataclasses.replace(cfg, mapping=mapping)
-    try:
-        scored = predictor.predict_rows(items, describe=describe, ground_questions=questions) if items else []
-    finally:
-        predictor.predictor.cfg = cfg
+    # the mapping goes with the call, not into the config: concurrent calls share the predictor
+    scored = predictor.predict_rows(items, describe=describe, ground_questions=questions,
+                                    mapping=mapping) if items else []
     for i, row in zip(where, scored):
         rows[i] = row
     # object columns keep None as None (a float column would turn a missing score into NaN,

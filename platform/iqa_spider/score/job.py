@@ -20,14 +20,14 @@ from iqa_spider.config import ConfigError
 from iqa_spider.score import report
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
 from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks
+from iqa_spider.submit import DEFAULT_ENV
 
 log = logging.getLogger(__name__)
 
 # Passed to every stage explicitly: workers of a cluster do not inherit the driver's environment.
-FORWARD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
-               "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-               "MLFLOW_S3_ENDPOINT_URL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "IQA_SPIDER_CACHE")
+# The names `submit` passes to the driver, plus two it does not: the S3-only endpoint and the
+# model cache folder.
+FORWARD_ENV = (*DEFAULT_ENV, "AWS_ENDPOINT_URL_S3", "IQA_SPIDER_CACHE")
 
 
 def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:

@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-import pyarrow.parquet as pq
-
 from iqa_spider import storage
+from iqa_spider.data.io import read_table, shard_uris
 from iqa_spider.images import IMAGE_SUFFIXES, looks_like_image
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,6 @@ def _sniff(uri: str) -> bool:
 class OutputIndex:
     keys: dict[str, str | None] = field(default_factory=dict)  # key -> error (None: scored)
     scores: list[float] = field(default_factory=list)
-    shards: int = 0
 
 
 def shard_dir(output_uri: str) -> str:
@@ -109,19 +107,15 @@ def load_index(output_uri: str) -> OutputIndex:
     base = shard_dir(output_uri)
     fs, path = storage.get_fs(base)
     fs.invalidate_cache(path)  # shards are written by workers: this process's listing cache is stale
-    if not fs.exists(path):
+    if not fs.exists(path) or not shard_uris(base):
         return idx
-    for uri in storage.iter_files(base, suffixes=(".parquet",)):
-        fs, path = storage.get_fs(uri)
-        with fs.open(path, "rb") as f:
-            t = pq.read_table(f, columns=INDEX_COLUMNS)
-        idx.shards += 1
-        for key, err, score in zip(*(t.column(c).to_pylist() for c in INDEX_COLUMNS)):
-            if key in idx.keys:
-                log.error("key %s is in more than one shard (concurrent jobs on one output?)", key)
-            idx.keys[key] = err
-            if score is not None:
-                idx.scores.append(score)
+    t = read_table(base, columns=INDEX_COLUMNS)
+    for key, err, score in zip(*(t.column(c).to_pylist() for c in INDEX_COLUMNS)):
+        if key in idx.keys:
+            log.error("key %s is in more than one shard (concurrent jobs on one output?)", key)
+        idx.keys[key] = err
+        if score is not None:
+            idx.scores.append(score)
     return idx
 
 

@@ -41,7 +41,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from iqa_spider.images import ImageError, decode_image, looks_like_image
+from iqa_spider.images import ImageError, decode_image, image_type
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
 from iqa_spider.serve.config import LimitsConfig
 
@@ -207,24 +207,6 @@ class BodyLimitMiddleware:
 
 # ---------------------------------------------------------------------------- parsing
 
-def sniff_image_type(data: bytes) -> str | None:
-    """MIME type from the leading bytes (None: not an image format we know)."""
-    head = data[:16]
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head.startswith(b"BM"):
-        return "image/bmp"
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return "image/tiff"
-    return None
-
-
 def _flag(value: str) -> bool:
     low = value.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -388,10 +370,10 @@ def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
         raise ApiError(415, "unsupported_media_type", f"image type {declared} is not allowed; allowed: {allowed}")
     if not data:
         raise ApiError(422, "empty", "the image has zero bytes")
-    if not looks_like_image(data[:16]):
+    sniffed = image_type(data[:16])
+    if sniffed is None:
         raise ApiError(415, "not_an_image", "the bytes are not an image of a known format "
                                             f"(allowed: {', '.join(allowed)})")
-    sniffed = sniff_image_type(data)
     if sniffed not in allowed:
         raise ApiError(415, "unsupported_media_type", f"image type {sniffed} is not allowed; allowed: {allowed}")
     try:
@@ -546,5 +528,5 @@ def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
 
 
 __all__ = ["build_api", "ApiError", "BackendUnavailable", "AssessOptions", "AssessJSON", "AssessResponse",
-           "ErrorBody", "BodyLimitMiddleware", "parse_request", "decode_checked", "fetch_uri", "sniff_image_type",
+           "ErrorBody", "BodyLimitMiddleware", "parse_request", "decode_checked", "fetch_uri",
            "IMAGE_ERROR_STATUS"]

@@ -36,26 +36,11 @@ BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
 def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
     """Engine queries for one request, and what each answer is (kind, text)."""
-    from iqa_spider.infer.engine import Query
-    from iqa_spider.infer.predictor import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, REFER_QUESTION
-    from iqa_spider.vocab import SCORE_QUESTION
+    from iqa_spider.infer.predictor import plan_queries
 
-    queries = [Query(SCORE_QUESTION, mode="score")]
-    kinds: list[tuple[str, Any]] = [("score", None)]
-    if spec.get("describe"):
-        queries.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=cfg.describe_max_new_tokens))
-        kinds.append(("describe", None))
-    for region in spec.get("describe_regions") or []:
-        queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
-        kinds.append(("local", region))
-    cap = cfg.describe_max_new_tokens if spec.get("refer_long") else cfg.max_new_tokens
-    for region in spec.get("refer") or []:
-        queries.append(Query(REFER_QUESTION.format(region=region), max_new_tokens=cap))
-        kinds.append(("refer", region))
-    for q in spec.get("ground") or []:
-        queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
-        kinds.append(("ground", q))
-    return queries, kinds
+    return plan_queries(cfg, describe=bool(spec.get("describe")), ground_questions=spec.get("ground") or [],
+                        describe_regions=spec.get("describe_regions") or [], refer=spec.get("refer") or [],
+                        refer_long=bool(spec.get("refer_long")))
 
 
 @serve.deployment(name="IQAModel")
@@ -137,9 +122,10 @@ class IQAModel:
         planned = [_spec_queries(s, self.predictor.cfg) for s in specs]
         results = isolate_failures(lambda pairs: self.predictor.run([im for im, _ in pairs], [qs for _, qs in pairs]),
                                    [(im, qs) for im, (qs, _) in zip(images, planned)])
-        return [self._answer(im, spec, kinds, res) for im, spec, (_, kinds), res in zip(images, specs, planned, results)]
+        return [self._answer(im, spec, qs, kinds, res)
+                for im, spec, (qs, kinds), res in zip(images, specs, planned, results)]
 
-    def _answer(self, image, spec: dict, kinds: list, results) -> dict:
+    def _answer(self, image, spec: dict, queries: list, kinds: list, results) -> dict:
         p = self.predictor
         base = {"width": image.width, "height": image.height, "model_uri": p.model_uri,
                 "model_version": None if p.model_version is None else str(p.model_version)}
@@ -147,28 +133,21 @@ class IQAModel:
             return {**base, "error": f"inference_failed: {type(results).__name__}: {results}"[:500]}
         out: dict[str, Any] = {**base, "error": None, "description": None, "referring": [],
                                "local_descriptions": [], "groundings": []}
-        for (kind, text), r in zip(kinds, results):
+        for q, (kind, text), r in zip(queries, kinds, results):
             if kind == "score":
                 s = p.score_of(r)
                 out["score"] = {"score": s.score, "level": s.level, "level_probs": s.level_probs}
             elif kind == "describe":
                 out["description"] = r.text or ""
             elif kind == "local":
-                out["local_descriptions"].append({"region": text, "query": r_question(kind, text),
-                                                  "answer": r.text or ""})
+                out["local_descriptions"].append({"region": text, "query": q.question, "answer": r.text or ""})
             elif kind == "refer":
-                out["referring"].append({"region": text, "query": r_question(kind, text), "answer": r.text or ""})
+                out["referring"].append({"region": text, "query": q.question, "answer": r.text or ""})
             else:
                 g = p.grounding_of(r, text, image.width, image.height, spec.get("mapping"))
                 out["groundings"].append({"query": g.query, "answer": g.answer, "whole_image": g.whole_image,
                                           "points": [[pt.x, pt.y, pt.p_right, pt.p_bottom] for pt in g.points]})
         return out
-
-
-def r_question(kind: str, region: str) -> str:
-    from iqa_spider.infer.predictor import LOCAL_DESC_QUESTION, REFER_QUESTION
-
-    return (LOCAL_DESC_QUESTION if kind == "local" else REFER_QUESTION).format(region=region)
 
 
 @serve.deployment(name="IQAGrounding")
