@@ -38,6 +38,14 @@ VISION_HIDDEN = 32
 VISION_INTERMEDIATE = 64
 VISION_HEADS = 2
 
+# Init std of the output head (the model's own initialiser uses 0.02). A released checkpoint's
+# head spans logits of tens; a 64-wide head at 0.02 can reach only about +-1.3 (std * width),
+# and the paper's recipe keeps the head frozen, so LoRA could never make the tiny model sure of
+# any token: its loss stalled near ln(vocab) and it never learnt to write a position word.
+# At 0.3 the reachable range is about +-19, like a pretrained head, and 400 CPU steps teach the
+# grounding template (see BENCHMARKS.md, "Training quality").
+LM_HEAD_STD = 0.3
+
 
 def _round_to(value: int, factor: int, up: bool) -> int:
     q = -(-value // factor) if up else value // factor
@@ -231,6 +239,7 @@ def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Model(config)
+        torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_STD)
     model.generation_config = _generation_config(token_ids)
     model.eval()
     model.save_pretrained(out)
