@@ -107,3 +107,62 @@ def test_unknown_mlflow_uri_fails_clearly(mlflow_server):
 
     with pytest.raises(MlflowException):
         resolve_model_path("models:/no-such-model@champion")
+
+
+def test_s3_folder_is_fetched_once_per_content(tiny_model_dir, moto_s3, tmp_path):
+    from iqa_spider import storage
+
+    uri = f"s3://{moto_s3.bucket}/models/tiny-{tmp_path.name}"
+    assert storage.copy_tree(str(tiny_model_dir), uri) == len([p for p in tiny_model_dir.rglob("*") if p.is_file()])
+    cache = str(tmp_path / "cache")
+    first = resolve_model_path(uri, cache)
+    again = resolve_model_path(uri, cache)
+    # same content: the same local copy, not a fresh fetch that could pull it from under a reader
+    assert first.local_dir == again.local_dir and first.version is None
+    assert os.path.isfile(os.path.join(first.local_dir, "model.safetensors"))
+    assert load_model(ModelConfig(path=uri, device="cpu"), cache).model.config.text_config.vocab_size > 0
+
+    # a changed folder is fetched again, into its own slot
+    storage.write_bytes(storage.join(uri, "generation_config.json"), b'{"do_sample": false}')
+    changed = resolve_model_path(uri, cache)
+    assert changed.local_dir != first.local_dir
+    assert open(os.path.join(changed.local_dir, "generation_config.json")).read() == '{"do_sample": false}'
+    assert os.path.isdir(first.local_dir)  # the old copy is left for whoever still reads it
+
+    with pytest.raises(FileNotFoundError, match="no files under"):
+        resolve_model_path(f"s3://{moto_s3.bucket}/models/absent", cache)
+
+
+def test_a_store_filled_again_is_not_served_from_the_old_download(tmp_path):
+    """`models:/m/1` of a wiped and refilled tracking store (a rerun demo) is another model:
+    the cache must not hand back the first store's files. Each generation is its own process,
+    as two demo runs are."""
+    import subprocess
+    import sys
+
+    script = """
+import json, os, sys, mlflow, mlflow.pyfunc
+from iqa_spider.infer.loading import resolve_model_path
+class Noop(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+hf = sys.argv[1]
+os.makedirs(hf)
+json.dump({"generation": hf}, open(os.path.join(hf, "config.json"), "w"))
+with mlflow.start_run():
+    mlflow.pyfunc.log_model(name="model", python_model=Noop(), artifacts={"hf_model": hf},
+                            registered_model_name="m", pip_requirements=[])
+print(json.load(open(os.path.join(resolve_model_path("models:/m/1", sys.argv[2]).local_dir, "config.json")))["generation"])
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    seen = []
+    for generation in ("first", "second"):
+        hf = str(tmp_path / generation)
+        r = subprocess.run([sys.executable, "-c", script, hf, str(tmp_path / "cache")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        seen.append(r.stdout.strip().splitlines()[-1])
+        # wipe the store as a rerun of the demo does (rm -rf demo_out)
+        shutil.rmtree(tmp_path / "mlruns")
+        os.remove(tmp_path / "mlflow.db")
+    assert seen == [str(tmp_path / "first"), str(tmp_path / "second")]

@@ -121,6 +121,37 @@ def _download_once(slot: Path, fetch) -> Path:
     return slot
 
 
+def _fetch_s3_folder(uri: str, cache_dir: str) -> Path:
+    """A local copy of the S3 folder ``uri``, one per content.
+
+    The cache slot is named by the folder's listing (key, size, ETag), so a changed folder is
+    fetched again while every process of a node that asks for the same content (training
+    workers, Ray Data actors, scoring replicas) shares one copy: none deletes a folder another
+    is loading from, and a 7B checkpoint is not pulled once per process. Old copies stay in
+    the cache folder until removed (IQA_SPIDER_CACHE names it).
+    """
+    from iqa_spider import storage
+
+    fs, root = storage.get_fs(uri)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    listing = sorted((p[len(root):].lstrip("/"), info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
+                     for p, info in fs.find(root, detail=True).items())
+    if not listing:
+        raise FileNotFoundError(f"no files under {uri}")
+    content = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+    slot = _cache_slot(cache_dir, f"{uri}|{content}")
+
+    def fetch(tmp: str) -> None:
+        log.info("copying %s (%d files) to %s", uri, len(listing), slot)
+        for rel, _, _ in listing:
+            dst = Path(tmp) / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root}/{rel}", str(dst))
+
+    return _download_once(slot, fetch)
+
+
 def resolve_model_path(path: str, cache_dir: str | None = None) -> ResolvedModel:
     """Turn ``model.path`` into a local HF directory (downloading if needed)."""
     path = str(path)
@@ -130,7 +161,9 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> ResolvedModel
 
         version, run_id, download_uri = resolve_mlflow_version(path)
         tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
-        slot = _cache_slot(cache_dir, f"{tracking}|{download_uri}")
+        # The run id is part of the key: "version 1 of iqa-spider" on a store that was wiped and
+        # filled again (a rerun demo, a fresh test server on a reused port) is another model.
+        slot = _cache_slot(cache_dir, f"{tracking}|{download_uri}|{run_id}")
 
         def fetch(tmp: str) -> None:
             log.info("downloading %s (%s) from MLflow", path, download_uri)
@@ -139,23 +172,9 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> ResolvedModel
         root = _download_once(slot, fetch)
         return ResolvedModel(path, str(find_hf_dir(root)), version, run_id)
     if path.startswith(("s3://", "s3a://", "file://")):
-        from iqa_spider import storage
-
         if path.startswith("file://"):
             return ResolvedModel(path, str(find_hf_dir(path[len("file://"):])), None)
-        slot = _cache_slot(cache_dir, path)
-        if slot.exists():  # S3 folders are mutable: fetch again every time
-            shutil.rmtree(slot)
-
-        def fetch_s3(tmp: str) -> None:
-            base = path.rstrip("/")
-            for uri in storage.iter_files(base):
-                rel = uri[len(base):].lstrip("/")
-                dst = Path(tmp) / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.write_bytes(storage.read_bytes(uri))
-
-        return ResolvedModel(path, str(find_hf_dir(_download_once(slot, fetch_s3))), None)
+        return ResolvedModel(path, str(find_hf_dir(_fetch_s3_folder(path, cache_dir))), None)
     local = Path(os.path.expanduser(path))
     if local.exists():
         return ResolvedModel(path, str(find_hf_dir(local)), None)
