@@ -22,11 +22,39 @@ from iqa_spider.registry import tracking
 log = logging.getLogger(__name__)
 
 
+def absolute_local_paths(cfg: TrainConfig) -> None:
+    """Make the config's local paths absolute, in place, before it travels.
+
+    Ray Train workers and Ray Data actors run in their own working directories, so a
+    ``model.path=.cache/tiny`` that is right on the driver names nothing there. URIs and hub
+    ids (no such local path) are left as they are.
+    """
+    def absolute(value: str | None) -> str | None:
+        if not value or "://" in value:
+            return value
+        local = os.path.expanduser(value)
+        return os.path.abspath(local) if os.path.exists(local) or value.startswith((".", "/", "~")) else value
+
+    cfg.model.path = absolute(cfg.model.path)
+    cfg.data.uri = absolute(cfg.data.uri)
+    cfg.output.uri = os.path.abspath(os.path.expanduser(cfg.output.uri)) if "://" not in cfg.output.uri else cfg.output.uri
+    cfg.checkpoint.resume_from = absolute(cfg.checkpoint.resume_from)
+
+
 def check_before_start(cfg: TrainConfig) -> dict[str, int]:
     from iqa_spider.train.data import DataError, check_dataset
 
     path = cfg.model.path
-    looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
+    if storage.is_s3(path):
+        try:
+            found = storage.exists(storage.join(path, "config.json"))
+        except Exception as exc:  # credentials, endpoint, bucket: say so before Ray starts
+            raise ConfigError(f"cannot read {path}: {type(exc).__name__}: {exc}", key="model.path") from None
+        if not found:
+            raise ConfigError(f"{path} is not a model folder (no config.json)", key="model.path")
+        looks_local = False
+    else:
+        looks_local = path.startswith((".", "/", "~")) or os.path.exists(path) or path.count("/") != 1
     if looks_local and not Path(os.path.expanduser(path), "config.json").is_file():
         raise ConfigError(f"{path} is not a model directory (no config.json)", key="model.path")
     if path.startswith(("models:/", "runs:/")):
@@ -65,6 +93,7 @@ def run_train(cfg: TrainConfig) -> dict:
     from iqa_spider.train.export import HF_DIR, REPORT_FILE
     from iqa_spider.train.loop import fault_from_env, train_loop_per_worker
 
+    absolute_local_paths(cfg)
     counts = check_before_start(cfg)
     cfg_yaml = config_to_yaml(cfg)
     name = run_name(cfg, cfg_yaml)
@@ -111,12 +140,13 @@ def run_train(cfg: TrainConfig) -> dict:
         if result.error:
             raise result.error
         checkpoint = result.checkpoint
+        checkpoint_uri = storage.arrow_path_uri(cfg.output.uri, checkpoint.path)
         version = None
-        tags["checkpoint"] = checkpoint.path
+        tags["checkpoint"] = checkpoint_uri
         with checkpoint.as_directory() as d:
             export_report = Path(d, REPORT_FILE).read_text()
             client.log_text(run_id, export_report, "export/export.json")
-            version = registered_version(client, cfg.tracking.registered_model, checkpoint.path)
+            version = registered_version(client, cfg.tracking.registered_model, checkpoint_uri)
             if cfg.tracking.register and version is None:
                 version = log_and_register(client, run_id, Path(d, HF_DIR), cfg.tracking.registered_model, tags)
         client.log_metric(run_id, "wall_seconds", time.monotonic() - started)
@@ -124,11 +154,11 @@ def run_train(cfg: TrainConfig) -> dict:
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    summary = {"run_id": run_id, "ray_run": name, "checkpoint": checkpoint.path,
+    summary = {"run_id": run_id, "ray_run": name, "checkpoint": checkpoint_uri,
                "registered_model": cfg.tracking.registered_model if version else None,
                "model_version": version, "metrics": dict(result.metrics or {})}
     log.info("train finished: %s", summary)
-    print(f"trained: MLflow run {run_id}; export at {checkpoint.path}/{HF_DIR}"
+    print(f"trained: MLflow run {run_id}; export at {storage.join(checkpoint_uri, HF_DIR)}"
           + (f"; registered {cfg.tracking.registered_model} version {version}" if version else ""))
     return summary
 

@@ -9,6 +9,8 @@ last checkpoint so the driver can register it.
 """
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -203,6 +205,22 @@ def newest_checkpoint(reported: Any, run_uri: str | None, world: int) -> Any:
     return best
 
 
+def local_model(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``model.path`` turned into a folder on this node.
+
+    A base model in S3 is copied once per node and content (infer.loading's cache) and every
+    load in this worker (model, export, processor) reads that copy.
+    """
+    from iqa_spider.infer.loading import resolve_model_path
+
+    local = resolve_model_path(cfg.model.path).local_dir
+    if local == cfg.model.path:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.path = local
+    return cfg
+
+
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -212,7 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
     from iqa_spider.train.preprocess import collate
     from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
 
-    cfg: TrainConfig = config["cfg"]
+    cfg: TrainConfig = local_model(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     on_gpu = torch.cuda.is_available() and cfg.scaling.use_gpu

@@ -32,9 +32,11 @@ class Preprocessor:
 
     def __init__(self, model_path: str, max_seq_len: int, max_pixels: int,
                  min_image_pixels: int | None = None, max_image_pixels: int | None = None):
+        from iqa_spider.infer.loading import resolve_model_path
         from iqa_spider.model.processor import load_processor
 
-        self.processor = load_processor(model_path, min_image_pixels, max_image_pixels)
+        local = resolve_model_path(model_path).local_dir  # s3:// models: one copy per node
+        self.processor = load_processor(local, min_image_pixels, max_image_pixels)
         tok = self.processor.tokenizer
         self.max_seq_len, self.max_pixels = max_seq_len, max_pixels
         # "<|im_start|>assistant\n": where the answer starts, found in the ids of the full chat.
