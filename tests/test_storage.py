@@ -70,3 +70,23 @@ def test_missing_object_raises_file_not_found(moto_s3, tmp_path):
         storage.read_bytes(moto_s3.uri("nope"))
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_copy_tree_between_local_and_s3(moto_s3, tmp_path):
+    src = tmp_path / "src"
+    storage.write_bytes(str(src / "config.json"), b"{}")
+    storage.write_bytes(str(src / "sub" / "w.bin"), b"\x00" * 1000)
+    up = f"s3://{moto_s3.bucket}/copy-{tmp_path.name}"
+    assert storage.copy_tree(str(src), up) == 2
+    assert storage.read_bytes(f"{up}/sub/w.bin") == b"\x00" * 1000
+    assert storage.copy_tree(up, str(tmp_path / "back")) == 2
+    assert (tmp_path / "back" / "config.json").read_bytes() == b"{}"
+
+
+def test_is_below_compares_paths_on_one_filesystem(tmp_path):
+    assert storage.is_below("s3://b/in/out/x.png", "s3://b/in/out")
+    assert storage.is_below("s3://b/in/out/x.png", "s3://b/in/out/")
+    assert not storage.is_below("s3://b/in/outer/x.png", "s3://b/in/out")  # a prefix, not a folder
+    assert not storage.is_below("s3://b/in/x.png", "s3://b/in/out")
+    assert storage.is_below(str(tmp_path / "out" / "x.png"), f"file://{tmp_path / 'out'}")
+    assert not storage.is_below(str(tmp_path / "out" / "x.png"), "s3://b" + str(tmp_path / "out"))

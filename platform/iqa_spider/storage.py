@@ -138,6 +138,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def copy_tree(src_uri: str, dst_uri: str) -> int:
+    """Copy every file below `src_uri` to the same relative key below `dst_uri` (any URIs),
+    each file written atomically; returns how many. For model folders and the like: small
+    numbers of large files, read whole."""
+    base = src_uri.rstrip("/")
+    count = 0
+    for uri in iter_files(base):
+        write_bytes(join(dst_uri, relative_key(base, uri)), read_bytes(uri))
+        count += 1
+    return count
+
+
 def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[str]:
     """Every file below `uri` (recursively, in sorted order per folder), as URIs.
 
@@ -163,6 +175,18 @@ def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[st
             yield to_uri(fs, posixpath.join(dirpath, name))
 
 
+def is_below(uri: str, folder_uri: str) -> bool:
+    """True if `uri` lies inside `folder_uri` on the same filesystem: what keeps a job's output
+    folder, placed inside its input folder, from being read back as input. No S3 client is made."""
+    if is_s3(uri) != is_s3(folder_uri):
+        return False
+
+    def path(u: str) -> str:
+        return u.split("://", 1)[1] if is_s3(u) else get_fs(u)[1]
+
+    return path(uri).startswith(path(folder_uri).rstrip("/") + "/")
+
+
 def relative_key(base_uri: str, uri: str) -> str:
     """`uri`'s path below `base_uri` (its file name if it is not below it): what names an input
     wherever its collection is stored or copied."""
@@ -170,6 +194,12 @@ def relative_key(base_uri: str, uri: str) -> str:
     path = get_fs(uri)[1]
     rel = path[len(base):].lstrip("/") if path.startswith(base + "/") else posixpath.basename(path)
     return rel or posixpath.basename(path)
+
+
+def arrow_path_uri(like_uri: str, path: str) -> str:
+    """The URI of `path`, a path in the filesystem ``arrow_filesystem(like_uri)`` returned
+    (pyarrow's S3 paths drop the scheme: "bucket/key")."""
+    return f"s3://{path}" if is_s3(like_uri) and not is_s3(path) else path
 
 
 def arrow_filesystem(uri: str):

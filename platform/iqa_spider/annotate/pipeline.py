@@ -220,12 +220,9 @@ def list_sources(cfg: AnnotateConfig) -> tuple[list[tuple[str, list | None]], in
         t = read_table(uri)
         masks = t.column("masks").to_pylist() if "masks" in t.column_names else [None] * t.num_rows
         return sorted(zip(t.column("image_uri").to_pylist(), masks), key=lambda x: x[0]), 0
-    # An output folder inside the input folder: its distorted images are not new sources.
-    out_prefix = _fs_path(cfg.output.uri).rstrip("/") + "/" if storage.is_s3(uri) == storage.is_s3(cfg.output.uri) \
-        else None
     sources, ignored = [], 0
     for u in storage.iter_files(uri):
-        if out_prefix and _fs_path(u).startswith(out_prefix):
+        if storage.is_below(u, cfg.output.uri):  # its distorted images are not new sources
             ignored += 1
             continue
         if u.lower().endswith(IMAGE_SUFFIXES):
@@ -234,13 +231,6 @@ def list_sources(cfg: AnnotateConfig) -> tuple[list[tuple[str, list | None]], in
             ignored += 1
             log.info("not an image file name, ignored: %s", u)
     return sources, ignored
-
-
-def _fs_path(uri: str) -> str:
-    """A URI as its filesystem path (bucket/key, or an absolute local path), without a client."""
-    if storage.is_s3(uri):
-        return uri.split("://", 1)[1]
-    return storage.get_fs(uri)[1]
 
 
 def plan_shards(sources: list[tuple[str, list | None]], cfg: AnnotateConfig) -> list[dict]:

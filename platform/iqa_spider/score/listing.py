@@ -51,10 +51,6 @@ def read_with_retry(uri: str, attempts: int = 4, backoff_s: float = 0.5, reader=
     raise AssertionError("unreachable")
 
 
-def _fs_path(uri: str) -> str:
-    return storage.get_fs(uri)[1].rstrip("/")
-
-
 @dataclass
 class Listing:
     ignored: int = 0                # files that are not images (by name and by content)
@@ -65,10 +61,8 @@ class Listing:
 def iter_inputs(input_uri: str, output_uri: str, sniff_unknown: bool, stats: Listing) -> Iterator[str]:
     """Input keys in listing order (sorted per folder), streamed."""
     started = time.monotonic()
-    same_fs = storage.is_s3(input_uri) == storage.is_s3(output_uri)
-    out_prefix = _fs_path(output_uri) + "/" if same_fs else None
     for uri in storage.iter_files(input_uri):
-        if out_prefix and _fs_path(uri).startswith(out_prefix):
+        if storage.is_below(uri, output_uri):
             continue  # our own output inside the input folder is not input
         name = posixpath.basename(uri).lower()
         if name.endswith(IMAGE_SUFFIXES):
