@@ -6,14 +6,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import BIN, REPO
+
+
+# The demo at reduced size: a few training steps, two evaluation images.
+SHORT = ["stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
+         "stages.promote_overrides=['gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null}]',"
+         "data.max_images=2]"]
+
+
+def short_train(*extra: str) -> str:
+    return f"stages.train_overrides=[optim.max_steps=4,checkpoint.every_steps=5{''.join(',' + e for e in extra)}]"
 
 
 def test_demo_runs_every_stage(tmp_path):
-    overrides = [f"workdir={tmp_path / 'demo'}", "stages.train_overrides=[optim.max_steps=4,checkpoint.every_steps=5]",
-                 "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
-                 "stages.promote_overrides=['gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null}]',"
-                 "data.max_images=2]"]
+    overrides = [f"workdir={tmp_path / 'demo'}", short_train(), *SHORT]
     proc = subprocess.run([sys.executable, str(REPO / "jobs/demo.py"), "--config", str(REPO / "configs/demo.yaml"),
                            *overrides], capture_output=True, text=True, timeout=900, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
@@ -37,8 +44,55 @@ def test_demo_runs_every_stage(tmp_path):
     assert scores["rows"] == photos + 3 and scores["scored"] == photos
     assert scores["errors"] == {"empty": 1, "not_an_image": 1, "corrupt": 1}
     assert scores["model_version"] == "1"
-    page = (work / "scores" / "report.html").read_text()
+    scored = work / "scores"
+    check_score_report(lambda rel: (scored / rel).read_bytes(),
+                       lambda: [str(p.relative_to(scored)) for p in scored.rglob("*") if p.is_file()])
+
+
+def check_score_report(read, list_keys) -> None:
+    """The score report's images are all there; ``read(rel)`` reads below the scores folder."""
+    page = read("report.html").decode()
     links = re.findall(r"(?:src|href)='([^']+)'", page)
     assert any(link.startswith("overlays/") for link in links)
-    for link in links:  # every image the page shows is there
-        assert (work / "scores" / link).is_file(), link
+    present = set(list_keys())
+    for link in links:
+        assert link in present, link
+
+
+def test_demo_in_s3_on_a_remote_cluster_is_one_config_change(ray_head, moto_s3, mlflow_server, tmp_path):
+    """`iqa-spider submit demo ... workdir=s3://...`: the job runs on the cluster it was submitted
+    to and every output lands in S3 and the tracking server (both reached from the job through
+    the forwarded AWS_* / MLFLOW_TRACKING_URI variables)."""
+    from mlflow.tracking import MlflowClient
+
+    from iqa_spider import storage
+
+    work = f"s3://{moto_s3.bucket}/demo-{tmp_path.name}"
+    name = f"demo-remote-{tmp_path.name}"[:60]
+    proc = subprocess.run([str(BIN / "iqa-spider"), "submit", "demo", "--config", "configs/demo.yaml",
+                           f"workdir={work}", short_train(f"tracking.registered_model={name}"), *SHORT,
+                           "--address", ray_head, "--wait"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "connected to Ray at" in proc.stderr  # joined the cluster it was submitted to
+    assert f"scores         {work}/scores/data" in proc.stderr
+
+    summary = json.loads(storage.read_bytes(f"{work}/dataset/_summary.json"))
+    assert summary["annotated"] == summary["sources"] > 0
+    assert json.loads(storage.read_bytes(f"{work}/evaluate/report.json"))["images"] == 2
+    scores = json.loads(storage.read_bytes(f"{work}/scores/_summary.json"))
+    assert scores["errors"] == {"empty": 1, "not_an_image": 1, "corrupt": 1}
+    assert scores["scored"] == scores["rows"] - 3 > 0
+    champion = MlflowClient(mlflow_server.uri).get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == scores["model_version"]
+    base = f"{work}/scores"
+    check_score_report(lambda rel: storage.read_bytes(f"{base}/{rel}"),
+                       lambda: [storage.relative_key(base, u) for u in storage.iter_files(base)])
+
+
+def test_demo_in_s3_needs_a_tracking_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, str(REPO / "jobs/demo.py"), "--config", str(REPO / "configs/demo.yaml"),
+                           "workdir=s3://bucket/demo"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "workdir" in proc.stderr and "MLFLOW_TRACKING_URI" in proc.stderr

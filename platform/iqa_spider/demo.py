@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from iqa_spider.config import load_config
+from iqa_spider import storage
+from iqa_spider.config import ConfigError, load_config
 from iqa_spider.config.schemas import DemoConfig
 from iqa_spider.entrypoint import run_job
 
@@ -26,8 +27,13 @@ REPO = Path(__file__).resolve().parents[2]  # platform/iqa_spider/demo.py -> rep
 
 
 def stage_config(schema: type, path: str, overrides: Sequence[str], wiring: Sequence[str]):
-    """A shipped job config with the demo's overrides, then the wiring between stages."""
-    return load_config(schema, REPO / path, [*overrides, *wiring])
+    """A shipped job config with the demo's overrides, then the wiring between stages.
+
+    ``path`` is relative to the repository: the package's own checkout, or, in a submitted job
+    (where the package travels on its own as a py_module), the job's working directory.
+    """
+    found = next((root / path for root in (REPO, Path.cwd()) if (root / path).is_file()), REPO / path)
+    return load_config(schema, found, [*overrides, *wiring])
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
@@ -35,7 +41,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import run_evaluate
-    from iqa_spider.model.tiny import init_tiny
     from iqa_spider.registry.config import PromoteConfig
     from iqa_spider.registry.promotion import run_promote
     from iqa_spider.score.config import ScoreConfig
@@ -44,40 +49,45 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.train.export import HF_DIR
     from iqa_spider.train.job import run_train
 
-    work = Path(cfg.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{work / 'mlflow.db'}"
+    work = workdir_uri(cfg.workdir)
+    mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not mlflow_uri:
+        if storage.is_s3(work):
+            raise ConfigError("a workdir in S3 means a shared setup: set MLFLOW_TRACKING_URI to the tracking "
+                              "server every node can reach (the default sqlite file is local)", key="workdir")
+        mlflow_uri = f"sqlite:///{os.path.join(work, 'mlflow.db')}"
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri(mlflow_uri)  # evaluate logs there too
     st = cfg.stages
     out: dict[str, str] = {}
 
     log.info("demo 1/7: tiny %s model (seed %d)", cfg.tiny.family, cfg.tiny.seed)
-    model = init_tiny(cfg.tiny.family, work / "tiny_model", seed=cfg.tiny.seed)
-    out["tiny model"] = str(model)
+    model = write_tiny_model(cfg.tiny.family, cfg.tiny.seed, storage.join(work, "tiny_model"))
+    out["tiny model"] = model
 
     log.info("demo 2/7: scikit-image's bundled photos as the pristine collection")
-    write_builtin_photos(str(work / "photos"))
-    out["photos"] = str(work / "photos")
+    photos = storage.join(work, "photos")
+    write_builtin_photos(photos)
+    out["photos"] = photos
 
     log.info("demo 3/7: annotate (Ray Data)")
-    dataset = work / "dataset"
+    dataset = storage.join(work, "dataset")
     run_annotate(stage_config(AnnotateConfig, st.annotate, st.annotate_overrides,
-                              [f"input.uri={work / 'photos'}", f"output.uri={dataset}"]))
-    out["dataset"] = str(dataset)
+                              [f"input.uri={photos}", f"output.uri={dataset}"]))
+    out["dataset"] = dataset
 
     log.info("demo 4/7: train (Ray Train, DeepSpeed ZeRO-3, LoRA) and register in MLflow")
     trained = run_train(stage_config(TrainConfig, st.train, st.train_overrides,
-                                     [f"data.uri={dataset}", f"model.path={model}", f"output.uri={work / 'runs'}",
-                                      f"tracking.uri={mlflow_uri}"]))
-    out["trained model"] = f"{trained['checkpoint']}/{HF_DIR}"
+                                     [f"data.uri={dataset}", f"model.path={model}",
+                                      f"output.uri={storage.join(work, 'runs')}", f"tracking.uri={mlflow_uri}"]))
+    out["trained model"] = storage.join(trained["checkpoint"], HF_DIR)
     if trained.get("model_version"):
         out["registered"] = f"models:/{trained['registered_model']}/{trained['model_version']}"
 
     log.info("demo 5/7: evaluate the trained model on the held-out split")
     run_evaluate(stage_config(EvaluateConfig, st.evaluate, st.evaluate_overrides,
                                        [f"model.path={out['trained model']}", f"data.uri={dataset}",
-                                        f"output.uri={work / 'evaluate'}"]))
-    out["evaluation"] = str(work / "evaluate" / "report.html")
+                                        f"output.uri={storage.join(work, 'evaluate')}"]))
+    out["evaluation"] = storage.join(work, "evaluate", "report.html")
 
     if trained.get("model_version"):
         log.info("demo 6/7: gated promotion of the new version to champion")
@@ -88,35 +98,65 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         out["champion"] = f"models:/{trained['registered_model']}@champion -> version {decision['champion_after']}"
 
     log.info("demo 7/7: batch-score a folder with the champion (Ray Data), broken files included")
-    incoming = write_incoming(work / "incoming", work / "photos")
+    incoming = write_incoming(storage.join(work, "incoming"), photos)
     champion = (f"models:/{trained['registered_model']}@champion" if out.get("champion")
                 else out["trained model"])
     scored = run_score(stage_config(ScoreConfig, st.score, st.score_overrides,
                                     [f"model.path={champion}", f"input.uri={incoming}",
-                                     f"output.uri={work / 'scores'}"]))
-    out["scores"] = str(work / "scores" / "data")
-    out["score report"] = scored.get("report", str(work / "scores" / "_summary.json"))
+                                     f"output.uri={storage.join(work, 'scores')}"]))
+    out["scores"] = storage.join(work, "scores", "data")
+    out["score report"] = scored.get("report", storage.join(work, "scores", "_summary.json"))
     out["mlflow"] = mlflow_uri
 
     print("\nIQA-Spider demo finished. Outputs:")
     for name, where in out.items():
         print(f"  {name:<14} {where}")
-    print(f"\nOpen {out['score report']} and {out['evaluation']} in a browser; for the training curves and "
-          f"the registry:\n  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {mlflow_uri}")
+    if storage.is_s3(work):
+        print(f"\nThe reports are in S3: copy them to open them in a browser, e.g.\n"
+              f"  aws s3 sync {storage.join(work, 'scores')} scores/ && open scores/report.html")
+    else:
+        print(f"\nOpen {out['score report']} and {out['evaluation']} in a browser.")
+    if mlflow_uri.startswith(("http://", "https://")):
+        print(f"Training curves and the registry: {mlflow_uri}")
+    else:
+        print(f"Training curves and the registry:\n"
+              f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {mlflow_uri}")
     return out
 
 
-def write_incoming(folder: Path, photos: Path) -> Path:
-    """A folder to score as users have them: nested photos, plus files that must not stop the job."""
-    import shutil
+def workdir_uri(workdir: str) -> str:
+    """The workdir as a URI: S3 stays as given, a local folder becomes absolute and exists."""
+    if storage.is_s3(workdir):
+        return workdir.rstrip("/")
+    local = Path(workdir.removeprefix("file://")).expanduser().resolve()
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
 
-    (folder / "nested").mkdir(parents=True, exist_ok=True)
-    for i, photo in enumerate(sorted(photos.glob("*.png"))):
-        shutil.copy(photo, folder / ("nested" if i % 2 else "") / photo.name)
-    good = next(iter(sorted(photos.glob("*.png")))).read_bytes()
-    (folder / "truncated.png").write_bytes(good[: len(good) // 3])
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "notes.jpg").write_bytes(b"not a JPEG at all")
+
+def write_tiny_model(family: str, seed: int, uri: str) -> str:
+    """The tiny checkpoint at ``uri``; built locally and copied when ``uri`` is in S3."""
+    import tempfile
+
+    from iqa_spider.model.tiny import init_tiny
+
+    if not storage.is_s3(uri):
+        return str(init_tiny(family, uri, seed=seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.copy_tree(str(init_tiny(family, Path(tmp) / "model", seed=seed)), uri)
+    return uri
+
+
+def write_incoming(folder: str, photos: str) -> str:
+    """A folder to score as users have them: nested photos, plus files that must not stop the job."""
+    pngs = list(storage.iter_files(photos, (".png",)))
+    for i, photo in enumerate(pngs):
+        name = storage.relative_key(photos, photo)
+        storage.write_bytes(storage.join(folder, "nested", name) if i % 2 else storage.join(folder, name),
+                            storage.read_bytes(photo))
+    good = storage.read_bytes(pngs[0])
+    storage.write_bytes(storage.join(folder, "truncated.png"), good[: len(good) // 3])
+    storage.write_bytes(storage.join(folder, "empty.jpg"), b"")
+    storage.write_bytes(storage.join(folder, "notes.jpg"), b"not a JPEG at all")
     return folder
 
 
