@@ -154,7 +154,9 @@ with mlflow.start_run():
                             registered_model_name="m", pip_requirements=[])
 print(json.load(open(os.path.join(resolve_model_path("models:/m/1", sys.argv[2]).local_dir, "config.json")))["generation"])
 """
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    # none of the session's MLflow settings (an experiment id of the test server, say) leak in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     seen = []
     for generation in ("first", "second"):
         hf = str(tmp_path / generation)
