@@ -27,7 +27,7 @@ import pytest
 
 from iqa_spider.config import load_config
 from iqa_spider.registry.config import GateMetric, PromoteConfig
-from conftest import REPO
+from conftest import REPO, env_vars
 
 # Floors null: with no champion the candidate only needs defined (finite) values.
 GATE = ("gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null},"
@@ -210,20 +210,25 @@ def test_registry_lock_is_exclusive_and_breaks_stale_leases(client):
 
 
 @pytest.fixture(scope="module")
-def flow(client, models, eval_data, tmp_path_factory):
+def flow(client, models, eval_data, mlflow_server, tmp_path_factory):
     """broken (refused: no champion, undefined metrics) -> reversed (first champion) ->
-    intact (better: promoted) -> reversed again (worse: refused) -> load @champion -> rollback."""
+    intact (better: promoted) -> reversed again (worse: refused) -> load @champion -> rollback.
+
+    The gate names its server (tracking.uri) while MLFLOW_TRACKING_URI points at an empty store:
+    the versions must be read from the gate's server, not the environment's."""
     from iqa_spider.infer.loading import resolve_model_path
     from iqa_spider.registry.promotion import promote, rollback
 
     name = "promo-flow"
-    cfg = gate_config(name, eval_data, tmp_path_factory.mktemp("promo_cache"))
+    cfg = gate_config(name, eval_data, tmp_path_factory.mktemp("promo_cache"), f"tracking.uri={mlflow_server.uri}")
     v = {kind: register(client, name, models[kind], kind) for kind in ("broken", "reversed", "intact")}
     v["reversed2"] = register(client, name, models["reversed"], "reversed")
     out = {"name": name, "versions": v, "cfg": cfg, "decisions": {}, "aliases": {}}
-    for step in ("broken", "reversed", "intact", "reversed2"):
-        out["decisions"][step] = promote(v[step], eval_data, cfg, client=client)
-        out["aliases"][step] = aliases(client, name)
+    elsewhere = f"sqlite:///{tmp_path_factory.mktemp('elsewhere') / 'empty.db'}"
+    with env_vars(MLFLOW_TRACKING_URI=elsewhere):
+        for step in ("broken", "reversed", "intact", "reversed2"):
+            out["decisions"][step] = promote(v[step], eval_data, cfg, client=client)
+            out["aliases"][step] = aliases(client, name)
     out["loaded"] = resolve_model_path(f"models:/{name}@champion", cfg.infer.cache_dir)
     out["rollback"] = rollback(name, client=client, gate=cfg)
     out["aliases"]["rollback"] = aliases(client, name)

@@ -188,14 +188,16 @@ def test_alias_is_pinned_once_on_the_driver(monkeypatch, tmp_path):
 
     seen = []
 
-    def fake(uri):
+    def fake(uri, tracking_uri=None):
         seen.append(uri)
+        assert tracking_uri == "http://registry:5000"  # the config's server, not only the environment's
         if "missing" in uri:
             raise LookupError("no alias 'missing'")
         return "7", "run123", "models:/iqa-spider/7"
 
     monkeypatch.setattr(loading, "resolve_mlflow_version", fake)
-    cfg = load_config(ScoreConfig, REPO / "configs/score.yaml", ["input.uri=/x", f"output.uri={tmp_path}"])
+    cfg = load_config(ScoreConfig, REPO / "configs/score.yaml", ["input.uri=/x", f"output.uri={tmp_path}",
+                                                                  "model.tracking_uri=http://registry:5000"])
     assert cfg.model.path == "models:/iqa-spider@champion"  # the default
     assert resolve_model(cfg) == ("models:/iqa-spider@champion", "7") and cfg.model.path == "models:/iqa-spider/7"
     cfg.model.path = "models:/iqa-spider@missing"

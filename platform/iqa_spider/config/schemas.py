@@ -26,6 +26,8 @@ class ModelConfig:
     # A local HF directory, a hub id (when the hub is reachable) or an MLflow URI
     # (models:/iqa-spider@champion, models:/iqa-spider/3, runs:/<id>/model).
     path: str = MISSING
+    # The MLflow server that models:/ and runs:/ paths are read from; null: MLFLOW_TRACKING_URI.
+    tracking_uri: Optional[str] = None
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"

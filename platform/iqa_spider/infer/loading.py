@@ -63,7 +63,7 @@ def find_hf_dir(root: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no HF model directory (a folder with config.json) under {root}")
 
 
-def resolve_mlflow_version(uri: str) -> tuple[str | None, str | None, str]:
+def resolve_mlflow_version(uri: str, tracking_uri: str | None = None) -> tuple[str | None, str | None, str]:
     """(version, run_id, download_uri) of an MLflow model URI.
 
     ``models:/name@alias`` and ``models:/name/latest`` are pinned to a version number, and the
@@ -71,7 +71,7 @@ def resolve_mlflow_version(uri: str) -> tuple[str | None, str | None, str]:
     """
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)  # None: MLFLOW_TRACKING_URI
     m = _MODELS_URI.match(uri)
     if m:
         name = m.group("name")
@@ -152,22 +152,30 @@ def _fetch_s3_folder(uri: str, cache_dir: str) -> Path:
     return _download_once(slot, fetch)
 
 
-def resolve_model_path(path: str, cache_dir: str | None = None) -> ResolvedModel:
-    """Turn ``model.path`` into a local HF directory (downloading if needed)."""
+def resolve_model_path(path: str, cache_dir: str | None = None, tracking_uri: str | None = None) -> ResolvedModel:
+    """Turn ``model.path`` into a local HF directory (downloading if needed); MLflow URIs are
+    read from ``tracking_uri`` (None: MLFLOW_TRACKING_URI)."""
     path = str(path)
     cache_dir = cache_dir or default_cache_dir()
     if is_mlflow_uri(path):
         import mlflow.artifacts
 
-        version, run_id, download_uri = resolve_mlflow_version(path)
-        tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+        version, run_id, download_uri = resolve_mlflow_version(path, tracking_uri)
+        tracking = tracking_uri or mlflow.get_tracking_uri()
         # The run id is part of the key: "version 1 of iqa-spider" on a store that was wiped and
         # filled again (a rerun demo, a fresh test server on a reused port) is another model.
         slot = _cache_slot(cache_dir, f"{tracking}|{download_uri}|{run_id}")
 
         def fetch(tmp: str) -> None:
             log.info("downloading %s (%s) from MLflow", path, download_uri)
-            mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=tmp)
+            source = download_uri
+            pinned = _MODELS_URI.match(download_uri)
+            if pinned:  # MLflow's models:/ repository asks the process-wide registry, not ours
+                from mlflow import MlflowClient
+
+                source = MlflowClient(tracking_uri).get_model_version_download_uri(pinned.group("name"),
+                                                                                   pinned.group("ref"))
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
 
         root = _download_once(slot, fetch)
         return ResolvedModel(path, str(find_hf_dir(root)), version, run_id)
@@ -215,7 +223,7 @@ def load_model(cfg: ModelConfig, cache_dir: str | None = None) -> LoadedModel:
 
     from iqa_spider.model.processor import load_processor
 
-    resolved = resolve_model_path(cfg.path, cache_dir)
+    resolved = resolve_model_path(cfg.path, cache_dir, cfg.tracking_uri)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     processor = load_processor(resolved.local_dir, cfg.min_pixels, cfg.max_pixels)

@@ -203,8 +203,12 @@ def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[st
     from iqa_spider.infer.config import EvalMlflow, EvalOutput, EvaluateConfig
     from iqa_spider.infer.evaluate import evaluate
     from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.registry.tracking import tracking_uri
 
-    ecfg = EvaluateConfig(model=replace(cfg.model, path=model_uri(cfg.registered_model, version)),
+    # The version is read from the server the gate decides on, whatever MLFLOW_TRACKING_URI says.
+    model = replace(cfg.model, path=model_uri(cfg.registered_model, version),
+                    tracking_uri=cfg.model.tracking_uri or tracking_uri(cfg.tracking.uri))
+    ecfg = EvaluateConfig(model=model,
                           infer=cfg.infer, segmenter=cfg.segmenter, data=replace(cfg.data, uri=data_uri),
                           output=EvalOutput(uri=None, html=False), mlflow=EvalMlflow(enabled="false"),
                           mappings=list(cfg.mappings))
