@@ -44,9 +44,22 @@ def test_demo_runs_every_stage(tmp_path):
     assert scores["rows"] == photos + 3 and scores["scored"] == photos
     assert scores["errors"] == {"empty": 1, "not_an_image": 1, "corrupt": 1}
     assert scores["model_version"] == "1"
+    check_contracts(str(work))
     scored = work / "scores"
     check_score_report(lambda rel: (scored / rel).read_bytes(),
                        lambda: [str(p.relative_to(scored)) for p in scored.rglob("*") if p.is_file()])
+
+
+def check_contracts(work: str) -> None:
+    """The dataset and the result Parquet hold to their contracts, row by row."""
+    from iqa_spider.data.io import read_dataset, read_table
+    from iqa_spider.infer.results import RESULT_SCHEMA, check_row
+
+    assert read_dataset(f"{work}/dataset").num_rows > 0  # raises on any contract violation
+    results = read_table(f"{work}/scores/data")
+    assert results.schema.names == RESULT_SCHEMA.names
+    problems = {r["image_uri"]: check_row(r) for r in results.to_pylist()}
+    assert not any(problems.values()), problems
 
 
 def check_score_report(read, list_keys) -> None:
@@ -85,6 +98,7 @@ def test_demo_in_s3_on_a_remote_cluster_is_one_config_change(ray_head, moto_s3, 
     assert scores["scored"] == scores["rows"] - 3 > 0
     champion = MlflowClient(mlflow_server.uri).get_model_version_by_alias(name, "champion")
     assert str(champion.version) == scores["model_version"]
+    check_contracts(work)
     base = f"{work}/scores"
     check_score_report(lambda rel: storage.read_bytes(f"{base}/{rel}"),
                        lambda: [storage.relative_key(base, u) for u in storage.iter_files(base)])
