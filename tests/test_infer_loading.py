@@ -128,6 +128,9 @@ def test_s3_folder_is_fetched_once_per_content(tiny_model_dir, moto_s3, tmp_path
     assert changed.local_dir != first.local_dir
     assert open(os.path.join(changed.local_dir, "generation_config.json")).read() == '{"do_sample": false}'
     assert os.path.isdir(first.local_dir)  # the old copy is left for whoever still reads it
+    # an unfinished atomic write (a hidden temporary key) is neither content nor copied
+    storage.write_bytes(storage.join(uri, ".tmp-123-model.safetensors"), b"half")
+    assert resolve_model_path(uri, cache).local_dir == changed.local_dir
 
     with pytest.raises(FileNotFoundError, match="no files under"):
         resolve_model_path(f"s3://{moto_s3.bucket}/models/absent", cache)

@@ -10,7 +10,6 @@ last checkpoint so the driver can register it.
 from __future__ import annotations
 
 import copy
-
 import json
 import logging
 import os
