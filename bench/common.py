@@ -14,6 +14,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# No downloads, no telemetry, no tokenizer fork warnings. Set on import, before Ray or
+# transformers are: every benchmark imports this module first.
+RUN_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+for _name, _value in RUN_ENV.items():
+    os.environ.setdefault(_name, _value)
 BENCHMARKS = REPO / "BENCHMARKS.md"
 PACKAGES = ("iqa-spider", "torch", "transformers", "peft", "deepspeed", "ray", "numpy", "pillow")
 

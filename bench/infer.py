@@ -136,9 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import common  # noqa: F401 - sets the benchmarks' environment before torch and transformers
     import torch
 
     from iqa_spider.config.schemas import ModelConfig

@@ -23,18 +23,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-               ("RAY_USAGE_STATS_ENABLED", "0")):
-    os.environ.setdefault(_k, _v)
-
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO  # first: it sets the benchmarks' environment
 
 
 def encode(img) -> bytes:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import io
-import os
 import socket
 import sys
 import tempfile
@@ -33,9 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
-               ("RAY_USAGE_STATS_ENABLED", "0")):
-    os.environ.setdefault(_k, _v)
+import common  # noqa: F401 - first: it sets the benchmarks' environment
 
 
 def make_images(n: int, side: int, seed: int = 0):
