@@ -242,6 +242,21 @@ def mlflow_server(tmp_path_factory):
         stop(proc)
 
 
+def register_model(client, name: str, model_dir: Path, experiment: str, tags: dict | None = None,
+                   metrics: dict | None = None) -> str:
+    """What training does: a run in ``experiment``, the HF directory logged as its pyfunc model,
+    a new registered version of ``name``; returns the version."""
+    from iqa_spider.registry.pyfunc import log_and_register
+    from iqa_spider.registry.tracking import experiment_id
+
+    run_id = client.create_run(experiment_id(client, experiment), tags=tags or {}).info.run_id
+    for key, value in (metrics or {}).items():
+        client.log_metric(run_id, key, value)
+    version = log_and_register(client, run_id, Path(model_dir), name, tags or {})
+    client.set_terminated(run_id, "FINISHED")
+    return version
+
+
 @pytest.fixture()
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+from conftest import register_model
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.infer.loading import (find_hf_dir, load_model, resolve_device, resolve_dtype,
                                       resolve_model_path)
@@ -49,25 +50,14 @@ def test_find_hf_dir(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def registered(mlflow_server, tiny_model_dir):
     """The tiny model logged as the artifact of an MLflow pyfunc model (as training logs it),
-    registered as versions 1 and 2, with alias champion on version 2."""
-    import mlflow
-    import mlflow.pyfunc
+    registered as versions 1 and 2 (one run each), with alias champion on version 2."""
     from mlflow import MlflowClient
 
-    class HFWrapper(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
-            return model_input
-
+    client = MlflowClient()
     name = "iqa-spider-loading-test"
-    mlflow.set_experiment("infer-loading")
-    with mlflow.start_run() as run:
-        info = mlflow.pyfunc.log_model(name="model", python_model=HFWrapper(),
-                                       artifacts={"hf_model": str(tiny_model_dir)},
-                                       registered_model_name=name, pip_requirements=[])
-    second = mlflow.register_model(info.model_uri, name)  # a second version of the same artifacts
-    versions = [str(info.registered_model_version), str(second.version)]
-    runs = [run.info.run_id, run.info.run_id]
-    MlflowClient().set_registered_model_alias(name, "champion", versions[1])
+    versions = [register_model(client, name, tiny_model_dir, "infer-loading") for _ in range(2)]
+    runs = [client.get_model_version(name, v).run_id for v in versions]
+    client.set_registered_model_alias(name, "champion", versions[1])
     return name, versions, runs
 
 

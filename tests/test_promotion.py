@@ -27,7 +27,7 @@ import pytest
 
 from iqa_spider.config import load_config
 from iqa_spider.registry.config import GateMetric, PromoteConfig
-from conftest import REPO, env_vars
+from conftest import REPO, env_vars, register_model
 
 # Floors null: with no champion the candidate only needs defined (finite) values.
 GATE = ("gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null},"
@@ -113,16 +113,7 @@ def client(mlflow_server):
 
 
 def register(client, name: str, model_dir: Path, kind: str) -> str:
-    """What training does: a run, its pyfunc model, a new registered version."""
-    from iqa_spider.registry.pyfunc import log_and_register
-
-    exp = client.get_experiment_by_name("promotion-test-train")
-    exp_id = exp.experiment_id if exp else client.create_experiment("promotion-test-train")
-    run = client.create_run(exp_id, tags={"kind": kind})
-    client.log_metric(run.info.run_id, "train_loss", 1.0)
-    version = log_and_register(client, run.info.run_id, model_dir, name, {"kind": kind})
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return version
+    return register_model(client, name, model_dir, "promotion-test-train", {"kind": kind}, {"train_loss": 1.0})
 
 
 def gate_config(name: str, data: str, cache: Path, *extra: str) -> PromoteConfig:

@@ -9,14 +9,13 @@ import hashlib
 import io
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO, free_port, wait_http
+from conftest import REPO, free_port, register_model, wait_http
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION
 
@@ -40,18 +39,10 @@ def photo(seed: int, size=(64, 48)) -> Image.Image:
 @pytest.fixture(scope="module")
 def champion(mlflow_server, tiny_model_dir):
     """The tiny model registered twice, alias champion on version 1 (so 'latest' would be 2)."""
-    import mlflow
     from mlflow import MlflowClient
 
-    from iqa_spider.registry.pyfunc import log_and_register
-
     client = MlflowClient()
-    mlflow.set_experiment("serve-test")
-    versions = []
-    for _ in range(2):
-        run = client.create_run(mlflow.get_experiment_by_name("serve-test").experiment_id)
-        versions.append(log_and_register(client, run.info.run_id, Path(tiny_model_dir), MODEL_NAME, {}))
-        client.set_terminated(run.info.run_id)
+    versions = [register_model(client, MODEL_NAME, tiny_model_dir, "serve-test") for _ in range(2)]
     client.set_registered_model_alias(MODEL_NAME, "champion", versions[0])
     return versions
 
