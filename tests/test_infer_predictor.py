@@ -131,6 +131,12 @@ def test_ground_generated_answers(head):
             for p in g.points:
                 assert 0 <= p.x <= im.width - 1 and 0 <= p.y <= im.height - 1
                 assert 0 <= p.p_right <= 1 and 0 <= p.p_bottom <= 1
+            # whatever the model wrote, its words, mentions, point and mask agree: a mention only
+            # of words in the answer, one point (default mapping) per answer that names a
+            # position, a mask exactly when there is a point or the whole image is named
+            assert all(w in g.answer.lower() for pair in g.pairs for w in pair.words if w)
+            assert len(g.points) == (1 if g.pairs and not g.whole_image else 0)
+            assert (g.mask is not None) == (bool(g.points) or g.whole_image)
             if g.mask is not None:
                 assert g.mask.shape == (im.height, im.width) and g.mask.dtype == bool
 

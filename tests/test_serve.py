@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import REPO, free_port, register_model, wait_http
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION
+from iqa_spider.infer.text_to_point import is_whole_image
 
 MODEL_NAME = "iqa-spider-serve-test"
 MAX_BODY = 512 * 1024
@@ -124,6 +125,8 @@ def test_every_task_answers_with_valid_fields(service):
     assert isinstance(row["description"], str)
     assert {r["query"] for r in row["regions"]} == {HYD_QUESTION, "Which region shows the most severe noise?"}
     for r in row["regions"]:
+        # a mask exactly when the answer gave a point or named the whole image
+        assert (r["mask_rle"] is not None) == (r["point_x"] is not None or is_whole_image(r["answer"]))
         if r["mask_rle"] is not None:
             assert r["mask_rle"]["size"] == [60, 80] and r["mask_area"] >= 0
     assert [a["region"] for a in row["referring"]] == ["the sky in the top left of the image"]
