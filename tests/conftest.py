@@ -257,6 +257,45 @@ def register_model(client, name: str, model_dir: Path, experiment: str, tags: di
     return version
 
 
+def ray_job_submit(address: str, runtime_env: dict, job_id: str, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    """The plain `ray job submit --no-wait` CLI from the repository root, as docs/jobs.md shows it.
+
+    Retried while the cluster says "No available agent": on a loaded machine the Jobs API
+    answers a little before the node's job agent does.
+    """
+    import json
+
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+           "--runtime-env-json", json.dumps(runtime_env), "--submission-id", job_id, "--no-wait", "--", *entrypoint]
+    deadline = time.monotonic() + 90
+    while True:
+        # the `ray job` CLI sends the cluster's auth token only with RAY_AUTH_MODE=token
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=90,
+                           env={**os.environ, "RAY_AUTH_MODE": "token"})
+        if r.returncode == 0 or "No available agent" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(2)
+
+
+@contextlib.contextmanager
+def serve_app(args: dict):
+    """The IQA-Spider Serve application built from ``args`` (as `serve run serving.app:build_app`
+    gets them) on a free port of 127.0.0.1 of the running Ray; yields its URL once healthy."""
+    from ray import serve
+
+    from iqa_spider.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="iqa-spider", route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", 120)
+        yield url
+    finally:
+        serve.shutdown()
+
+
 @pytest.fixture()
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import time
 
 import numpy as np
@@ -15,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import BIN, REPO, env_vars, free_port
+from conftest import REPO, env_vars, ray_job_submit, serve_app
 from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer import results as R
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
+from iqa_spider.submit import EXCLUDES
 
 MAX_PIXELS = 40_000  # 200 x 200: the "huge" inputs are over it, every good one (<= 160 px) under it
 
@@ -278,10 +278,7 @@ def test_rerun_skips_everything_then_resumes_a_lost_shard(first_run, s3_inputs, 
 
 
 def test_serve_backend_gives_the_same_rows(first_run, s3_inputs, ray_local, tiny_model_dir, moto_s3):
-    from ray import serve
-
     from iqa_spider.score.job import run_score
-    from iqa_spider.serve.app import build_app
 
     out, _, _ = first_run
     input_uri, _, _ = s3_inputs
@@ -292,14 +289,10 @@ def test_serve_backend_gives_the_same_rows(first_run, s3_inputs, ray_local, tiny
                         "grounding": {"num_cpus": 0.25}, "ingress": {"num_cpus": 0.1}},
         "forward_env": ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"],
     }
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    try:
-        serve.run(build_app(args), name="iqa-spider", route_prefix="/", blocking=False)
+    with serve_app(args):
         serve_out = moto_s3.uri("score-out", "serve")
         summary = run_score(score_cfg(tiny_model_dir, f"{input_uri}/modes", serve_out, "backend=serve",
                                       "serve.clients=1"))
-    finally:
-        serve.shutdown()
     want = sorted(k for k in s3_inputs[1] if k.startswith(f"{input_uri}/modes/"))
     assert summary["backend"] == "serve" and summary["rows"] == len(want) == 9
     actor_rows = {r["image_uri"]: r for r in read_rows(out)}
@@ -334,23 +327,13 @@ def test_ray_job_submit_on_a_ray_head(ray_head, moto_s3, s3_inputs, tiny_model_d
     job_id = f"score-{os.getpid()}"
     # the moto endpoint and its test keys are not secrets; a real job gets them from the nodes
     # excludes as docs/jobs.md: other jobs' outputs in the checkout (demo_out, mlruns) may change while zipping
-    renv = {"py_modules": ["platform/iqa_spider"],
-            "excludes": [".git", ".venv", "__pycache__", "*.pyc", ".pytest_cache", ".cache", "demo_out", "mlruns",
-                         "mlartifacts", "mlflow.db", "*.parquet", "*.whl"],
+    renv = {"py_modules": ["platform/iqa_spider"], "excludes": EXCLUDES,
             "env_vars": {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                                     "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}}
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head, "--working-dir", ".",
-           "--runtime-env-json", json.dumps(renv), "--submission-id", job_id, "--no-wait", "--",
-           "python", "jobs/score.py", "--config", "configs/score.yaml", f"model.path={tiny_model_dir}",
-           f"input.uri={input_uri}/a", f"output.uri={out}", "infer.max_new_tokens=8",
-           f"infer.max_pixels={MAX_PIXELS}", "scoring.num_cpus=0.5"]
-    deadline = time.monotonic() + 90
-    while True:  # the Jobs API answers a little before the node's job agent does (on a loaded machine)
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=90,
-                           env={**os.environ, "RAY_AUTH_MODE": "token"})
-        if r.returncode == 0 or "No available agent" not in r.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    r = ray_job_submit(ray_head, renv, job_id, [
+        "python", "jobs/score.py", "--config", "configs/score.yaml", f"model.path={tiny_model_dir}",
+        f"input.uri={input_uri}/a", f"output.uri={out}", "infer.max_new_tokens=8",
+        f"infer.max_pixels={MAX_PIXELS}", "scoring.num_cpus=0.5"])
     assert r.returncode == 0, r.stdout + r.stderr
     status = wait(job_id, ray_head, timeout=240).value
     logs = client(ray_head).get_job_logs(job_id)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO, free_port, register_model, wait_http
+from conftest import REPO, free_port, register_model, serve_app, wait_http
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION
 from iqa_spider.infer.text_to_point import is_whole_image
@@ -51,12 +51,7 @@ def champion(mlflow_server, tiny_model_dir):
 @pytest.fixture(scope="module")
 def service(ray_local, champion, moto_s3, tiny_sam_dir, tmp_path_factory):
     """The app of serving/config.yaml's schema, with test limits, on a free port."""
-    from ray import serve
-
-    from iqa_spider.serve.app import build_app
-
     sam = tiny_sam_dir
-    port = free_port()
     args = {
         "model": {"path": f"models:/{MODEL_NAME}@champion", "device": "cpu"},
         "infer": {"max_new_tokens": 6, "describe_max_new_tokens": 6, "cache_dir": str(tmp_path_factory.mktemp("c"))},
@@ -73,14 +68,8 @@ def service(ray_local, champion, moto_s3, tiny_sam_dir, tmp_path_factory):
         "forward_env": ["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                         "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"],
     }
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(args), name="iqa-spider", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", 120)
+    with serve_app(args) as url:
         yield url
-    finally:
-        serve.shutdown()
 
 
 def assess_json(url: str, body: dict, timeout: float = 60) -> requests.Response:

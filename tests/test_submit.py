@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, ray_job_submit
 from iqa_spider import storage
 from iqa_spider.submit import CONFIG_ENV, SubmitError, build_submission, client, submit, wait
 
@@ -138,13 +138,9 @@ def test_package_is_shipped_with_py_modules(cluster):
 def test_plain_ray_job_submit_runs_the_same_entrypoint(cluster, photos, tmp_path):
     out = tmp_path / "dq"
     job_id = f"plain-{os.getpid()}"
-    renv = '{"py_modules": ["platform/iqa_spider"], "excludes": ["*.parquet", "mlflow.db", "mlruns"]}'  # docs/jobs.md
-    r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster, "--working-dir", ".",
-                        "--runtime-env-json", renv, "--submission-id", job_id, "--no-wait",
-                        "--", "python", "jobs/annotate.py",
-                        "--config", "configs/annotate.yaml", f"input.uri={photos}", f"output.uri={out}", *SMALL],
-                       capture_output=True, text=True, cwd=REPO, timeout=60,
-                       env={**os.environ, "RAY_AUTH_MODE": "token"})  # the `ray job` CLI sends the token only then
+    renv = {"py_modules": ["platform/iqa_spider"], "excludes": ["*.parquet", "mlflow.db", "mlruns"]}  # docs/jobs.md
+    r = ray_job_submit(cluster, renv, job_id, ["python", "jobs/annotate.py", "--config", "configs/annotate.yaml",
+                                               f"input.uri={photos}", f"output.uri={out}", *SMALL])
     assert r.returncode == 0, r.stdout + r.stderr
     assert wait(job_id, cluster, timeout=150).value == "SUCCEEDED", logs(cluster, job_id)
     assert '"annotated": 2' in storage.read_bytes(str(out / "_summary.json")).decode()
