@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from skimage import data
 
-from iqa_spider.model.tiny_sam import IMAGE_SIZE, init_tiny_sam
+from iqa_spider.model.tiny_sam import IMAGE_SIZE
 
 
 def test_directory_loads_with_the_real_classes(tiny_sam_dir):
@@ -61,9 +61,23 @@ def saved_weights(path) -> dict:
     return weights
 
 
-def test_same_seed_same_weights(tiny_sam_dir, tmp_path):
-    a = saved_weights(tiny_sam_dir)
-    b = saved_weights(init_tiny_sam(tmp_path / "again", seed=0))
-    c = saved_weights(init_tiny_sam(tmp_path / "other", seed=1))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+def test_same_seed_same_weights(tmp_path):
+    """Across processes, as the demo and the tests use it: each build runs in a fresh
+    interpreter, so nothing a long test session did to global state can blur the answer."""
+    import subprocess
+    import sys
+
+    def build(*jobs: tuple[str, int]) -> None:
+        code = ("import sys; from iqa_spider.model.tiny_sam import init_tiny_sam\n"
+                "for out, seed in zip(sys.argv[1::2], sys.argv[2::2]): init_tiny_sam(out, int(seed))")
+        args = [str(x) for job in jobs for x in (tmp_path / job[0], job[1])]
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    build(("a", 0), ("other", 1))
+    build(("again", 0))
+    a, b, c = (saved_weights(tmp_path / name) for name in ("a", "again", "other"))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not differ, differ
     assert any(not np.array_equal(a[k], c[k]) for k in a)
