@@ -54,6 +54,14 @@ def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ConfigValueError(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+def check_at_least(minimum: float, *fields: tuple[str, Any]) -> None:
+    """Schemas call this from __post_init__ for counts, sizes and bounds: each ``(key, value)``
+    must be at least ``minimum``."""
+    for key, value in fields:
+        if value < minimum:
+            raise ConfigValueError(key, f"must be at least {minimum}, got {value}")
+
+
 def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError("file not found", source=str(path))

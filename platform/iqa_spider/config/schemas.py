@@ -12,7 +12,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import ConfigError, ConfigValueError, check_choice, load_config, read_yaml
+from iqa_spider.config.loader import (ConfigError, ConfigValueError, check_at_least, check_choice, load_config,
+                                      read_yaml)
 
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -278,11 +279,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         o, s = self.optim, self.scaling
-        for key, value in (("optim.micro_batch_size", o.micro_batch_size), ("optim.grad_accum", o.grad_accum),
-                           ("optim.max_steps", o.max_steps), ("scaling.num_workers", s.num_workers),
-                           ("checkpoint.every_steps", self.checkpoint.every_steps)):
-            if value < 1:
-                raise ConfigValueError(key, f"must be at least 1, got {value}")
+        check_at_least(1, ("optim.micro_batch_size", o.micro_batch_size), ("optim.grad_accum", o.grad_accum),
+                       ("optim.max_steps", o.max_steps), ("scaling.num_workers", s.num_workers),
+                       ("checkpoint.every_steps", self.checkpoint.every_steps))
         per_step = o.micro_batch_size * o.grad_accum * s.num_workers
         if o.global_batch_size is not None and o.global_batch_size != per_step:
             raise ConfigValueError(

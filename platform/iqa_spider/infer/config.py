@@ -12,7 +12,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import ConfigValueError, check_choice
+from iqa_spider.config.loader import ConfigValueError, check_at_least, check_choice
 from iqa_spider.config.schemas import ModelConfig
 
 # Names of the text-to-point mappings (iqa_spider.infer.text_to_point.MAPPINGS) and of the
@@ -78,9 +78,8 @@ class InferConfig:
     def __post_init__(self) -> None:
         check_choice("infer.mapping", self.mapping, MAPPING_NAMES)
         check_choice("infer.grid", self.grid, (2, 3))
-        for key in ("batch_size", "max_rows", "max_new_tokens", "describe_max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise ConfigValueError(f"infer.{key}", "must be at least 1")
+        check_at_least(1, *((f"infer.{key}", getattr(self, key))
+                            for key in ("batch_size", "max_rows", "max_new_tokens", "describe_max_new_tokens")))
         if self.tau <= 0:
             raise ConfigValueError("infer.tau", "must be > 0")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from iqa_spider.config.loader import ConfigValueError, check_choice
+from iqa_spider.config.loader import ConfigValueError, check_at_least, check_choice
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.infer.config import EvalData, InferConfig, SegmenterConfig
 
@@ -85,8 +85,7 @@ class PromoteConfig:
             raise ConfigValueError("gate", f"metric listed twice: {sorted(n for n in names if names.count(n) > 1)[0]}")
         if self.candidate is not None and not str(self.candidate).isdigit():
             raise ConfigValueError("candidate", f"must be a version number, got {self.candidate!r}")
-        if self.max_attempts < 1:
-            raise ConfigValueError("max_attempts", "must be at least 1")
+        check_at_least(1, ("max_attempts", self.max_attempts))
 
 
 __all__ = ["GateMetric", "PromoteConfig", "PromotionLockSettings", "PromotionTracking", "DIRECTIONS"]

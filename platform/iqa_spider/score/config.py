@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import ConfigValueError, check_choice
+from iqa_spider.config.loader import ConfigValueError, check_at_least, check_choice
 from iqa_spider.config.schemas import ModelConfig, RayConfig
 from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
@@ -83,11 +83,9 @@ class ScoreConfig:
             check_choice("tasks", t, TASKS)
         if "score" not in self.tasks:
             raise ConfigValueError("tasks", "must include 'score' (every row has a score)")
-        for key, value in (("output.block_size", self.output.block_size), ("scoring.actors", self.scoring.actors),
-                           ("serve.clients", self.serve.clients), ("input.read_retries", self.input.read_retries),
-                           ("scoring.decode_memory_mb", self.scoring.decode_memory_mb)):
-            if value < 1:
-                raise ConfigValueError(key, f"must be at least 1, got {value}")
+        check_at_least(1, ("output.block_size", self.output.block_size), ("scoring.actors", self.scoring.actors),
+                       ("serve.clients", self.serve.clients), ("input.read_retries", self.input.read_retries),
+                       ("scoring.decode_memory_mb", self.scoring.decode_memory_mb))
         if self.scoring.num_gpus < 0 or self.scoring.num_cpus < 0:
             raise ConfigValueError("scoring.num_gpus", "resources must be >= 0")
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from iqa_spider.config.loader import ConfigError, ConfigValueError, build_config, read_yaml
+from iqa_spider.config.loader import ConfigError, ConfigValueError, build_config, check_at_least, read_yaml
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
@@ -138,10 +138,8 @@ class ServeAppConfig:
         d = self.deployments
         for name, s in (("model", d.model), ("grounding", d.grounding), ("ingress", d.ingress)):
             key = f"deployments.{name}"
-            if s.num_replicas < 1:
-                raise ConfigValueError(f"{key}.num_replicas", f"must be at least 1, got {s.num_replicas}")
-            if s.max_ongoing_requests < 1:
-                raise ConfigValueError(f"{key}.max_ongoing_requests", "must be at least 1")
+            check_at_least(1, (f"{key}.num_replicas", s.num_replicas),
+                           (f"{key}.max_ongoing_requests", s.max_ongoing_requests))
             _check_positive(f"{key}.num_cpus", s.num_cpus, allow_zero=True)
             if hasattr(s, "num_gpus"):
                 _check_positive(f"{key}.num_gpus", s.num_gpus, allow_zero=True)
@@ -150,18 +148,15 @@ class ServeAppConfig:
                 raise ConfigValueError(f"{key}.autoscaling.min_replicas",
                                        f"need 0 <= min_replicas <= max_replicas, max >= 1 "
                                        f"(got {a.min_replicas}, {a.max_replicas})")
-        if d.model.max_batch_size < 1:
-            raise ConfigValueError("deployments.model.max_batch_size", "must be at least 1")
+        check_at_least(1, ("deployments.model.max_batch_size", d.model.max_batch_size))
         if d.model.max_ongoing_requests < d.model.max_batch_size:
             raise ConfigValueError("deployments.model.max_ongoing_requests",
                                    f"must be >= max_batch_size ({d.model.max_batch_size}) or batches never fill")
         _check_positive("deployments.model.batch_wait_timeout_s", d.model.batch_wait_timeout_s, allow_zero=True)
         lim = self.limits
-        for key in ("max_body_bytes", "max_pixels", "max_text_chars"):
-            if getattr(lim, key) < 1:
-                raise ConfigValueError(f"limits.{key}", "must be at least 1")
-        if lim.max_questions < 0:
-            raise ConfigValueError("limits.max_questions", "must be >= 0")
+        check_at_least(1, *((f"limits.{key}", getattr(lim, key))
+                            for key in ("max_body_bytes", "max_pixels", "max_text_chars")))
+        check_at_least(0, ("limits.max_questions", lim.max_questions))
         _check_positive("limits.request_timeout_s", lim.request_timeout_s)
         bad = [t for t in lim.allowed_content_types if not t.startswith("image/")]
         if bad:
