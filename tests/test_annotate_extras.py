@@ -1,6 +1,7 @@
 """The annotation job's other region sources (tiny SAM, the user's masks) and the MOS import."""
 import csv
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ MAX_SIDE = 128
 def small_photos(n: int) -> list[tuple[str, np.ndarray]]:
     """Bundled photos already at MAX_SIDE or smaller, so the job does not resize them."""
     out = []
-    for name, img in list(iter_builtin_photos())[:n]:
+    for name, img in itertools.islice(iter_builtin_photos(), n):
         out.append((name, np.asarray(resize_max_side(decode_image(encode_png(img)), MAX_SIDE))))
     return out
 

@@ -1,5 +1,6 @@
 """The annotation job end to end on a real local Ray: local folder and moto S3."""
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ N_PHOTOS = 4
 
 def write_inputs(base: str) -> None:
     """A few real photos (one in a subfolder, one with a space and unicode) and three bad files."""
-    photos = list(iter_builtin_photos())[:N_PHOTOS]
+    photos = list(itertools.islice(iter_builtin_photos(), N_PHOTOS))
     for i, (name, img) in enumerate(photos):
         sub = "nested/" if i == 0 else ""
         fname = f"{name} é.png" if i == 1 else f"{name}.png"
@@ -152,7 +153,7 @@ def test_output_inside_the_input_is_not_a_source(tmp_path):
     """Listing only: image files are sources, other files and the job's own output are ignored."""
     from iqa_spider.annotate.pipeline import list_sources
 
-    (name, img), = list(iter_builtin_photos())[:1]
+    name, img = next(iter_builtin_photos())
     png = encode_png(img[:32, :32])
     for rel in (f"{name}.png", "sub/B.JPG", "labels.csv", "out/images/x.png", "out/data/shard.parquet"):
         storage.write_bytes(str(tmp_path / rel), png)

@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
 from conftest import REPO
@@ -15,13 +14,11 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, ray_local):
-    from iqa_spider.annotate.pipeline import iter_builtin_photos, run_annotate
+    from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
     from iqa_spider.config.schemas import AnnotateConfig
-    from iqa_spider.images import encode_png
 
     root = tmp_path_factory.mktemp("evaluate")
-    for name, img in list(iter_builtin_photos())[:2]:
-        storage.write_bytes(str(root / "photos" / f"{name}.png"), encode_png(img))
+    write_builtin_photos(str(root / "photos"), limit=2)
     cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                       [f"input.uri={root / 'photos'}", f"output.uri={root / 'data'}", "distort.max_side=128",
                        "distort.variants_per_image=2", "test_fraction=1.0"])

@@ -71,18 +71,15 @@ def eval_data(tmp_path_factory, models) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from iqa_spider import storage
-    from iqa_spider.annotate.pipeline import ShardAnnotator, iter_builtin_photos, list_sources, plan_shards
+    from iqa_spider.annotate.pipeline import ShardAnnotator, list_sources, plan_shards, write_builtin_photos
     from iqa_spider.config.schemas import AnnotateConfig
     from iqa_spider.data.io import read_dataset, write_table
     from iqa_spider.data.schema import DATASET_SCHEMA
-    from iqa_spider.images import encode_png
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import evaluate
 
     root = tmp_path_factory.mktemp("promo_data")
-    for name, img in list(iter_builtin_photos())[:3]:
-        storage.write_bytes(str(root / "photos" / f"{name}.png"), encode_png(img))
+    write_builtin_photos(str(root / "photos"), limit=3)
     cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                       [f"input.uri={root / 'photos'}", f"output.uri={root / 'data'}", "distort.max_side=128",
                        "distort.variants_per_image=2", "test_fraction=1.0"])

@@ -24,12 +24,10 @@ def cluster(ray_head):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> str:
-    from iqa_spider.annotate.pipeline import iter_builtin_photos
-    from iqa_spider.images import encode_png
+    from iqa_spider.annotate.pipeline import write_builtin_photos
 
     root = tmp_path_factory.mktemp("submit_photos")
-    for name, img in list(iter_builtin_photos())[:2]:
-        storage.write_bytes(str(root / f"{name}.png"), encode_png(img))
+    write_builtin_photos(str(root), limit=2)
     return str(root)
 
 

@@ -9,6 +9,7 @@ finds finished shards and skips them, and a retried task overwrites rather than 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -318,10 +319,11 @@ def iter_builtin_photos() -> Iterator[tuple[str, np.ndarray]]:
         yield name, img[..., :3].astype(np.uint8)
 
 
-def write_builtin_photos(out_uri: str) -> list[str]:
-    """Write the bundled photos as PNG files to `out_uri`; returns their URIs."""
+def write_builtin_photos(out_uri: str, limit: int | None = None) -> list[str]:
+    """Write the bundled photos (the first `limit` of them) as PNG files to `out_uri`; returns
+    their URIs. Photos past the limit are never decoded."""
     uris = []
-    for name, img in iter_builtin_photos():
+    for name, img in itertools.islice(iter_builtin_photos(), limit):
         uri = storage.join(out_uri, f"{name}.png")
         storage.write_bytes(uri, encode_png(img))
         uris.append(uri)
