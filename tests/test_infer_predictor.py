@@ -92,6 +92,36 @@ def test_shared_prefix_equals_the_naive_loop_qwen3(tiny_qwen3_model_dir):
     assert_same(p.engine.run(images, queries), p.engine.run_naive(images, queries))
 
 
+def test_rows_ending_between_stop_checks_equal_the_naive_loop_and_decoding_stops(predictor, monkeypatch):
+    """Decoding reads which rows have ended only every STOP_CHECK_EVERY steps (a host read
+    per token would idle the GPU). Rows that end between reads must still give what the
+    naive loop gives, and decoding must stop soon after the last row ends, not at the cap."""
+    from iqa_spider.infer.engine import STOP_CHECK_EVERY
+
+    eng, cap = predictor.engine, 20
+    images = images3()
+    queries = [[Query(HYD_QUESTION, max_new_tokens=cap),
+                Query("Describe the quality of the image.", max_new_tokens=cap)]] * 3
+    free = [r for rs in eng.run(images, queries) for r in rs]
+    assert all(len(r.token_ids) == cap and not r.finished for r in free)  # the random model never ends
+    # Make the token each row writes at one of these steps an end token (some earlier if the
+    # token occurs earlier in a row), so rows end at different steps, on and off the checks.
+    ends = {r.token_ids[at] for r, at in zip(free, (2, 11, 5, 13, 9, 6))}
+    monkeypatch.setattr(eng, "eos_ids", [*eng.eos_ids, *ends])
+    monkeypatch.setattr(eng, "max_rows", len(free))  # one decoding batch, so its steps can be counted
+    decode_steps = []
+    forward = eng._forward
+    monkeypatch.setattr(eng, "_forward", lambda **kw: decode_steps.append(kw["input_ids"].shape[1] == 1)
+                        or forward(**kw))
+
+    shared = eng.run(images, queries)
+    assert_same(shared, eng.run_naive(images, queries))
+    lengths = [len(r.token_ids) for rs in shared for r in rs]
+    assert all(r.finished for rs in shared for r in rs) and len(set(lengths)) >= 3, lengths
+    last_end = max(lengths)  # the step at which the last row wrote its end token
+    assert sum(decode_steps) <= last_end + STOP_CHECK_EVERY < cap - 1, (sum(decode_steps), lengths)
+
+
 def test_prompt_split_matches_the_chat_template(predictor):
     eng = predictor.engine
     assert eng.prefix_consistent
