@@ -84,8 +84,8 @@ def baseline(cfg, steps: int) -> float:
     started = time.monotonic()
     for batch in batches:
         batch = dict(batch)
-        tasks, labels = batch.pop("task"), batch.pop("labels")
-        loss, _ = per_task_loss(model(**batch).logits, labels, tasks)
+        task_ids, labels = batch.pop("task_id"), batch.pop("labels")
+        loss, _ = per_task_loss(model(**batch).logits, labels, task_ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.grad_clip)
         opt.step()

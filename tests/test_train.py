@@ -180,6 +180,7 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     import torch
     import torch.nn.functional as F
 
+    from iqa_spider.config.schemas import TASK_NAMES
     from iqa_spider.train.loop import per_task_loss
 
     torch.manual_seed(0)
@@ -187,11 +188,18 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     labels = torch.full((3, 7), -100)
     labels[0, 3:6] = torch.tensor([1, 2, 3])
     labels[2, 1:3] = torch.tensor([4, 5])  # sample 1 has no answer token inside the window
-    loss, stats = per_task_loss(logits, labels, ["rating", "grounding", "rating"])
+    rating, grounding = TASK_NAMES.index("rating"), TASK_NAMES.index("grounding")
+    loss, stats = per_task_loss(logits, labels, torch.tensor([rating, grounding, rating]))
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
-    assert stats["grounding"] == (0.0, 0) and stats["rating"][1] == 5
-    assert stats["rating"][0] / 5 == pytest.approx(float(expected), rel=1e-6)
+    assert stats.shape == (len(TASK_NAMES), 2) and stats.dtype == torch.float64
+    assert stats[grounding].tolist() == [0.0, 0.0] and stats[rating, 1] == 5
+    assert float(stats[rating, 0]) / 5 == pytest.approx(float(expected), rel=1e-6)
+    assert float(stats.sum(0)[0]) == float(stats[rating, 0])  # no other task got anything
+    # the loss sum of sample 0 alone: its three answer tokens
+    first = per_task_loss(logits[:1], labels[:1], torch.tensor([grounding]))[1][grounding]
+    assert float(first[0]) == pytest.approx(float(F.cross_entropy(logits[0, 2:5], labels[0, 3:6], reduction="sum")))
+    assert float(first[1]) == 3
 
 
 def test_resume_finds_the_newest_complete_checkpoint_in_storage(tmp_path):

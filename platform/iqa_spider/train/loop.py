@@ -58,8 +58,14 @@ def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int) -> Ite
         epoch += 1
 
 
-def per_task_loss(logits: Any, labels: Any, tasks: list[str]) -> tuple[Any, dict[str, tuple[float, int]]]:
-    """Token-mean cross-entropy over answer tokens, plus (sum, count) per task for logging."""
+def per_task_loss(logits: Any, labels: Any, task_ids: Any) -> tuple[Any, Any]:
+    """Token-mean cross-entropy over answer tokens, and per task its (loss sum, answer tokens).
+
+    ``task_ids`` holds each sample's index in TASK_NAMES; the per-task figures come back as a
+    (len(TASK_NAMES), 2) float64 tensor on the logits' device and stay there: reading them
+    here would make the host wait for the forward pass before it could queue the backward.
+    The loop sums them over the step and reads them once, for the step's metrics.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -67,18 +73,28 @@ def per_task_loss(logits: Any, labels: Any, tasks: list[str]) -> tuple[Any, dict
     valid = shift_labels != -100
     # Only answer positions, cast to fp32 after selecting them: a full fp32 copy of the logits
     # costs ~1 GB per micro-batch at Qwen's 152k vocabulary, almost all of it prompt and image.
-    answer_logits = logits[:, :-1][valid].float()
-    tok = F.cross_entropy(answer_logits, shift_labels[valid], reduction="none")
-    per_sample_sum = torch.zeros(labels.size(0), dtype=tok.dtype, device=tok.device).index_add_(
-        0, valid.nonzero()[:, 0], tok)
+    # Finding them is the loss's one host read (their count sizes the selection).
+    rows, cols = valid.nonzero(as_tuple=True)
+    tok = F.cross_entropy(logits[rows, cols].float(), shift_labels[rows, cols], reduction="none")
+    per_sample_sum = torch.zeros(labels.size(0), dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
     per_sample_n = valid.sum(dim=1)
     loss = per_sample_sum.sum() / per_sample_n.sum().clamp(min=1)
-    stats: dict[str, tuple[float, int]] = {}
-    with torch.no_grad():
-        for t, s, n in zip(tasks, per_sample_sum.tolist(), per_sample_n.tolist()):
-            a, b = stats.get(t, (0.0, 0))
-            stats[t] = (a + s, b + n)
+    per_sample = torch.stack([per_sample_sum.detach().double(), per_sample_n.double()], dim=1)
+    stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=tok.device).index_add_(
+        0, task_ids.to(tok.device), per_sample)
     return loss, stats
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """Tensors on ``device``, copied without making the host wait.
+
+    A plain ``.to("cuda")`` from pageable memory waits until the GPU has finished the work
+    already queued (the previous micro-step), so the host could not queue the next one ahead.
+    From pinned memory the copy is queued on the stream like any kernel.
+    """
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def reduce_metrics(values: list[float]) -> list[float]:
@@ -278,46 +294,41 @@ def train_loop_per_worker(config: dict) -> None:
     window = {"samples": 0.0, "tokens": 0.0, "data_wait": 0.0, "t0": time.monotonic()}
     engine.train()
     while step < cfg.optim.max_steps:
-        task_stats: dict[str, tuple[float, int]] = {}
-        loss_sum, tok_n = 0.0, 0
+        task_stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=device)
         for _ in range(cfg.optim.grad_accum):
             waited = time.monotonic()
             raw = next(stream)
             window["data_wait"] += time.monotonic() - waited
             batch = collate(raw, pad_id)
-            tasks = batch.pop("task")
-            labels = batch.pop("labels").to(device)
-            inputs = {k: v.to(device) for k, v in batch.items()}
+            window["samples"] += len(batch["task_id"])
+            window["tokens"] += float(batch["attention_mask"].sum())  # on the host, before the copy
+            inputs = to_device(batch, device)
+            labels, task_ids = inputs.pop("labels"), inputs.pop("task_id")
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = engine(**inputs)
-            loss, stats = per_task_loss(out.logits, labels, tasks)
+            loss, stats = per_task_loss(out.logits, labels, task_ids)
             engine.backward(loss)
             engine.step()
-            for t, (s, n) in stats.items():
-                a, b = task_stats.get(t, (0.0, 0))
-                task_stats[t] = (a + s, b + n)
-                loss_sum, tok_n = loss_sum + s, tok_n + n
-            window["samples"] += len(tasks)
-            window["tokens"] += float(inputs["attention_mask"].sum())
+            task_stats += stats
         step += 1
         maybe_inject_failure(config.get("fault") or {}, step, rank, world)
 
         # Every worker takes part in the reduction and in report(): Ray needs the same number
         # of reports from each, and ZeRO-3 needs all ranks in every collective.
-        flat = [loss_sum, tok_n, window["samples"], window["tokens"], window["data_wait"]]
-        for t in TASK_NAMES:
-            flat += list(task_stats.get(t, (0.0, 0)))
+        flat = [window["samples"], window["tokens"], window["data_wait"], *task_stats.flatten().tolist()]
         red = reduce_metrics(flat)
+        per_task = {t: (red[3 + 2 * i], red[4 + 2 * i]) for i, t in enumerate(TASK_NAMES)}
+        answer_tokens = sum(n for _, n in per_task.values())
         elapsed = max(time.monotonic() - window["t0"], 1e-9)
         metrics: dict[str, float] = {
-            "step": step, "loss": red[0] / max(red[1], 1), "lr": scheduler.get_lr()[0],
-            "samples_per_s": red[2] / elapsed, "tokens_per_s": red[3] / elapsed,
+            "step": step, "loss": sum(s for s, _ in per_task.values()) / max(answer_tokens, 1),
+            "lr": scheduler.get_lr()[0],
+            "samples_per_s": red[0] / elapsed, "tokens_per_s": red[1] / elapsed,
             # share of the step spent waiting for Ray Data (mean over workers): > 0.1 means
             # preprocessing is the bottleneck (raise scaling.preprocess_actors / _cpus)
-            "data_wait_frac": red[4] / world / elapsed,
+            "data_wait_frac": red[2] / world / elapsed,
         }
-        for i, t in enumerate(TASK_NAMES):
-            s, n = red[5 + 2 * i], red[6 + 2 * i]
+        for t, (s, n) in per_task.items():
             if n:
                 metrics[f"loss_{t}"] = s / n
         window.update({"samples": 0.0, "tokens": 0.0, "data_wait": 0.0, "t0": time.monotonic()})

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from iqa_spider import storage
+from iqa_spider.config.schemas import TASK_NAMES
 from iqa_spider.images import ImageError, decode_image
 
 log = logging.getLogger(__name__)
@@ -127,4 +128,5 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
                for b, g in zip(batch["pixel_values"], grids)]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "pixel_values": torch.from_numpy(np.concatenate(patches)), "image_grid_thw": torch.from_numpy(grids),
-            "task": [str(t) for t in batch["task"]]}
+            # the task of each sample as its index in TASK_NAMES: the loss sums per task on the device
+            "task_id": torch.tensor([TASK_NAMES.index(str(t)) for t in batch["task"]], dtype=torch.long)}
