@@ -465,13 +465,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_batch(args, processor, tcfg, pad_id: int, tmpdir: Path):
+def train_batch(args, processor, model_config, tcfg, pad_id: int, tmpdir: Path):
     """One micro-batch through the training preprocessing (Preprocessor.encode + collate)."""
     import numpy as np
 
     from iqa_spider.train.preprocess import Preprocessor, collate
 
+    # The Preprocessor takes a model folder (config.json marks one), as training gives it.
     processor.save_pretrained(tmpdir)
+    model_config.save_pretrained(tmpdir)
     pre = Preprocessor(str(tmpdir), tcfg.data.max_seq_len, tcfg.data.max_pixels,
                        None if args.toy else tcfg.model.min_pixels, None if args.toy else tcfg.model.max_pixels)
     mb = tcfg.optim.micro_batch_size
@@ -511,8 +513,8 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
     on_gpu = device.type == "cuda"
     pad_id = int(cfg.get_text_config().pad_token_id or 0)
     with tempfile.TemporaryDirectory() as tmp:
-        batch = train_batch(args, processor, tcfg, pad_id, Path(tmp))
-    tasks = batch.pop("task")
+        batch = train_batch(args, processor, cfg, tcfg, pad_id, Path(tmp))
+    task_ids = batch.pop("task_id").to(device)
     labels = batch.pop("labels").to(device)
     inputs = {k: v.to(device) for k, v in batch.items()}
     dtype = next(model.parameters()).dtype
@@ -567,7 +569,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
 
         def micro_step():
             out = engine(**inputs)
-            loss, _ = per_task_loss(out.logits, labels, tasks)
+            loss, _ = per_task_loss(out.logits, labels, task_ids)
             engine.backward(loss)
             engine.step()
             return loss
@@ -580,7 +582,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
 
         def micro_step():
             out = model(**inputs)
-            loss, _ = per_task_loss(out.logits, labels, tasks)
+            loss, _ = per_task_loss(out.logits, labels, task_ids)
             (loss / accum).backward()
             state["k"] += 1
             if state["k"] % accum == 0:
