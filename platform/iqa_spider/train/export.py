@@ -27,14 +27,12 @@ HF_DIR, ADAPTER_DIR, REFERENCE_FILE, REPORT_FILE = "hf_model", "adapter", "refer
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 
 
-def fixed_input(model_path: str) -> dict:
+def fixed_input(processor: Any) -> dict:
     """A deterministic input (synthetic image + the scoring prompt) to compare models on."""
     from PIL import Image
-    from transformers import AutoProcessor
 
     from iqa_spider.train.preprocess import chat
 
-    processor = AutoProcessor.from_pretrained(model_path)
     yy, xx = np.mgrid[0:96, 0:128]
     img = np.stack([xx * 2 % 256, yy * 2 % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
     text = processor.apply_chat_template(chat(SCORE_QUESTION, SCORE_ANSWER_PREFIX), tokenize=False)
@@ -45,12 +43,14 @@ def fixed_input(model_path: str) -> dict:
 def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any) -> None:
     """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, adapter, reference.pt, export.json}."""
     import torch
+    from transformers import AutoProcessor
 
     from iqa_spider.train.recipe import precision
 
     on_gpu = next(engine.module.parameters()).device.type == "cuda"
     prec = precision(cfg, on_gpu)
-    inputs = fixed_input(cfg.model.path)
+    processor = AutoProcessor.from_pretrained(cfg.model.path)  # the base's, shipped with the export
+    inputs = fixed_input(processor)
     engine.eval()
     with torch.no_grad():
         dev = {k: v.to(engine.device) for k, v in inputs.items()}
@@ -62,15 +62,15 @@ def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any
         return
     state = torch.load(consolidated / "state.bin", map_location="cpu", weights_only=True)
     shutil.rmtree(consolidated)
-    _write_export(cfg, out, state, inputs, reference, prec, hf_ds)
+    _write_export(cfg, out, state, processor, inputs, reference, prec, hf_ds)
 
 
-def _write_export(cfg: TrainConfig, out: Path, state: dict, inputs: dict, reference: Any, prec: str,
-                  hf_ds: Any) -> None:
+def _write_export(cfg: TrainConfig, out: Path, state: dict, processor: Any, inputs: dict, reference: Any,
+                  prec: str, hf_ds: Any) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from iqa_spider.train.recipe import lora_config_dict, torch_dtype, trains_fully
 
@@ -100,7 +100,7 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, inputs: dict, refere
     merged = model.merge_and_unload().eval()
     hf = out / HF_DIR
     merged.save_pretrained(hf, safe_serialization=True)
-    AutoProcessor.from_pretrained(cfg.model.path).save_pretrained(hf)
+    processor.save_pretrained(hf)
     with torch.no_grad():
         feed = dict(inputs)
         feed["pixel_values"] = feed["pixel_values"].to(dtype)
