@@ -43,14 +43,33 @@ def maybe_inject_failure(fault: dict[str, str], step: int, rank: int, world: int
         os._exit(1)
 
 
-def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int) -> Iterator[dict]:
-    """Endless stream of this worker's micro-batches (a new pass over the shard each epoch)."""
+# Micro-batches Ray Data collates (and pins) ahead in its threads while the step runs.
+PREFETCH_BATCHES = 2
+
+
+def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int, pad_id: int,
+            device: Any) -> Iterator[dict]:
+    """Endless stream of this worker's micro-batches, as model inputs on ``device``.
+
+    Ray Data pads them (``collate``) in its prefetch threads, pins them on GPU nodes and
+    queues the copy to the device without waiting, so neither the host work nor the copy
+    holds up the step; a new pass over the shard starts each epoch.
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from iqa_spider.train.preprocess import collate
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> dict:
+            return collate(batch, pad_id)
+
     epoch = 0
     while True:
         got = False
-        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=shuffle_buffer or None,
-                                        local_shuffle_seed=seed + epoch):
+        for batch in shard.iter_torch_batches(
+                batch_size=micro_batch, drop_last=True, collate_fn=Collate(), device=device,
+                pin_memory=device.type == "cuda", prefetch_batches=PREFETCH_BATCHES,
+                local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=seed + epoch):
             got = True
             yield batch
         if not got:
@@ -83,18 +102,6 @@ def per_task_loss(logits: Any, labels: Any, task_ids: Any) -> tuple[Any, Any]:
     stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=tok.device).index_add_(
         0, task_ids.to(tok.device), per_sample)
     return loss, stats
-
-
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """Tensors on ``device``, copied without making the host wait.
-
-    A plain ``.to("cuda")`` from pageable memory waits until the GPU has finished the work
-    already queued (the previous micro-step), so the host could not queue the next one ahead.
-    From pinned memory the copy is queued on the stream like any kernel.
-    """
-    if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def reduce_metrics(values: list[float]) -> list[float]:
@@ -242,7 +249,6 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from iqa_spider.train.preprocess import collate
     from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
 
     cfg: TrainConfig = local_model(config["cfg"])
@@ -289,20 +295,19 @@ def train_loop_per_worker(config: dict) -> None:
         log.info("worker %d resumed at step %d", rank, step)
 
     shard = ray.train.get_dataset_shard("train")
-    stream = batches(shard, cfg.optim.micro_batch_size, cfg.data.shuffle_buffer, cfg.optim.seed + step)
+    stream = batches(shard, cfg.optim.micro_batch_size, cfg.data.shuffle_buffer, cfg.optim.seed + step, pad_id,
+                     device)
     started = time.monotonic()
     window = {"samples": 0.0, "tokens": 0.0, "data_wait": 0.0, "t0": time.monotonic()}
     engine.train()
     while step < cfg.optim.max_steps:
+        # Summed on the device and read once per optimizer step, for the step's metrics.
         task_stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(cfg.optim.grad_accum):
             waited = time.monotonic()
-            raw = next(stream)
+            inputs = dict(next(stream))
             window["data_wait"] += time.monotonic() - waited
-            batch = collate(raw, pad_id)
-            window["samples"] += len(batch["task_id"])
-            window["tokens"] += float(batch["attention_mask"].sum())  # on the host, before the copy
-            inputs = to_device(batch, device)
             labels, task_ids = inputs.pop("labels"), inputs.pop("task_id")
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = engine(**inputs)
@@ -310,11 +315,14 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             task_stats += stats
+            tokens += inputs["attention_mask"].sum()
+            window["samples"] += len(task_ids)
         step += 1
         maybe_inject_failure(config.get("fault") or {}, step, rank, world)
 
         # Every worker takes part in the reduction and in report(): Ray needs the same number
         # of reports from each, and ZeRO-3 needs all ranks in every collective.
+        window["tokens"] += float(tokens)
         flat = [window["samples"], window["tokens"], window["data_wait"], *task_stats.flatten().tolist()]
         red = reduce_metrics(flat)
         per_task = {t: (red[3 + 2 * i], red[4 + 2 * i]) for i, t in enumerate(TASK_NAMES)}
