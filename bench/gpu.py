@@ -186,22 +186,31 @@ def model_config(toy: bool, vocab_size: int, token_ids: dict):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
 
 
-def build_model(args, torch, device, dtype):
-    """(model, processor, tokenizer, config) with random weights made on ``device`` in ``dtype``."""
+def config_and_processor(toy: bool):
+    """(model config, the real processor, the project's tokenizer, its special token ids)."""
     import yaml
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from iqa_spider.model.tiny import _generation_config, _token_ids, build_processor
+    from iqa_spider.model.tiny import _token_ids, build_processor
     from iqa_spider.model.tokenizer import build_tokenizer
 
     tok = build_tokenizer(FAMILY)
     token_ids = _token_ids(tok)
-    config = model_config(args.toy, len(tok), token_ids)
+    config = model_config(toy, len(tok), token_ids)
     processor = build_processor(FAMILY, tok)
-    if not args.toy:  # the 7B recipe's pixel bounds: a 448x448 image stays 448x448 (1024 patches)
+    if not toy:  # the 7B recipe's pixel bounds: a 448x448 image stays 448x448 (1024 patches)
         mcfg = yaml.safe_load(MODEL_YAML.read_text())["model"]
         processor.image_processor.size = {"shortest_edge": int(mcfg["min_pixels"]),
                                           "longest_edge": int(mcfg["max_pixels"])}
+    return config, processor, tok, token_ids
+
+
+def build_model(args, torch, device, dtype):
+    """(model, processor, tokenizer, config) with random weights made on ``device`` in ``dtype``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from iqa_spider.model.tiny import _generation_config
+
+    config, processor, tok, token_ids = config_and_processor(args.toy)
     t0 = time.perf_counter()
     # Parameters are allocated on the device in the target dtype and initialised there by the
     # model's own initialisers: no CPU copy, no 16 GB host-to-device transfer.
