@@ -122,6 +122,32 @@ def test_rows_ending_between_stop_checks_equal_the_naive_loop_and_decoding_stops
     assert sum(decode_steps) <= last_end + STOP_CHECK_EVERY < cap - 1, (sum(decode_steps), lengths)
 
 
+def test_decoding_steps_do_not_make_transformers_inspect_the_mask(predictor, monkeypatch):
+    """Given a 2-D mask, transformers reads it on the host at every step to decide whether
+    SDPA can skip it (a device sync per token); the engine hands decoding steps a 4-D mask."""
+    import transformers.masking_utils as masking
+
+    eng = predictor.engine
+    assert eng.model.config._attn_implementation == "sdpa"
+    inspected = {"decode": 0, "other": 0}
+    state = {"decode": False}
+    forward, inspect_mask = eng._forward, masking._ignore_causal_mask_sdpa
+
+    def tracking_forward(**kw):
+        state["decode"] = kw["input_ids"].shape[1] == 1
+        return forward(**kw)
+
+    def counting_inspect(*args, **kw):
+        inspected["decode" if state["decode"] else "other"] += 1
+        return inspect_mask(*args, **kw)
+
+    monkeypatch.setattr(eng, "_forward", tracking_forward)
+    monkeypatch.setattr(masking, "_ignore_causal_mask_sdpa", counting_inspect)
+    out = eng.run(images3()[:2], [[Query(HYD_QUESTION, max_new_tokens=6)]] * 2)
+    assert all(len(rs[0].token_ids) == 6 for rs in out)  # decoding ran its steps
+    assert inspected["other"] > 0 and inspected["decode"] == 0, inspected  # the patch sees prefill, not decode
+
+
 def test_prompt_split_matches_the_chat_template(predictor):
     eng = predictor.engine
     assert eng.prefix_consistent

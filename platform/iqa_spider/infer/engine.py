@@ -19,9 +19,10 @@ encodes that *shared prefix* once per image and reuses its keys/values for every
    position-word logits at every answer token from the same pass.
 3. **Greedy decoding** for the rows that must generate, with a per-row ``max_new_tokens``
    cap and eos stop; the logits of the position words are gathered on the device at every
-   step (a (rows, steps, 12) tensor), rows that finished are dropped from the batch every
-   few steps, and the only host sync per step is the "all finished?" check that
-   ``generate`` makes too.
+   step (a (rows, steps, 12) tensor). Decoding steps read nothing back to the host: which
+   rows have finished is read every STOP_CHECK_EVERY steps (``generate`` reads it every
+   step), finished rows are dropped every COMPACT_EVERY steps, and each step gets a 4-D
+   attention mask so that transformers does not inspect the mask on the host either.
 
 ``run_naive`` is the reference: one processor call and one ``generate`` (or forward) per
 (image, question), exactly what a straightforward loop does. Tests assert the two agree.
@@ -42,14 +43,15 @@ log = logging.getLogger(__name__)
 
 MODES = ("score", "generate", "force")
 _SENTINEL = "<<<IQA-SPIDER-QUESTION>>>"
-# Decoding reads which rows have finished only every STOP_CHECK_EVERY steps: each read is a
-# host-device round trip, and while the host waits for it the GPU idles instead of running
-# the steps the host has already queued (at small batches a 7B decode step costs about as
-# much to launch as to run). A row that ends between reads decodes at most
-# STOP_CHECK_EVERY - 1 extra tokens, cut at its end token by _result.
+# Decoding reads which rows have finished only every STOP_CHECK_EVERY steps. Each read is a
+# host-device round trip: the host waits for the GPU to drain, then the GPU waits while the
+# host launches the next step's kernels (eager PyTorch launches each of them from Python).
+# A finished row keeps decoding until the next compaction (its tokens are cut at its end
+# token by _result), and the batch stops at most STOP_CHECK_EVERY - 1 steps after its last
+# row ended.
 STOP_CHECK_EVERY = 4
-COMPACT_EVERY = 8  # decoding steps between drops of finished rows (a multiple of the above)
-
+COMPACT_EVERY = 8  # decoding steps between drops of finished rows
+assert COMPACT_EVERY % STOP_CHECK_EVERY == 0  # compaction happens at a read
 
 @dataclass
 class Query:
@@ -343,13 +345,26 @@ class Engine:
                     active, tokens = active[keep], tokens[keep]
                     attn, next_pos = attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
-            hidden = self._forward(input_ids=tokens[:, None], attention_mask=attn,
+            hidden = self._forward(input_ids=tokens[:, None], attention_mask=self._step_mask(attn),
                                    position_ids=next_pos[None, :, None].expand(3, len(active), 1), cache=cache)
             logits = self.lm_head(hidden[:, -1]).float()
             next_pos = next_pos + 1
         tokens_host = out_tokens.cpu().numpy()
         watch_host = out_watch.cpu().numpy()
         return [self._result(tokens_host[r], watch_host[r], caps[r]) for r in range(m)]
+
+    def _step_mask(self, attn):
+        """The attention mask of a one-token decoding step, made 4-D here for SDPA.
+
+        Given a 2-D padding mask, transformers decides at every step whether it can skip the
+        mask by reading it on the host (``masking_utils``: is there any padding?), a device
+        sync per token; a 4-D mask is used as given. SDPA takes a boolean one (True: attend).
+        Other attention implementations keep the 2-D mask: eager wants an additive float
+        mask, flash attention a 2-D one.
+        """
+        if self.model.config._attn_implementation == "sdpa":
+            return attn[:, None, None, :].bool()
+        return attn
 
     def _result(self, tokens: np.ndarray, watch: np.ndarray, cap: int) -> QueryResult:
         ids = [int(t) for t in tokens[:cap]]
