@@ -186,8 +186,8 @@ def model_config(toy: bool, vocab_size: int, token_ids: dict):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
 
 
-def config_and_processor(toy: bool):
-    """(model config, the real processor, the project's tokenizer, its special token ids)."""
+def config_processor_tokenizer(toy: bool):
+    """(model config, the real processor, the project's tokenizer)."""
     import yaml
 
     from iqa_spider.model.tiny import _token_ids, build_processor
@@ -201,16 +201,17 @@ def config_and_processor(toy: bool):
         mcfg = yaml.safe_load(MODEL_YAML.read_text())["model"]
         processor.image_processor.size = {"shortest_edge": int(mcfg["min_pixels"]),
                                           "longest_edge": int(mcfg["max_pixels"])}
-    return config, processor, tok, token_ids
+    return config, processor, tok
 
 
 def build_model(args, torch, device, dtype):
     """(model, processor, tokenizer, config) with random weights made on ``device`` in ``dtype``."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from iqa_spider.model.tiny import _generation_config
+    from iqa_spider.model.tiny import _generation_config, _token_ids
 
-    config, processor, tok, token_ids = config_and_processor(args.toy)
+    config, processor, tok = config_processor_tokenizer(args.toy)
+    token_ids = _token_ids(tok)
     t0 = time.perf_counter()
     # Parameters are allocated on the device in the target dtype and initialised there by the
     # model's own initialisers: no CPU copy, no 16 GB host-to-device transfer.
@@ -251,6 +252,19 @@ def synthetic_images(n: int, side: int, seed: int = 0):
         arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (side, side, 3))
         out.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
     return out
+
+
+def prompt_tokens(eng, processor, cfg, image, questions: dict) -> dict:
+    """Token counts of the prompt parts, from the real processor on a real image: the
+    shared prefix (image tokens included) and each question's suffix as the engine builds it."""
+    import numpy as np
+
+    enc = processor(text=[eng.prompt.prefix], images=[image], return_tensors="pt")
+    grid = enc["image_grid_thw"][0].tolist()
+    patches = int(np.prod(grid))
+    return {"patches": patches, "grid": grid, "prefix": int(enc["input_ids"].shape[1]),
+            "image_tokens": patches // cfg.vision_config.spatial_merge_size ** 2,
+            **{name: len(eng._suffix_ids(q)[0]) for name, q in questions.items()}}
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -375,14 +389,11 @@ def measure_inference(args, rep: Report, torch, device, model, processor, cfg, p
     for p in predictors.values():
         p.engine._result = counting_result
 
-    # Token counts of the prompt parts, from the real processor on a real image.
-    enc = processor(text=[eng.prompt.prefix], images=images[:1], return_tensors="pt")
-    grid = enc["image_grid_thw"][0].tolist()
-    patches = int(np.prod(grid))
-    prefix = int(enc["input_ids"].shape[1])
-    s_score = len(eng._suffix_ids(Query(SCORE_QUESTION, mode="score"))[0])
-    s_ground = len(eng._suffix_ids(Query(HYD_QUESTION, max_new_tokens=args.max_new_tokens))[0])
-    f.update(patches=patches, prefix_tokens=prefix, image_tokens=patches // cfg.vision_config.spatial_merge_size ** 2,
+    counts = prompt_tokens(eng, processor, cfg, images[0], {
+        "score": Query(SCORE_QUESTION, mode="score"), "ground": Query(HYD_QUESTION, max_new_tokens=args.max_new_tokens)})
+    grid, patches, prefix = counts["grid"], counts["patches"], counts["prefix"]
+    s_score, s_ground = counts["score"], counts["ground"]
+    f.update(patches=patches, prefix_tokens=prefix, image_tokens=counts["image_tokens"],
              suffix_score=s_score, suffix_ground=s_ground, image_px=f"{images[0].width}x{images[0].height}",
              processed_px=f"{grid[1] * cfg.vision_config.patch_size}x{grid[2] * cfg.vision_config.patch_size}")
 
@@ -474,7 +485,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_batch(args, processor, model_config, tcfg, pad_id: int, tmpdir: Path):
+def train_batch(args, processor, hf_config, tcfg, pad_id: int, tmpdir: Path):
     """One micro-batch through the training preprocessing (Preprocessor.encode + collate)."""
     import numpy as np
 
@@ -482,7 +493,7 @@ def train_batch(args, processor, model_config, tcfg, pad_id: int, tmpdir: Path):
 
     # The Preprocessor takes a model folder (config.json marks one), as training gives it.
     processor.save_pretrained(tmpdir)
-    model_config.save_pretrained(tmpdir)
+    hf_config.save_pretrained(tmpdir)
     pre = Preprocessor(str(tmpdir), tcfg.data.max_seq_len, tcfg.data.max_pixels,
                        None if args.toy else tcfg.model.min_pixels, None if args.toy else tcfg.model.max_pixels)
     mb = tcfg.optim.micro_batch_size
@@ -523,7 +534,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
     pad_id = int(cfg.get_text_config().pad_token_id or 0)
     with tempfile.TemporaryDirectory() as tmp:
         batch = train_batch(args, processor, cfg, tcfg, pad_id, Path(tmp))
-    task_ids = batch.pop("task_id").to(device)
+    task_ids, answer_pos = batch.pop("task_id").to(device), batch.pop("answer_pos").to(device)
     labels = batch.pop("labels").to(device)
     inputs = {k: v.to(device) for k, v in batch.items()}
     dtype = next(model.parameters()).dtype
@@ -578,7 +589,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
 
         def micro_step():
             out = engine(**inputs)
-            loss, _ = per_task_loss(out.logits, labels, task_ids)
+            loss, _ = per_task_loss(out.logits, labels, task_ids, answer_pos)
             engine.backward(loss)
             engine.step()
             return loss
@@ -591,7 +602,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
 
         def micro_step():
             out = model(**inputs)
-            loss, _ = per_task_loss(out.logits, labels, task_ids)
+            loss, _ = per_task_loss(out.logits, labels, task_ids, answer_pos)
             (loss / accum).backward()
             state["k"] += 1
             if state["k"] % accum == 0:

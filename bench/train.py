@@ -84,8 +84,8 @@ def baseline(cfg, steps: int) -> float:
     started = time.monotonic()
     for batch in batches:
         batch = dict(batch)
-        task_ids, labels = batch.pop("task_id"), batch.pop("labels")
-        loss, _ = per_task_loss(model(**batch).logits, labels, task_ids)
+        labels, task_ids, answer_pos = batch.pop("labels"), batch.pop("task_id"), batch.pop("answer_pos")
+        loss, _ = per_task_loss(model(**batch).logits, labels, task_ids, answer_pos)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.grad_clip)
         opt.step()

@@ -189,7 +189,8 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     labels[0, 3:6] = torch.tensor([1, 2, 3])
     labels[2, 1:3] = torch.tensor([4, 5])  # sample 1 has no answer token inside the window
     rating, grounding = TASK_NAMES.index("rating"), TASK_NAMES.index("grounding")
-    loss, stats = per_task_loss(logits, labels, torch.tensor([rating, grounding, rating]))
+    answer_pos = (labels[:, 1:] != -100).nonzero()  # as collate finds them
+    loss, stats = per_task_loss(logits, labels, torch.tensor([rating, grounding, rating]), answer_pos)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
     assert stats.shape == (len(TASK_NAMES), 2) and stats.dtype == torch.float64
@@ -197,7 +198,7 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     assert float(stats[rating, 0]) / 5 == pytest.approx(float(expected), rel=1e-6)
     assert float(stats.sum(0)[0]) == float(stats[rating, 0])  # no other task got anything
     # the loss sum of sample 0 alone: its three answer tokens
-    first = per_task_loss(logits[:1], labels[:1], torch.tensor([grounding]))[1][grounding]
+    first = per_task_loss(logits[:1], labels[:1], torch.tensor([grounding]), answer_pos[:3])[1][grounding]
     assert float(first[0]) == pytest.approx(float(F.cross_entropy(logits[0, 2:5], labels[0, 3:6], reduction="sum")))
     assert float(first[1]) == 3
 

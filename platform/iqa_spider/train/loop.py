@@ -77,30 +77,27 @@ def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int, pad_id
         epoch += 1
 
 
-def per_task_loss(logits: Any, labels: Any, task_ids: Any) -> tuple[Any, Any]:
+def per_task_loss(logits: Any, labels: Any, task_ids: Any, answer_pos: Any) -> tuple[Any, Any]:
     """Token-mean cross-entropy over answer tokens, and per task its (loss sum, answer tokens).
 
-    ``task_ids`` holds each sample's index in TASK_NAMES; the per-task figures come back as a
-    (len(TASK_NAMES), 2) float64 tensor on the logits' device and stay there: reading them
-    here would make the host wait for the forward pass before it could queue the backward.
-    The loop sums them over the step and reads them once, for the step's metrics.
+    ``task_ids`` holds each sample's index in TASK_NAMES and ``answer_pos`` the (row, column)
+    of every position whose logits predict an answer token (both made by ``collate``). Nothing
+    is read back to the host: the per-task figures come back as a (len(TASK_NAMES), 2) float64
+    tensor on the logits' device, which the loop sums over the step and reads once.
     """
     import torch
     import torch.nn.functional as F
 
-    shift_labels = labels[:, 1:]
-    valid = shift_labels != -100
+    rows, cols = answer_pos.unbind(1)
     # Only answer positions, cast to fp32 after selecting them: a full fp32 copy of the logits
     # costs ~1 GB per micro-batch at Qwen's 152k vocabulary, almost all of it prompt and image.
-    # Finding them is the loss's one host read (their count sizes the selection).
-    rows, cols = valid.nonzero(as_tuple=True)
-    tok = F.cross_entropy(logits[rows, cols].float(), shift_labels[rows, cols], reduction="none")
+    tok = F.cross_entropy(logits[rows, cols].float(), labels[rows, cols + 1], reduction="none")
     per_sample_sum = torch.zeros(labels.size(0), dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
-    per_sample_n = valid.sum(dim=1)
+    per_sample_n = (labels[:, 1:] != -100).sum(dim=1)
     loss = per_sample_sum.sum() / per_sample_n.sum().clamp(min=1)
     per_sample = torch.stack([per_sample_sum.detach().double(), per_sample_n.double()], dim=1)
     stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=tok.device).index_add_(
-        0, task_ids.to(tok.device), per_sample)
+        0, task_ids, per_sample)
     return loss, stats
 
 
@@ -303,27 +300,28 @@ def train_loop_per_worker(config: dict) -> None:
     while step < cfg.optim.max_steps:
         # Summed on the device and read once per optimizer step, for the step's metrics.
         task_stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=device)
-        tokens = torch.zeros((), dtype=torch.float64, device=device)
+        step_tokens = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(cfg.optim.grad_accum):
             waited = time.monotonic()
             inputs = dict(next(stream))
             window["data_wait"] += time.monotonic() - waited
-            labels, task_ids = inputs.pop("labels"), inputs.pop("task_id")
+            labels, task_ids, answer_pos = inputs.pop("labels"), inputs.pop("task_id"), inputs.pop("answer_pos")
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             out = engine(**inputs)
-            loss, stats = per_task_loss(out.logits, labels, task_ids)
+            loss, stats = per_task_loss(out.logits, labels, task_ids, answer_pos)
             engine.backward(loss)
             engine.step()
             task_stats += stats
-            tokens += inputs["attention_mask"].sum()
+            step_tokens += inputs["attention_mask"].sum()
             window["samples"] += len(task_ids)
         step += 1
         maybe_inject_failure(config.get("fault") or {}, step, rank, world)
 
         # Every worker takes part in the reduction and in report(): Ray needs the same number
         # of reports from each, and ZeRO-3 needs all ranks in every collective.
-        window["tokens"] += float(tokens)
-        flat = [window["samples"], window["tokens"], window["data_wait"], *task_stats.flatten().tolist()]
+        device_sums = torch.cat([step_tokens.reshape(1), task_stats.flatten()]).tolist()  # the step's one read
+        window["tokens"] += device_sums[0]
+        flat = [window["samples"], window["tokens"], window["data_wait"], *device_sums[1:]]
         red = reduce_metrics(flat)
         per_task = {t: (red[3 + 2 * i], red[4 + 2 * i]) for i, t in enumerate(TASK_NAMES)}
         answer_tokens = sum(n for _, n in per_task.values())

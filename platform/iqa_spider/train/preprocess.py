@@ -128,5 +128,8 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
                for b, g in zip(batch["pixel_values"], grids)]
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "pixel_values": torch.from_numpy(np.concatenate(patches)), "image_grid_thw": torch.from_numpy(grids),
-            # the task of each sample as its index in TASK_NAMES: the loss sums per task on the device
-            "task_id": torch.tensor([TASK_NAMES.index(str(t)) for t in batch["task"]], dtype=torch.long)}
+            # The loss's bookkeeping, found here on the host so that the loss on the device never
+            # has to look: each sample's task as its index in TASK_NAMES, and the (row, column)
+            # of every position that predicts an answer token.
+            "task_id": torch.tensor([TASK_NAMES.index(str(t)) for t in batch["task"]], dtype=torch.long),
+            "answer_pos": (labels[:, 1:] != IGNORE_INDEX).nonzero()}
