@@ -1,45 +1,39 @@
 """Sizing ceilings of the 7B model on a GPU, from the FLOP model of bench/gpu.py.
 
 No weights and no GPU: the Qwen2.5-VL-7B-sized model is built on the meta device (shapes
-only), token counts come from the real processor and the project's tokenizer, and the GPU
-enters only through its spec rates (default: H200 SXM, 989 TFLOP/s dense bf16, 4.8 TB/s).
+only), token counts come from the real processor, the project's tokenizer and the engine's
+own prompt split, and the GPU enters only through its rates (default: H200 SXM spec, 989
+TFLOP/s dense bf16, 4.8 TB/s).
 
-For each task mix it prints the images/s one GPU could reach at its peak (the FLOP ceiling,
-and the roofline ceiling that also bounds each decoding step by reading the weights and the
-KV cache), and how many GPUs a million images an hour would take at that ceiling; for the
-training recipe, tokens/s and samples/s per GPU and per 8-GPU node at MFU 100 %. A ceiling is
-a lower bound on GPUs, not a forecast: bench/gpu.py measures which fraction of it the
-predictor and the training step reach (see docs/scoring.md for how the two combine).
+For each task mix it prints the images/s one GPU could reach (the FLOP ceiling, and the
+roofline ceiling that also bounds each decoding step by reading the weights and the KV cache)
+and how many GPUs a million images an hour would take at the roofline; for the training
+recipe, tokens/s and samples/s per GPU and per 8-GPU node at MFU 100 %. A ceiling is a lower
+bound on GPUs, not a forecast: bench/gpu.py measures which fraction of it the predictor and
+the training step reach, against the peak it measures (pass that peak here with
+--peak-tflops / --bandwidth-tbs so that both refer to the same rates; docs/scoring.md).
 
-    .venv/bin/python bench/sizing.py [--peak-tflops 989] [--bandwidth-tbs 4.8] [--batch 32] [--md FILE]
+    .venv/bin/python bench/sizing.py [--peak-tflops 989] [--bandwidth-tbs 4.8] [--batch 8] [--md FILE]
 """
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import gpu  # bench/gpu.py: the 7B dimensions, the FLOP model, the recipe's files (sets the environment)
 
 H200_BF16_TFLOPS = 989.0  # dense, SXM (NVIDIA's H200 datasheet; 1979 is with 2:4 sparsity)
 H200_HBM_TBS = 4.8
 NODE_GPUS = 8
-# Images at the 7B recipe's pixel bounds: the smallest (min_pixels, 256 image tokens) and a
-# 1 MP photo (1024 x 1024 is cut to max_pixels: about 1280 image tokens).
+SCORE_YAML = gpu.REPO / "configs/score.yaml"
+# Images at the 7B recipe's pixel bounds: the smallest (min_pixels: 256 image tokens) and a
+# 1 MP photo (1024 x 1024 is cut to max_pixels: 980 x 980, 1225 image tokens).
 IMAGE_SIDES = (448, 1024)
-DESCRIBE_QUESTION = "Assess the quality of the image with a detailed explanation."
-
-
-@dataclass
-class Mix:
-    name: str
-    grounding: bool
-    describe: bool
-
-
-MIXES = (Mix("score", False, False), Mix("score + grounding", True, False),
-         Mix("score + grounding + global description", True, True))
+MIXES = (("score", False, False), ("score + grounding", True, False),
+         ("score + grounding + global description", True, True))
 
 
 def meta_model(config):
@@ -67,109 +61,109 @@ def lora_params(model, tcfg) -> int:
                if isinstance(m, torch.nn.Linear) and pattern.fullmatch(name))
 
 
-def inference_rows(config, pc, processor, tok, peak: float, bw: float, batch: int) -> list[dict]:
+def inference_rows(config, pc, model, processor, tok, peak: float, bw: float, batch: int) -> tuple[list[dict], dict]:
     from iqa_spider.infer.config import HYD_QUESTION
-    from iqa_spider.infer.engine import PromptParts
+    from iqa_spider.infer.engine import Engine, Query
     from iqa_spider.vocab import SCORE_QUESTION
 
-    prompt = PromptParts.from_processor(processor)
-    suffix = lambda q: len(tok.encode(q + prompt.tail, add_special_tokens=False))  # noqa: E731
-    s_score, s_ground, s_desc = suffix(SCORE_QUESTION), suffix(HYD_QUESTION), suffix(DESCRIBE_QUESTION)
-    ground_gen = answer_tokens(tok, gpu.TRAIN_SAMPLES[1][2])
-    desc_gen = answer_tokens(tok, gpu.TRAIN_SAMPLES[0][2])
+    eng = Engine(model, processor)  # only its prompt split and suffix encoding are used
+    describe_question = gpu.TRAIN_SAMPLES[0][1]
+    answers = {"ground": answer_tokens(tok, gpu.TRAIN_SAMPLES[1][2]),
+               "describe": answer_tokens(tok, gpu.TRAIN_SAMPLES[0][2])}
+    questions = {"score": Query(SCORE_QUESTION, mode="score"), "ground": Query(HYD_QUESTION),
+                 "describe": Query(describe_question)}
+    bytes_per_param = 2  # bf16
     rows = []
     for side in IMAGE_SIDES:
-        image = gpu.synthetic_images(1, side)[0]
-        enc = processor(text=[prompt.prefix], images=[image], return_tensors="np")
-        patches = int(enc["image_grid_thw"][0].prod())
-        prefix = int(enc["input_ids"].shape[1])
-        for mix in MIXES:
-            # infer_flops counts score + one grounding answer; score alone drops the grounding
-            # suffix and decode, a description adds its suffix and its decode.
-            fl = gpu.infer_flops(config, pc, patches, prefix, s_score, s_ground if mix.grounding else 0,
-                                 ground_gen if mix.grounding else 0)
-            decode_s = gpu.decode_roofline_s(config, pc, batch, prefix + s_ground, ground_gen, peak, bw, 2) / batch \
-                if mix.grounding else 0.0
-            total = fl["total"]
-            if mix.describe:
-                desc = gpu.infer_flops(config, pc, patches, prefix, 0, s_desc, desc_gen)
+        n = gpu.prompt_tokens(eng, processor, config, gpu.synthetic_images(1, side)[0], questions)
+        for name, grounding, describe in MIXES:
+            # infer_flops counts score + one grounding answer; score alone has neither the
+            # grounding suffix nor its decoding, a description adds its suffix and decoding.
+            fl = gpu.infer_flops(config, pc, n["patches"], n["prefix"], n["score"],
+                                 n["ground"] if grounding else 0, answers["ground"] if grounding else 0)
+            total, decode_flops, decode_s = fl["total"], fl["decode"], 0.0
+            if grounding:
+                decode_s += gpu.decode_roofline_s(config, pc, batch, n["prefix"] + n["ground"], answers["ground"],
+                                                  peak, bw, bytes_per_param) / batch
+            if describe:
+                desc = gpu.infer_flops(config, pc, n["patches"], n["prefix"], 0, n["describe"], answers["describe"])
                 total += desc["suffixes"] + desc["decode"]
-                decode_s += gpu.decode_roofline_s(config, pc, batch, prefix + s_desc, desc_gen, peak, bw, 2) / batch
-                decode_flops = fl["decode"] + desc["decode"]
-            else:
-                decode_flops = fl["decode"]
+                decode_flops += desc["decode"]
+                decode_s += gpu.decode_roofline_s(config, pc, batch, n["prefix"] + n["describe"],
+                                                  answers["describe"], peak, bw, bytes_per_param) / batch
             flop_ips = peak / total
             roof_ips = 1 / ((total - decode_flops) / peak + decode_s)
-            rows.append({"ground_gen": ground_gen, "desc_gen": desc_gen, "side": side, "image_tokens": patches // 4, "prefix": prefix, "mix": mix.name,
-                         "tflop": total / 1e12, "flop_ips": flop_ips, "roof_ips": roof_ips,
-                         "gpus_per_million_per_hour": 1e6 / 3600 / min(flop_ips, roof_ips)})
-    return rows
+            rows.append({"side": side, "image_tokens": n["image_tokens"], "mix": name, "tflop": total / 1e12,
+                         "flop_ips": flop_ips, "roof_ips": roof_ips, "gpus_per_million_per_hour": 1e6 / 3600 / roof_ips})
+    return rows, answers
 
 
-def training_row(config, pc, model, processor, tok, peak: float) -> dict:
+def training_figures(config, pc, model, processor, peak: float) -> dict:
+    """The recipe's micro-batch (one sample of each task kind) through the training
+    preprocessing, as bench/gpu.py times it, and its model FLOPs per token."""
     from iqa_spider.config.loader import load_config
     from iqa_spider.config.schemas import TrainConfig
-    from iqa_spider.train.preprocess import chat
 
     tcfg = load_config(TrainConfig, gpu.TRAIN_YAML, ["data.uri=/tmp/unused", "output.uri=/tmp/unused"])
-    n_lora = lora_params(model, tcfg)
-    image = gpu.synthetic_images(1, IMAGE_SIDES[0])[0]
-    rows_tokens, patches = [], 0
-    for _task, question, answer in gpu.TRAIN_SAMPLES:  # one sample of each task kind, as a micro-batch
-        text = processor.apply_chat_template(chat(question, answer), tokenize=False)
-        enc = processor(text=[text], images=[image], return_tensors="np")
-        rows_tokens.append(int(enc["input_ids"].shape[1]))
-        patches = int(enc["image_grid_thw"][0].prod())
-    fl = gpu.train_flops(config, pc, n_lora, rows_tokens, patches, sum(rows_tokens))
-    per_token = fl["model"] / fl["tokens"]
-    tokens_per_s = peak / per_token
-    return {"lora_params": n_lora, "tokens_per_sample": fl["tokens"] / len(rows_tokens),
-            "tflop_per_sample": fl["model"] / len(rows_tokens) / 1e12, "tokens_per_s": tokens_per_s,
-            "samples_per_s": tokens_per_s / (fl["tokens"] / len(rows_tokens)),
+    pad_id = int(config.get_text_config().pad_token_id or 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch = gpu.train_batch(SimpleNamespace(toy=False, side=IMAGE_SIDES[0]), processor, config, tcfg, pad_id,
+                                Path(tmp))
+    rows_tokens = batch["attention_mask"].sum(1).tolist()
+    patches = int(batch["image_grid_thw"][0].prod())
+    fl = gpu.train_flops(config, pc, lora_params(model, tcfg), rows_tokens, patches,
+                         int(batch["input_ids"].numel()))
+    samples = len(rows_tokens)
+    tokens_per_s = peak / (fl["model"] / fl["tokens"])
+    return {"lora_params": lora_params(model, tcfg), "tokens_per_sample": fl["tokens"] / samples,
+            "tflop_per_sample": fl["model"] / samples / 1e12, "tokens_per_s": tokens_per_s,
+            "samples_per_s": tokens_per_s * samples / fl["tokens"],
             "hfu_over_mfu": (fl["model"] + fl["recompute"]) / fl["model"], "steps": tcfg.optim.max_steps,
             "global_batch": tcfg.optim.global_batch_size}
 
 
-def render(args, rows: list[dict], train: dict) -> str:
-    lines = [f"Ceilings of the Qwen2.5-VL-7B-sized model ({args.params / 1e9:.2f} B parameters) at {args.peak_tflops:g} TFLOP/s bf16 and "
-             f"{args.bandwidth_tbs:g} TB/s per GPU (spec rates, not measured), decoding batch {args.batch}. "
-             "GPUs per million images an hour are at the ceiling: divide by the measured fraction "
-             "(bench/gpu.py) for a real count.", "",
-             f"Answers: {rows[0]['ground_gen']} tokens for grounding, {rows[0]['desc_gen']} for a global "
-             "description (a typical annotation answer and its end token, counted by the project's tokenizer; "
-             "Qwen's splits English within a few tokens of it).", "",
+def render(args, params: float, rows: list[dict], answers: dict, train: dict) -> str:
+    lines = [f"Ceilings of the Qwen2.5-VL-7B-sized model ({params / 1e9:.2f} B parameters, bf16) at "
+             f"{args.peak_tflops:g} TFLOP/s and {args.bandwidth_tbs:g} TB/s per GPU, decoding "
+             f"{args.batch} answers together (`infer.batch_size`). Answers: {answers['ground']} tokens for "
+             f"grounding, {answers['describe']} for a global description (typical annotation answers and "
+             "their end token, counted by the project's tokenizer). The last column is at the roofline "
+             "ceiling: divide it by the measured fraction of the roofline (bench/gpu.py) for a real count.", "",
              "| image | image tokens | task mix | TFLOP / image | FLOP ceiling images/s | roofline images/s "
-             "| GPUs for 1 M images/h at the ceiling |",
+             "| GPUs for 1 M images/h at the roofline |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['side']}x{r['side']} | {r['image_tokens']} | {r['mix']} | {r['tflop']:.2f} | "
                      f"{r['flop_ips']:.0f} | {r['roof_ips']:.0f} | {r['gpus_per_million_per_hour']:.1f} |")
     t = train
+    node_samples = NODE_GPUS * t["samples_per_s"]
     lines += ["", f"Training (the 7B LoRA ZeRO-3 recipe, r 64: {t['lora_params'] / 1e6:.0f} M LoRA parameters; "
               f"448x448 images, {t['tokens_per_sample']:.0f} tokens per sample on average over the four task "
               f"kinds, {t['tflop_per_sample']:.1f} TFLOP of model FLOPs per sample): at MFU 100 % one GPU does "
               f"{t['tokens_per_s']:,.0f} tokens/s = {t['samples_per_s']:.0f} samples/s, an {NODE_GPUS}-GPU node "
-              f"{NODE_GPUS * t['samples_per_s']:.0f} samples/s; the recipe's {t['steps']} steps of "
-              f"{t['global_batch']} samples take {t['steps'] * t['global_batch'] / (NODE_GPUS * t['samples_per_s']) / 60:.1f} "
-              f"min on one node at that ceiling. Gradient checkpointing makes the hardware do "
+              f"{node_samples:.0f} samples/s, so the recipe's {t['steps']} steps of {t['global_batch']} samples "
+              f"take {t['steps'] * t['global_batch'] / node_samples:.0f} s on one node; multiply the rates (divide "
+              f"the time) by the measured MFU. Gradient checkpointing makes the hardware do "
               f"{t['hfu_over_mfu']:.2f}x the model FLOPs (HFU/MFU)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
+    import yaml
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="dense bf16 peak per GPU")
+    ap.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS, help="bf16 matmul peak per GPU")
     ap.add_argument("--bandwidth-tbs", type=float, default=H200_HBM_TBS, help="memory bandwidth per GPU")
-    ap.add_argument("--batch", type=int, default=32, help="images decoded together (infer.batch_size)")
+    ap.add_argument("--batch", type=int, default=int(yaml.safe_load(SCORE_YAML.read_text())["infer"]["batch_size"]),
+                    help="answers decoded together: infer.batch_size (default: configs/score.yaml's)")
     ap.add_argument("--md", default=None, help="also write the tables to this file")
     args = ap.parse_args(argv)
-    config, processor, tok, _ = gpu.config_and_processor(toy=False)
+    config, processor, tok = gpu.config_processor_tokenizer(toy=False)
     model = meta_model(config)
     pc = gpu.param_counts(model)
-    args.params = pc["total"]
     peak, bw = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
-    text = render(args, inference_rows(config, pc, processor, tok, peak, bw, args.batch),
-                  training_row(config, pc, model, processor, tok, peak))
+    rows, answers = inference_rows(config, pc, model, processor, tok, peak, bw, args.batch)
+    text = render(args, pc["total"], rows, answers, training_figures(config, pc, model, processor, peak))
     print(text)
     if args.md:
         Path(args.md).write_text(text)

@@ -35,7 +35,7 @@ def test_sizing_ceilings_come_from_the_7b_shapes(tmp_path):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     text = md.read_text()
-    assert "(8.29 B parameters)" in text  # Qwen2.5-VL-7B-Instruct's count
+    assert "(8.29 B parameters" in text  # Qwen2.5-VL-7B-Instruct's count
     assert "161 M LoRA parameters" in text  # r 64 on the 7 linear layers of 28 blocks
     rows = [line.split("|")[1:-1] for line in text.splitlines() if re.match(r"\| \d+x\d+ \|", line)]
     table = {(r[0].strip(), r[2].strip()): [float(x) for x in (r[3], r[4], r[5], r[6])] for r in rows}
@@ -45,7 +45,8 @@ def test_sizing_ceilings_come_from_the_7b_shapes(tmp_path):
                                                           "score + grounding + global description"))
         assert score[0] < ground[0] < desc[0]  # more work per image, more FLOPs
         for tflop, flop_ips, roof_ips, gpus in (score, ground, desc):
-            assert flop_ips == pytest.approx(989 / tflop, rel=0.01)  # the ceiling is peak / FLOPs
+            assert flop_ips == pytest.approx(989 / tflop, abs=0.6)  # peak / FLOPs (printed rounded)
             assert roof_ips <= flop_ips + 1  # the roofline only adds bounds
-            assert gpus == pytest.approx(1e6 / 3600 / min(flop_ips, roof_ips), rel=0.05)
+            assert gpus == pytest.approx(1e6 / 3600 / roof_ips, rel=0.05)
     assert table[("1024x1024", "score")][0] > 4 * table[("448x448", "score")][0]  # ~5x the image tokens
+    assert "decoding 8 answers together" in text  # configs/score.yaml's infer.batch_size
