@@ -19,10 +19,10 @@ encodes that *shared prefix* once per image and reuses its keys/values for every
    position-word logits at every answer token from the same pass.
 3. **Greedy decoding** for the rows that must generate, with a per-row ``max_new_tokens``
    cap and eos stop; the logits of the position words are gathered on the device at every
-   step (a (rows, steps, 12) tensor). Decoding steps read nothing back to the host: which
-   rows have finished is read every STOP_CHECK_EVERY steps (``generate`` reads it every
-   step), finished rows are dropped every COMPACT_EVERY steps, and each step gets a 4-D
-   attention mask so that transformers does not inspect the mask on the host either.
+   step (a (rows, steps, 12) tensor). The host reads back only which rows have finished,
+   every STOP_CHECK_EVERY steps (``generate`` reads it every step); finished rows are
+   dropped every COMPACT_EVERY steps, and each step gets a 4-D attention mask so that
+   transformers does not inspect the mask on the host either.
 
 ``run_naive`` is the reference: one processor call and one ``generate`` (or forward) per
 (image, question), exactly what a straightforward loop does. Tests assert the two agree.
@@ -52,6 +52,7 @@ _SENTINEL = "<<<IQA-SPIDER-QUESTION>>>"
 STOP_CHECK_EVERY = 4
 COMPACT_EVERY = 8  # decoding steps between drops of finished rows
 assert COMPACT_EVERY % STOP_CHECK_EVERY == 0  # compaction happens at a read
+
 
 @dataclass
 class Query:
