@@ -29,15 +29,17 @@ def absolute_local_paths(cfg: TrainConfig) -> None:
     ``model.path=.cache/tiny`` that is right on the driver names nothing there. URIs and hub
     ids (no such local path) are left as they are.
     """
-    def absolute(value: str | None) -> str | None:
-        if not value or "://" in value:
+    def absolute(value: str | None, always_a_path: bool = False) -> str | None:
+        if value is None or "://" in value:
             return value
         local = os.path.expanduser(value)
-        return os.path.abspath(local) if os.path.exists(local) or value.startswith((".", "/", "~")) else value
+        if always_a_path or os.path.exists(local) or value.startswith((".", "/", "~")):
+            return os.path.abspath(local)
+        return value
 
     cfg.model.path = absolute(cfg.model.path)
     cfg.data.uri = absolute(cfg.data.uri)
-    cfg.output.uri = os.path.abspath(os.path.expanduser(cfg.output.uri)) if "://" not in cfg.output.uri else cfg.output.uri
+    cfg.output.uri = absolute(cfg.output.uri, always_a_path=True)  # a folder to create, never a hub id
     cfg.checkpoint.resume_from = absolute(cfg.checkpoint.resume_from)
 
 
