@@ -135,10 +135,13 @@ def _fetch_s3_folder(uri: str, cache_dir: str) -> Path:
     fs, root = storage.get_fs(uri)
     root = root.rstrip("/")
     fs.invalidate_cache(root)
-    listing = sorted((rel, info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
-                     for rel, info in ((p[len(root):].lstrip("/"), i) for p, i in fs.find(root, detail=True).items())
-                     # hidden keys: the temporaries of unfinished atomic writes, among others
-                     if not any(part.startswith(".") for part in rel.split("/")))
+    listing = []
+    for key, info in fs.find(root, detail=True).items():
+        rel = key[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue  # hidden keys: the temporaries of unfinished atomic writes, among others
+        listing.append((rel, info.get("size"), str(info.get("ETag") or info.get("etag") or "")))
+    listing.sort()
     if not listing:
         raise FileNotFoundError(f"no files under {uri}")
     content = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
