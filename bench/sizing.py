@@ -111,11 +111,11 @@ def training_figures(config, pc, model, processor, peak: float) -> dict:
                                 Path(tmp))
     rows_tokens = batch["attention_mask"].sum(1).tolist()
     patches = int(batch["image_grid_thw"][0].prod())
-    fl = gpu.train_flops(config, pc, lora_params(model, tcfg), rows_tokens, patches,
-                         int(batch["input_ids"].numel()))
+    n_lora = lora_params(model, tcfg)
+    fl = gpu.train_flops(config, pc, n_lora, rows_tokens, patches, int(batch["input_ids"].numel()))
     samples = len(rows_tokens)
     tokens_per_s = peak / (fl["model"] / fl["tokens"])
-    return {"lora_params": lora_params(model, tcfg), "tokens_per_sample": fl["tokens"] / samples,
+    return {"lora_params": n_lora, "tokens_per_sample": fl["tokens"] / samples,
             "tflop_per_sample": fl["model"] / samples / 1e12, "tokens_per_s": tokens_per_s,
             "samples_per_s": tokens_per_s * samples / fl["tokens"],
             "hfu_over_mfu": (fl["model"] + fl["recompute"]) / fl["model"], "steps": tcfg.optim.max_steps,
