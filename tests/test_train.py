@@ -18,6 +18,9 @@ from conftest import REPO, env_vars
 
 RECIPE = REPO / "configs/train/tiny_cpu.yaml"
 STEPS = 24
+# Resize bounds of the recipe, other than the tiny checkpoint's own (112^2, 224^2): the export
+# must ship them.
+TRAIN_PIXELS = (56 * 56, 112 * 112)
 
 
 def train_config(data, model, out, *overrides) -> TrainConfig:
@@ -29,7 +32,8 @@ def train_config(data, model, out, *overrides) -> TrainConfig:
 def trained(tmp_path_factory, annotated_dataset, tiny_model_dir, mlflow_server):
     out = tmp_path_factory.mktemp("train")
     cfg = train_config(annotated_dataset, tiny_model_dir, out / "runs", f"optim.max_steps={STEPS}",
-                       "checkpoint.every_steps=12", f"tracking.uri={mlflow_server.uri}")
+                       "checkpoint.every_steps=12", f"tracking.uri={mlflow_server.uri}",
+                       f"model.min_pixels={TRAIN_PIXELS[0]}", f"model.max_pixels={TRAIN_PIXELS[1]}")
     summary = run_train(cfg)
     from mlflow.tracking import MlflowClient
 
@@ -114,6 +118,12 @@ print((logits - ref["logits"]).abs().max().item())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4
+    # The shipped processor resizes as training did, so inference with the checkpoint's own
+    # bounds sees training-sized images.
+    from transformers import AutoProcessor
+
+    size = AutoProcessor.from_pretrained(ckpt / HF_DIR).image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == TRAIN_PIXELS
     adapter = ckpt / "adapter"
     from safetensors.torch import load_file
 

@@ -43,13 +43,16 @@ def fixed_input(processor: Any) -> dict:
 def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any) -> None:
     """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, adapter, reference.pt, export.json}."""
     import torch
-    from transformers import AutoProcessor
 
+    from iqa_spider.model.processor import load_processor
     from iqa_spider.train.recipe import precision
 
     on_gpu = next(engine.module.parameters()).device.type == "cuda"
     prec = precision(cfg, on_gpu)
-    processor = AutoProcessor.from_pretrained(cfg.model.path)  # the base's, shipped with the export
+    # The processor exactly as training used it (the recipe's resize bounds, if any), shipped
+    # with the export: inference that keeps "the checkpoint's own" bounds then sees images at
+    # the sizes the model was trained on, not the base checkpoint's.
+    processor = load_processor(cfg.model.path, cfg.model.min_pixels, cfg.model.max_pixels)
     inputs = fixed_input(processor)
     engine.eval()
     with torch.no_grad():
