@@ -233,3 +233,17 @@ def test_resume_finds_the_newest_complete_checkpoint_in_storage(tmp_path):
     assert found.path.endswith("checkpoint_a")
     checkpoint("checkpoint_c", 9, ranks=[0, 1])
     assert newest_checkpoint(None, str(tmp_path / "run"), world=2).path.endswith("checkpoint_c")
+
+
+def test_training_reads_only_its_split_and_columns(annotated_dataset, tiny_model_dir, ray_local, tmp_path):
+    from iqa_spider.train.data import TRAIN_COLUMNS, check_dataset, read_split
+
+    for split in ("train", "test"):
+        cfg = train_config(annotated_dataset, tiny_model_dir, tmp_path, f"data.split={split}")
+        rows = read_split(cfg).take_all()
+        per_task = {}
+        for row in rows:
+            per_task[row["task"]] = per_task.get(row["task"], 0) + 1
+        assert rows and {row["split"] for row in rows} == {split}
+        assert set(rows[0]) == set(TRAIN_COLUMNS)
+        assert per_task == check_dataset(cfg)  # the Ray read agrees with the driver's footer count

@@ -79,6 +79,20 @@ def _mix(batch: dict[str, np.ndarray], factors: dict[str, float]) -> dict[str, n
     return {k: v[idx] for k, v in batch.items()}
 
 
+def read_split(cfg: TrainConfig):
+    """The contract rows of `cfg.data.split`, only the columns training reads (lazy)."""
+    import ray
+    from ray.data.expressions import col
+
+    fs, path = storage.arrow_filesystem(cfg.data.uri)
+    # Reads get the same small CPU share as preprocessing: training workers hold most CPUs,
+    # and a read task asking for a whole core would wait for ever on a small node.
+    ds = ray.data.read_parquet(path, filesystem=fs, file_extensions=["parquet"], num_cpus=cfg.scaling.preprocess_cpus)
+    # Both are pushed down into the Parquet read by Ray Data's optimizer; as an expression, the
+    # split name is a value, not text spliced into a string (a quote in it cannot break it).
+    return ds.select_columns(list(TRAIN_COLUMNS)).filter(expr=col("split") == cfg.data.split)
+
+
 def build_dataset(cfg: TrainConfig, counts: dict[str, int]):
     """The lazy Ray Dataset the trainer shards across workers."""
     import ray
@@ -88,15 +102,9 @@ def build_dataset(cfg: TrainConfig, counts: dict[str, int]):
     # Step logs show training progress; Data's bars would only flood the job log from the
     # split coordinator.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    fs, path = storage.arrow_filesystem(cfg.data.uri)
-    # Reads get the same small CPU share as preprocessing: training workers hold most CPUs,
-    # and a read task asking for a whole core would wait for ever on a small node.
-    cpus = {"num_cpus": cfg.scaling.preprocess_cpus}
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=list(TRAIN_COLUMNS), file_extensions=["parquet"],
-                               **cpus)
-    ds = ds.filter(expr=f"split == '{cfg.data.split}'")
     factors = repeat_factors(counts, cfg.data.task_weights)
-    ds = ds.map_batches(_mix, fn_kwargs={"factors": factors}, batch_format="numpy", **cpus)
+    ds = read_split(cfg).map_batches(_mix, fn_kwargs={"factors": factors}, batch_format="numpy",
+                                     num_cpus=cfg.scaling.preprocess_cpus)
     ds = ds.map_batches(
         Preprocessor, batch_size=16, batch_format="numpy", num_cpus=cfg.scaling.preprocess_cpus,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.scaling.preprocess_actors),
