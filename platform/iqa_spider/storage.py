@@ -72,6 +72,22 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def require_input(uri: str, key: str) -> None:
+    """A job's pre-flight: its input `uri` exists and can be read, else a ConfigError naming
+    the config `key`. Without it a mistyped path or bucket lists as empty and the job
+    "succeeds" on nothing."""
+    from iqa_spider.config import ConfigError
+
+    try:
+        fs, path = get_fs(uri)
+        fs.invalidate_cache(path)
+        found = fs.exists(path)
+    except Exception as exc:  # no credentials, access denied, endpoint down: say which, in one line
+        raise ConfigError(f"{uri} cannot be read: {type(exc).__name__}: {exc}", key=key) from None
+    if not found:
+        raise ConfigError(f"{uri}: no such file or folder", key=key)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
     with fs.open(path, "rb") as f:
@@ -164,8 +180,12 @@ def iter_files(uri: str, suffixes: tuple[str, ...] | None = None) -> Iterator[st
     if fs.isfile(root):
         yield to_uri(fs, root)
         return
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{uri}: no such file or folder")
     lowered = tuple(s.lower() for s in suffixes) if suffixes else None
-    for dirpath, dirnames, filenames in fs.walk(root):
+    # fsspec's default (on_error="omit") lists a folder it cannot read (access denied,
+    # throttled, network down) as empty: a job would then succeed on part of its input.
+    for dirpath, dirnames, filenames in fs.walk(root, on_error="raise"):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):

@@ -215,6 +215,7 @@ def list_sources(cfg: AnnotateConfig) -> tuple[list[tuple[str, list | None]], in
     unfinished atomic writes are not listed at all.
     """
     uri = cfg.input.uri
+    storage.require_input(uri, "input.uri")
     if uri.endswith(".parquet"):
         from iqa_spider.data.io import read_table
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from iqa_spider import storage
 from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
 from iqa_spider.infer.metrics import (compute_metrics, grounding_sample_metrics, is_whole_region, target_mask,
                                       target_regions, truth_families, truth_pairs)
@@ -26,6 +27,7 @@ from iqa_spider.infer.text_to_point import answer_position_words
 def _load_split(cfg: EvaluateConfig):
     from iqa_spider.data.io import read_dataset
 
+    storage.require_input(cfg.data.uri, "data.uri")
     table = read_dataset(cfg.data.uri)
     rows = table.to_pylist()
     rows = [r for r in rows if (cfg.data.split == "all" or r["split"] == cfg.data.split) and r["task"] in cfg.data.tasks]

@@ -113,6 +113,7 @@ def build_dataset(cfg: ScoreConfig, blocks: list[dict], model_uri: str, model_ve
 def run_score(cfg: ScoreConfig) -> dict:
     """Run the job; returns the run summary (also written to OUTPUT/_summary.json)."""
     started = time.monotonic()
+    storage.require_input(cfg.input.uri, "input.uri")
     if cfg.backend == "actors":
         model_uri, model_version = resolve_model(cfg)
     else:
