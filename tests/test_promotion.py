@@ -312,6 +312,18 @@ def test_models_list_cli(flow, capsys):
     assert {r["version"]: r["aliases"] for r in rows}[v["reversed"]] == ["champion"]
 
 
+def test_unknown_version_or_missing_data_is_one_line_before_any_evaluation(flow, mlflow_server, capsys):
+    from iqa_spider.cli import main
+
+    base = ["--model", flow["name"], f"tracking.uri={mlflow_server.uri}"]
+    assert main(["promote", "--candidate", "999", "--eval-data", flow["cfg"].data.uri, *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"config error: key 'candidate': registered model {flow['name']!r} has no version 999"), err
+    assert main(["promote", "--candidate", flow["versions"]["intact"], "--eval-data", "/no/such/data", *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "key 'data.uri'" in err[-1] and "no such file or folder" in err[-1], err
+
+
 # ------------------------------------------------------------------ concurrent promotions
 
 

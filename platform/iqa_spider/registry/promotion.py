@@ -295,7 +295,7 @@ def promote(candidate_version: str | int, eval_data_uri: str, gate: PromoteConfi
     cfg = gate or PromoteConfig()
     client = client or _client(cfg.tracking.uri)
     name, cand = cfg.registered_model, str(candidate_version)
-    client.get_model_version(name, cand)  # fails early for an unknown version
+    _require_version(client, name, cand)
     decision: dict[str, Any] = {"action": "promote", "registered_model": name, "candidate": cand,
                                 "data_uri": eval_data_uri, "gate": [asdict(g) for g in cfg.gate],
                                 "started_at": _now()}
@@ -439,6 +439,18 @@ def _is_float(v: Any) -> bool:
 # ============================================================== job and CLI
 
 
+def _require_version(client, name: str, version: str) -> None:
+    """Fail before any evaluation, in one line naming the key, for a version the registry lacks."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as exc:
+        if any(c in _error_code(exc) for c in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")):
+            raise ConfigError(f"registered model {name!r} has no version {version}", key="candidate") from None
+        raise
+
+
 def run_promote(cfg: PromoteConfig) -> dict[str, Any]:
     if cfg.candidate is None:
         raise ConfigError("required value is missing (the version to promote)", key="candidate")
@@ -462,9 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from iqa_spider.entrypoint import run_job
 
     result: dict[str, Any] = {}
-    code = run_job(PromoteConfig, lambda cfg: result.update(run_promote(cfg)), argv,
-                   description="promote: gated promotion of a registered model version")
-    return code or (REFUSED_EXIT if result.get("decision") == "refused" else 0)
+
+    def run(cfg: PromoteConfig) -> None:
+        try:
+            result.update(run_promote(cfg))
+        except PromotionError as exc:  # nothing moved (lost lock, wrong version evaluated): say why
+            print(f"promote: {exc}", file=sys.stderr)
+            result["decision"] = "failed"
+
+    code = run_job(PromoteConfig, run, argv, description="promote: gated promotion of a registered model version")
+    return code or (REFUSED_EXIT if result.get("decision") in ("refused", "failed") else 0)
 
 
 def _default_gate_file() -> str:
