@@ -153,6 +153,22 @@ def test_s3_inputs_only_from_allowed_buckets(service, moto_s3):
     assert missing.status_code == 404, missing.text
 
 
+def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
+    """The endpoint is down: the request is fine, so no 4xx; one attempt keeps the test short."""
+    import asyncio
+
+    from conftest import env_vars
+    from iqa_spider.serve.api import ApiError, fetch_uri
+    from iqa_spider.serve.config import LimitsConfig
+
+    with env_vars(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1",
+                  AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"):
+        with pytest.raises(ApiError) as err:
+            asyncio.run(fetch_uri("s3://photos/a.png", LimitsConfig(allowed_s3_buckets=["photos"])))
+    assert (err.value.status, err.value.error, err.value.headers) == (502, "s3_unavailable", {"Retry-After": "5"})
+    assert "s3://photos/a.png" in err.value.detail and "EndpointConnectionError" in err.value.detail
+
+
 def test_concurrent_requests_are_batched(service):
     before = requests.get(service + "/v1/stats", timeout=10).json()
     images = [png(photo(100 + i, (48 + i % 5 * 8, 40))) for i in range(50)]

@@ -25,8 +25,10 @@ TMP_PREFIX = ".tmp-"
 def _s3_options() -> dict:
     opts: dict = {
         # botocore retries throttling and 5xx with backoff; "standard" mode also retries
-        # connection errors, which is what a flaky endpoint produces.
-        "config_kwargs": {"retries": {"max_attempts": 8, "mode": "standard"}},
+        # connection errors, which is what a flaky endpoint produces. AWS_MAX_ATTEMPTS (the
+        # AWS SDKs' own variable) overrides the 8, e.g. for a service that must fail fast.
+        "config_kwargs": {"retries": {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 8),
+                                      "mode": "standard"}},
     }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:

@@ -56,7 +56,7 @@ MULTIPART_TYPES = ("multipart/form-data",)
 
 
 class ApiError(Exception):
-    """A refusal: status (4xx), a short stable code and a sentence saying why."""
+    """A refusal: status (4xx, or 502 when S3 fails), a short stable code and a sentence saying why."""
 
     def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
         super().__init__(f"{status} {error}: {detail}")
@@ -357,8 +357,10 @@ async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ApiError(404, "not_found", f"{uri} does not exist") from None
     except PermissionError as exc:
         raise ApiError(403, "s3_forbidden", f"{uri}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - an unreadable object is the request's problem, not a 500
-        raise ApiError(422, "unreadable", f"{uri}: {type(exc).__name__}: {exc}"[:300]) from None
+    except Exception as exc:  # noqa: BLE001 - S3 itself failed (endpoint down, throttled, 5xx)
+        # Not the request's fault: 502 with Retry-After, so clients retry instead of dropping it.
+        raise ApiError(502, "s3_unavailable", f"{uri}: {type(exc).__name__}: {exc}"[:300],
+                       {"Retry-After": "5"}) from None
 
 
 def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
@@ -504,7 +506,7 @@ def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
     async def assess(request: Request):
         try:
             return await asyncio.wait_for(_assess(request), timeout=limits.request_timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
             raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
 
     @app.get("/healthz", summary="Liveness and readiness")
