@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; huge scans beyond this are refused, not decoded
+MAX_ASPECT = 150.0  # the Qwen-VL image processors refuse aspect ratios above 200 (a ValueError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 # Leading bytes of the formats we accept, to tell images from other files whatever their name
@@ -81,6 +82,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """8-bit RGB, with an aspect ratio the Qwen-VL processors accept (else ImageError). The one
+    gate every path into the model uses: training, inference, scoring, serving."""
+    w, h = image.size
+    if w < 1 or h < 1:
+        raise ImageError("empty", f"{w}x{h} image")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ImageError("bad_aspect_ratio", f"{w}x{h} is more elongated than 1:{MAX_ASPECT:g}")
+    return to_rgb(image)
 
 
 def encode_png(img: Image.Image | np.ndarray) -> bytes:

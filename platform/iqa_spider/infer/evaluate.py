@@ -71,8 +71,8 @@ def _queries_for(rows: list[dict], cfg: EvaluateConfig):
 
 def evaluate(cfg: EvaluateConfig, head=None) -> dict:
     """Run the evaluation; returns the report (``metrics`` plus counts and provenance)."""
-    from iqa_spider.images import ImageError
-    from iqa_spider.infer.predictor import GroundingHead, prepare_image
+    from iqa_spider.images import ImageError, prepare_image
+    from iqa_spider.infer.predictor import GroundingHead
 
     started = time.monotonic()
     mappings = list(dict.fromkeys([cfg.infer.mapping] + (list(cfg.mappings) or list(MAPPING_NAMES))))

@@ -28,7 +28,7 @@ from PIL import Image
 
 from iqa_spider.annotate import templates as T
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.images import ImageError, decode_image, to_rgb
+from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
@@ -39,17 +39,6 @@ log = logging.getLogger(__name__)
 GLOBAL_DESC_QUESTION = T.GLOBAL_QUESTIONS[0]
 LOCAL_DESC_QUESTION = T.LOCAL_QUESTIONS[0]   # "... {region}."
 REFER_QUESTION = T.REFER_QUESTIONS[0]        # "... {region}?"
-MAX_ASPECT = 150.0  # the Qwen-VL image processors refuse aspect ratios above 200
-
-
-def prepare_image(image: Image.Image) -> Image.Image:
-    """8-bit RGB, with an aspect ratio the Qwen-VL processors accept (else ImageError)."""
-    w, h = image.size
-    if w < 1 or h < 1:
-        raise ImageError("empty", f"{w}x{h} image")
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        raise ImageError("bad_aspect_ratio", f"{w}x{h} is more elongated than 1:{MAX_ASPECT:g}")
-    return to_rgb(image)
 
 
 @dataclass

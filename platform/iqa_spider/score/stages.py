@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from iqa_spider.images import ImageError, decode_image
+from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.score.listing import read_with_retry
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,6 @@ def _apply_env(env: dict | None) -> None:
 # ---------------------------------------------------------------- 1. read + decode
 
 def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, env: dict | None = None) -> dict:
-    from iqa_spider.infer.predictor import prepare_image
-
     _apply_env(env)
     block = _unpack(row)
     items, t_read, t_decode = [], 0.0, 0.0

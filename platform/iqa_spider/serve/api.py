@@ -41,14 +41,14 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from iqa_spider.images import ImageError, decode_image, image_type
+from iqa_spider.images import ImageError, decode_image, image_type, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
 from iqa_spider.serve.config import LimitsConfig
 
 log = logging.getLogger("ray.serve")
 
 API_VERSION = "v1"
-# HTTP status of each ImageError reason (iqa_spider.images / infer.predictor.prepare_image).
+# HTTP status of each ImageError reason (iqa_spider.images: decode_image and prepare_image).
 IMAGE_ERROR_STATUS = {"empty": 422, "not_an_image": 415, "corrupt": 422, "too_many_pixels": 413,
                       "bad_aspect_ratio": 422}
 JSON_TYPES = ("application/json",)
@@ -365,8 +365,6 @@ async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
 
 def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
     """Validated PIL image (8-bit RGB) or ApiError. Runs in a worker thread."""
-    from iqa_spider.infer.predictor import prepare_image
-
     allowed = limits.allowed_content_types
     if declared and declared not in ("application/octet-stream",) and declared not in allowed:
         raise ApiError(415, "unsupported_media_type", f"image type {declared} is not allowed; allowed: {allowed}")

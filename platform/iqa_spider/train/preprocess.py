@@ -14,7 +14,7 @@ import numpy as np
 
 from iqa_spider import storage
 from iqa_spider.config.schemas import TASK_NAMES
-from iqa_spider.images import ImageError, decode_image
+from iqa_spider.images import ImageError, decode_image, prepare_image
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -49,7 +49,9 @@ class Preprocessor:
         # A null binary cell reaches numpy batches as None or NaN, not as empty bytes.
         if not isinstance(data, (bytes, bytearray, memoryview)):
             data = storage.read_bytes(str(row["image_uri"]))
-        return decode_image(data, self.max_pixels)
+        # prepare_image refuses what the processor would raise on (aspect ratio over 150:1) as an
+        # ImageError, so one odd photo drops its sample instead of failing the whole stream.
+        return prepare_image(decode_image(data, self.max_pixels))
 
     def encode(self, row: dict) -> dict | None:
         image = self.image_of(row)
