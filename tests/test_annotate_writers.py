@@ -19,12 +19,31 @@ def mask(h, w, y0, y1, x0, x1):
 
 
 def truth_two_regions():
+    """Two distorted regions that share a family (noise), so the SiD-G target is a choice."""
     h, w = 60, 80
-    sky = Region("r0", mask(h, w, 0, 20, 0, 40), "sky", [Distortion("blur", "gaussian", 4)])
+    sky = Region("r0", mask(h, w, 0, 20, 0, 40), "sky", [Distortion("blur", "gaussian", 4),
+                                                         Distortion("noise", "gaussian", 1)])
     car = Region("r1", mask(h, w, 40, 60, 50, 80), None,
                  [Distortion("compression", "jpeg", 2), Distortion("noise", "gaussian", 3)])
     rest = Region("r2", ~(sky.mask | car.mask), None, [])
     return Truth([sky, car, rest], w, h)
+
+
+def named_family(question: str) -> str:
+    """The one distortion family a SiD-G question names."""
+    (family,) = [f for f, t in DISTORTION_TERMS.items() if re.search(rf"\b{re.escape(t)}\b", question)]
+    return family
+
+
+def most_severe(truth: Truth, family: str) -> Region:
+    """The documented SiD-G rule, written out: the region with the most severe instance of the
+    family; a tie goes to the larger region."""
+    best = None
+    for r in truth.distorted:
+        sev = [d.severity for d in r.distortions if d.type == family]
+        if sev and (best is None or (max(sev), r.area_fraction) > best[0]):
+            best = ((max(sev), r.area_fraction), r)
+    return best[1]
 
 
 def test_global_pool_has_26_questions():
@@ -43,7 +62,10 @@ def test_quality_rule():
     assert big.quality_score() < small.quality_score()
 
 
-@pytest.mark.parametrize("seed", range(10))
+SEEDS = range(10)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_answers_agree_with_the_truth(seed):
     truth = truth_two_regions()
     samples = write_all(np.random.default_rng(seed), truth)
@@ -51,6 +73,9 @@ def test_answers_agree_with_the_truth(seed):
     assert {"global_desc", "local_desc", "grounding", "referring_short", "referring_long", "rating"} <= tasks
     level = truth.quality_level()
     by_id = {r.region_id: r for r in truth.regions}
+    grounding = [s for s in samples if s.task == "grounding"]
+    # every image with distortions gets one HyD-G, one SiD-G and one DAO-G per two-step region
+    assert sorted(s.subtask for s in grounding) == ["dao", "dao", "hyd", "sid"]
     for s in samples:
         if s.task == "global_desc":
             assert s.answer.endswith(f"Overall, the quality of the image is {level}.")
@@ -62,18 +87,62 @@ def test_answers_agree_with_the_truth(seed):
         if s.task == "grounding":
             (rid,) = s.target_ids
             region = by_id[rid]
+            assert not s.whole_image
             v, hword = position_words(region.bbox)
             assert f"{v} {hword}" in s.answer, (s.answer, region.bbox)
             if s.subtask == "hyd":
                 assert region is truth.most_degraded()
-            if s.subtask == "dao":
+            elif s.subtask == "sid":
+                family = named_family(s.question)
+                assert region is most_severe(truth, family), (s.question, rid)
+            else:
+                assert s.subtask == "dao"
                 first, second = (DISTORTION_TERMS[d.type] for d in region.distortions[:2])
-                assert first in s.question and second in s.question
+                assert s.question.index(first) < s.question.index(second), s.question
         if s.task.startswith("referring"):
             (rid,) = s.target_ids
             words = truth_words(s.answer)
             expected = {DISTORTION_TERMS[d.type] for d in by_id[rid].distortions}
             assert {w for w in words if w in DISTORTION_TERMS.values()} == expected
+
+
+def test_every_grounding_subtask_and_sid_family_occurs_across_the_seeds():
+    """The seeds above cover HyD-G, SiD-G and DAO-G, both DAO-G regions, and SiD-G questions
+    about the shared family (noise, where the rule has to choose) and another one."""
+    truth = truth_two_regions()
+    subtasks, dao_targets, sid_families = set(), set(), set()
+    for seed in SEEDS:
+        for s in write_all(np.random.default_rng(seed), truth):
+            if s.task == "grounding":
+                subtasks.add(s.subtask)
+                if s.subtask == "dao":
+                    dao_targets.update(s.target_ids)
+                if s.subtask == "sid":
+                    sid_families.add(named_family(s.question))
+    assert subtasks == {"hyd", "sid", "dao"}
+    assert dao_targets == {"r0", "r1"}
+    assert "noise" in sid_families and len(sid_families) >= 2, sid_families
+
+
+def test_sid_target_is_the_most_severe_instance_and_a_tie_goes_to_the_larger_region():
+    from iqa_spider.annotate.writers import grounding_sid
+
+    h, w = 40, 40
+    big_mild = Region("big", mask(h, w, 0, 30, 0, 30), None, [Distortion("noise", "gaussian", 2)])
+    small_severe = Region("small", mask(h, w, 32, 40, 32, 40), None,
+                          [Distortion("blur", "gaussian", 1), Distortion("noise", "gaussian", 5)])
+    truth = Truth([big_mild, small_severe], w, h)
+    # HyD-G would pick the big region (more damage); SiD-G on noise must pick the severe one
+    assert truth.most_degraded() is big_mild
+    for seed in range(3):
+        s = grounding_sid(np.random.default_rng(seed), truth, "noise")
+        assert s.subtask == "sid" and s.target_ids == ["small"] and "bottom right" in s.answer
+        assert DISTORTION_TERMS["noise"] in s.question
+    assert grounding_sid(np.random.default_rng(0), truth, "blur").target_ids == ["small"]
+    assert grounding_sid(np.random.default_rng(0), truth, "pixelate") is None  # no such family here
+    tie = Truth([Region("a", mask(h, w, 0, 10, 0, 10), None, [Distortion("noise", "gaussian", 3)]),
+                 Region("b", mask(h, w, 20, 40, 0, 40), None, [Distortion("noise", "gaussian", 3)])], w, h)
+    assert grounding_sid(np.random.default_rng(0), tie, "noise").target_ids == ["b"]
 
 
 def test_grounding_of_whole_image_says_whole_image():
@@ -99,17 +168,3 @@ def test_truth_check_of_rewrites():
     assert not keeps_truth(original, "The sky at the top left suffers severe blur and noise; quality is poor.")
     assert not keeps_truth(original, "")
     assert set(LEVEL_WORDS) <= set(truth_words(" ".join(LEVEL_WORDS)))
-
-
-def test_rewriter_plumbing_with_the_tiny_model(tiny_model_dir):
-    from iqa_spider.annotate.rewrite import Rewriter
-
-    rewriter = Rewriter(str(tiny_model_dir), max_new_tokens=8)
-    original = "Mild blur, moderate noise."
-    answer, accepted = rewriter(original)
-    # A random model almost never keeps the truth words; whatever it wrote, a rejected
-    # rewrite leaves the template answer untouched and an accepted one kept the truth.
-    if accepted:
-        assert keeps_truth(original, answer)
-    else:
-        assert answer == original

@@ -124,6 +124,59 @@ def test_ids_and_split_are_stable():
     assert 0.25 < splits.count("test") / len(splits) < 0.35
 
 
+def test_ids_and_split_are_pinned():
+    """Golden values, computed once with the schema-v1 code. Existing datasets, resumed
+    annotation runs (finished shards are found by name) and train/test separation across
+    re-annotations all depend on these: if one changes, every dataset already written gets
+    different ids, or images move between splits. Never update them to make a test pass."""
+    iid = image_id(b"fake image bytes 0")
+    assert iid == "6b9a78f324bcb2982dcd5fcd3b4aa60cad5ccba4dce41e87d5a2963e36aed241"
+    assert sample_id(iid, "rating", "How would you rate the quality of this image?",
+                     "The quality of the image is poor.") == "3f3acd94c637041af0127838afd3a65e"
+    assert sample_id("a", "rating", "q", "x") == "81ce53a5e65b546261d1dec6a11c2963"
+    assert [split_for(f"img{i}", 0.5) for i in range(8)] == \
+        ["train", "train", "test", "train", "train", "test", "test", "test"]
+    # the same keys at another fraction: a key's bucket is fixed, only the threshold moves
+    assert [split_for(f"img{i}", 0.3) for i in range(8)] == \
+        ["train", "train", "train", "train", "train", "test", "test", "train"]
+    assert split_for(iid, 0.5) == "train"
+
+
+def test_copies_of_one_photo_under_other_names_share_a_split(tmp_path):
+    """The split follows the pristine photo's content (split_for(image_id(bytes))), not its
+    name or place: a copy under another name never lands in the other split."""
+    import itertools
+    from collections import Counter
+
+    from iqa_spider.annotate.pipeline import ShardAnnotator, iter_builtin_photos
+    from iqa_spider.config import load_config
+    from iqa_spider.config.schemas import AnnotateConfig
+    from iqa_spider.images import encode_png
+    from conftest import REPO
+
+    inp = tmp_path / "in"
+    cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                      [f"input.uri={inp}", f"output.uri={tmp_path / 'out'}", "distort.max_side=64",
+                       "distort.variants_per_image=1", "test_fraction=0.5"])
+    annotator = ShardAnnotator(cfg)
+    seen, name_would_split = set(), False
+    for name, img in itertools.islice(iter_builtin_photos(), 4):
+        data = encode_png(img)
+        uris = (str(inp / f"{name}.png"), str(inp / "copies" / f"copy of {name}.png"))
+        splits = []
+        for uri in uris:
+            rows = annotator.annotate_source(uri, data, None, Counter())
+            assert rows and {r["source_uri"] for r in rows} == {uri}
+            (split,) = {r["split"] for r in rows}
+            splits.append(split)
+        assert splits[0] == splits[1] == split_for(image_id(data), 0.5), name
+        seen.add(splits[0])
+        name_would_split |= split_for(uris[0], 0.5) != split_for(uris[1], 0.5)
+    assert seen == {"train", "test"}
+    # a split by name would have separated some copy here: the test can tell the two apart
+    assert name_would_split
+
+
 def test_parquet_shards_roundtrip_local_and_s3(tmp_path, moto_s3):
     for base in (str(tmp_path / "ds"), moto_s3.uri("ds")):
         write_shard([good_row(0), good_row(1)], base + "/part-00000.parquet")

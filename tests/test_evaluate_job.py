@@ -71,15 +71,32 @@ def test_every_metric_exists_is_finite_and_in_range(report):
     assert m["grounding"]["all"]["n"] == sum(m["grounding"][s]["n"] for s in ("hyd", "sid", "dao") if s in m["grounding"])
 
 
-def test_report_files(report):
+def test_report_files(report, dataset):
     import pyarrow.parquet as pq
+
+    from iqa_spider.data.io import read_dataset
 
     rep, out = report
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["metrics"]["grounding"]["all"]["n"] == rep["metrics"]["grounding"]["all"]["n"]
-    preds = pq.read_table(out / "predictions.parquet")
-    assert preds.num_rows == rep["samples"]
-    assert set(preds.column("task").to_pylist()) >= {"rating", "grounding"}
+    preds = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert len(preds) == rep["samples"]
+    # one prediction per test sample of the dataset, none twice
+    test_rows = [r for r in read_dataset(dataset).to_pylist() if r["split"] == "test"]
+    assert sorted(p["sample_id"] for p in preds) == sorted(r["sample_id"] for r in test_rows)
+    assert {p["task"] for p in preds} == {r["task"] for r in test_rows} >= {"rating", "grounding"}
+    # the reported grounding numbers are the means of the per-sample rows written next to them
+    g = on_disk["metrics"]["grounding"]
+    for sub in ("all", "hyd", "sid", "dao"):
+        rows = [p for p in preds if p["task"] == "grounding" and sub in ("all", p["subtask"])]
+        if sub not in g:
+            assert not rows, sub
+            continue
+        assert rows and g[sub]["n"] == len(rows), sub
+        assert all(p["hit"] in (0.0, 1.0) for p in rows)
+        assert g[sub]["point_acc"] == pytest.approx(sum(p["hit"] for p in rows) / len(rows), abs=1e-12), sub
+        assert g[sub]["position_acc"] == pytest.approx(sum(p["position_ok"] for p in rows) / len(rows), abs=1e-12)
+    assert "all" in g and "hyd" in g
     html = (out / "report.html").read_text()
     assert html.count("<figure>") == rep["metrics"]["grounding"]["all"]["n"] and "data:image/png;base64," in html
 
@@ -120,4 +137,20 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys):
                  "infer.describe_max_new_tokens=4", "mlflow.enabled=false", f"output.uri={tmp_path / 'r'}"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "grounding.all.point_acc" in out and (tmp_path / "r" / "report.json").exists()
+    written = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert written["images"] == 1 and written["data_uri"] == dataset and written["split"] == "test"
+    assert written["mapping"] == "expected_bin_centre" and written["model_uri"]
+    # the samples of the one (first, by image_id) test image
+    from iqa_spider.data.io import read_dataset
+
+    test_rows = [r for r in read_dataset(dataset).to_pylist() if r["split"] == "test"]
+    first = min(r["image_id"] for r in test_rows)
+    assert written["samples"] == sum(r["image_id"] == first for r in test_rows) > 0
+    # the printed metrics are the report's, value for value
+    from iqa_spider.infer.metrics import flatten_metrics
+
+    printed = dict(line.rsplit(None, 1) for line in out.splitlines() if line.startswith("grounding."))
+    flat = flatten_metrics(written["metrics"])
+    assert "grounding.all.point_acc" in printed
+    for key, value in printed.items():
+        assert float(value) == pytest.approx(flat[key], abs=5e-5), key

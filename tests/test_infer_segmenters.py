@@ -47,17 +47,30 @@ def test_superpixel_segment_many_and_edge_cases():
     assert seg.segment(image, [(-5, 1e6)]).shape == rect.shape  # points are clamped into the image
 
 
-def test_sam_segmenter_with_the_tiny_sam(tiny_sam_dir):
-    path = tiny_sam_dir
-    seg = build_segmenter(SegmenterConfig(kind="sam", path=str(path), device="cpu"))
+@pytest.mark.parametrize("multimask", [True, False])
+def test_sam_segmenter_with_the_tiny_sam(tiny_sam_dir, multimask):
+    """SAM: one mask per point (the best of its candidates), a set's mask is the union of its
+    points' masks, an empty set is an empty mask; batching sets in one call changes nothing."""
+    seg = build_segmenter(SegmenterConfig(kind="sam", path=str(tiny_sam_dir), device="cpu", multimask=multimask))
     assert isinstance(seg, SamSegmenter) and isinstance(seg, Segmenter)
     image, rect = rectangle_scene()
-    masks = seg.segment_many(image, [[(95, 55)], [(10, 10), (150, 100)], []])
-    assert [m.shape for m in masks] == [rect.shape] * 3
-    assert all(m.dtype == bool for m in masks)
-    assert not masks[2].any()
-    single = SamSegmenter(str(path), device="cpu", multimask=False).segment(image, [(95, 55)])
-    assert single.shape == rect.shape
+    a, b, c = (95, 55), (10, 10), (150, 100)
+    masks = seg.segment_many(image, [[a], [b], [c], [b, c], [], [a, b, c]])
+    assert [m.shape for m in masks] == [rect.shape] * 6 and all(m.dtype == bool for m in masks)
+    ma, mb, mc, mbc, empty, mabc = masks
+    for m in (ma, mb, mc):  # each point gets a real mask: not empty, not the whole image
+        assert 0 < m.sum() < m.size
+    assert not np.array_equal(mb, mc)  # the prompt matters
+    assert not empty.any()
+    assert np.array_equal(mbc, mb | mc) and np.array_equal(mabc, ma | mb | mc)
+    # neither point's mask alone: the set's mask is not just its first or last point's
+    assert mbc.sum() > max(mb.sum(), mc.sum())
+    # segment() is segment_many() of one set; alone, a point gets the mask it got in the batch
+    for points, want in (([a], ma), ([b, c], mbc)):
+        got = seg.segment(image, points)
+        assert iou(got, want) > 0.99, points
+    # points are clamped into the image, as for the superpixel segmenter
+    assert np.array_equal(seg.segment(image, [(-5, 1e6)]), seg.segment(image, [(0, rect.shape[0] - 1)]))
 
 
 def test_segmenter_config_is_checked():

@@ -3,7 +3,9 @@
 error in the logs; `jobs stop`; and the same entrypoint through the plain `ray job submit` CLI."""
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import time
 
@@ -71,23 +73,48 @@ def test_runtime_env_and_entrypoint(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ against the cluster
 
-def test_submit_follow_to_succeeded_with_logs_and_output(cluster, photos, tmp_path):
+def read_summary(out) -> dict:
+    return json.loads(storage.read_bytes(str(out / "_summary.json")))
+
+
+def check_two_photo_summary(out) -> None:
+    """The job's _summary.json (parsed, not matched as text) agrees with the shards it wrote."""
+    import pyarrow.parquet as pq
+
+    summary = read_summary(out)
+    assert summary["sources"] == 2 and summary["annotated"] == 2 and summary["skipped"] == {}, summary
+    rows = sum(pq.read_metadata(p).num_rows for p in out.rglob("*.parquet"))
+    assert rows > 0 and summary["samples"] == rows == sum(summary["samples_by_task"].values()), summary
+
+
+def test_submit_follow_to_succeeded_with_logs_and_output(cluster, photos, tmp_path, monkeypatch):
+    # secrets travel by name: one from DEFAULT_ENV, one named with --env
+    aws_secret, token = f"aws-{secrets.token_hex(8)}", f"tok-{secrets.token_hex(8)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
+    monkeypatch.setenv("IQA_TEST_TOKEN", token)
     out = tmp_path / "dq"
     r = cli("submit", "annotate", "--config", "configs/annotate.yaml", f"input.uri={photos}",
-            f"output.uri={out}", *SMALL, "--address", cluster)
+            f"output.uri={out}", *SMALL, "--env", "IQA_TEST_TOKEN", "--address", cluster)
     assert r.returncode == 0, r.stderr
     job_id = r.stdout.strip()
     assert job_id.startswith("iqa-annotate-") and "\n" not in job_id
-    assert "HF_HUB_OFFLINE" in r.stderr  # names of passed variables are shown, never values
+    # names of passed variables are shown, never values
+    assert "HF_HUB_OFFLINE" in r.stderr and "AWS_SECRET_ACCESS_KEY" in r.stderr and "IQA_TEST_TOKEN" in r.stderr
+    for secret in (aws_secret, token):
+        assert secret not in r.stdout + r.stderr
+    # ... and the values did reach the job (so their absence above means something)
+    env_vars = client(cluster).get_job_info(job_id).runtime_env["env_vars"]
+    assert env_vars["AWS_SECRET_ACCESS_KEY"] == aws_secret and env_vars["IQA_TEST_TOKEN"] == token
 
     followed = cli("jobs", "logs", job_id, "--follow", "--address", cluster, timeout=180)
     r = cli("jobs", "status", job_id, "--address", cluster)
     assert followed.returncode == 0 and r.stdout.startswith(f"{job_id}: SUCCEEDED"), followed.stdout + r.stdout
     assert "connected to Ray at" in followed.stdout  # the job joined the cluster it was submitted to
-    assert "connected to Ray at" in logs(cluster, job_id)
-    summary = storage.read_bytes(str(out / "_summary.json")).decode()
-    assert '"annotated": 2' in summary
-    assert list(out.rglob("*.parquet"))
+    text = logs(cluster, job_id)
+    assert "connected to Ray at" in text
+    for secret in (aws_secret, token):
+        assert secret not in followed.stdout + followed.stderr + text + r.stdout + r.stderr
+    check_two_photo_summary(out)
 
 
 def test_bad_config_ends_failed_with_the_error_in_logs(cluster, photos, tmp_path):
@@ -106,18 +133,52 @@ def test_bad_config_ends_failed_with_the_error_in_logs(cluster, photos, tmp_path
     assert "config error:" in r.stderr and "outside.yaml: key 'distort.max_side': wrong type" in r.stderr
 
 
-def test_jobs_stop_a_running_job(cluster, photos, tmp_path):
-    # full-size photos: runs long enough to be stopped while RUNNING
-    job_id = submit("annotate", "configs/annotate.yaml", [f"input.uri={photos}", f"output.uri={tmp_path / 'dq'}"],
-                    address=cluster)
-    c, deadline = client(cluster), time.monotonic() + 60
-    while c.get_job_status(job_id).value == "PENDING" and time.monotonic() < deadline:
+SLEEPER = """import os, pathlib, sys, time
+state = pathlib.Path(sys.argv[1])
+(state / "pid").write_text(str(os.getpid()))
+time.sleep(600)
+(state / "finished").write_text("not stopped")
+"""
+
+
+def test_jobs_stop_a_running_job(cluster, tmp_path):
+    """A job that cannot finish by itself (it sleeps for 10 minutes) is RUNNING when polled, and
+    `jobs stop --wait` ends it: STOPPED, its process gone, the rest of its script never run."""
+    import psutil
+
+    wd, state = tmp_path / "wd", tmp_path / "state"
+    (wd / "jobs").mkdir(parents=True)
+    (wd / "jobs" / "sleeper.py").write_text(SLEEPER)
+    state.mkdir()
+    # through the same submit() as every job: any jobs/NAME.py of the working dir
+    job_id = submit("sleeper", None, [str(state)], address=cluster, working_dir=str(wd))
+    c, deadline = client(cluster), time.monotonic() + 120
+    while not (state / "pid").exists():
+        assert not c.get_job_status(job_id).is_terminal(), c.get_job_logs(job_id)
+        assert time.monotonic() < deadline, f"{job_id} did not start: {c.get_job_status(job_id).value}"
         time.sleep(0.3)
-    assert c.get_job_status(job_id).value == "RUNNING"
+    pid = int((state / "pid").read_text())
+    assert c.get_job_status(job_id).value == "RUNNING" and psutil.pid_exists(pid)
     r = cli("jobs", "stop", job_id, "--wait", "--address", cluster)
     assert r.returncode == 0 and r.stdout.strip() == f"{job_id}: STOPPED", r.stdout + r.stderr
-    assert not (tmp_path / "dq" / "_summary.json").exists()
-    assert f"{job_id}\tSTOPPED" in cli("jobs", "list", "--address", cluster).stdout
+    assert f"stop requested for {job_id}" in r.stderr
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + 30
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert gone(), f"the job's process {pid} outlived its stop"
+    assert not (state / "finished").exists()
+    listed = dict(line.split("\t")[:2] for line in cli("jobs", "list", "--address", cluster).stdout.splitlines())
+    assert listed[job_id] == "STOPPED"
+    # stopping it again: it is no longer running, and says so
+    r = cli("jobs", "stop", job_id, "--address", cluster)
+    assert r.returncode == 0 and f"{job_id} was not running" in r.stderr, r.stderr
     r = cli("jobs", "status", "no-such-job", "--address", cluster)
     assert r.returncode == 1 and r.stderr.startswith("jobs status:") and "Traceback" not in r.stderr
 
@@ -141,4 +202,4 @@ def test_plain_ray_job_submit_runs_the_same_entrypoint(cluster, photos, tmp_path
                                                f"input.uri={photos}", f"output.uri={out}", *SMALL])
     assert r.returncode == 0, r.stdout + r.stderr
     assert wait(job_id, cluster, timeout=150).value == "SUCCEEDED", logs(cluster, job_id)
-    assert '"annotated": 2' in storage.read_bytes(str(out / "_summary.json")).decode()
+    check_two_photo_summary(out)
