@@ -167,6 +167,73 @@ def test_read_retry_backs_off_on_transient_errors():
     with pytest.raises(FileNotFoundError):  # missing: not retried
         read_with_retry("s3://b/k", attempts=4, backoff_s=10, reader=always(FileNotFoundError("s3://b/k")))
     assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(PermissionError):  # denied: not retried either
+        read_with_retry("s3://b/k", attempts=4, backoff_s=10, reader=always(PermissionError("AccessDenied")))
+    assert len(calls) == 1
+    # botocore's own errors are not OSError, and s3fs passes some through: they are retried too
+    from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
+
+    for exc in (EndpointConnectionError(endpoint_url="http://s3"), ResponseStreamingError(error="cut")):
+        calls.clear()
+        with pytest.raises(type(exc)):
+            read_with_retry("s3://b/k", attempts=3, backoff_s=0.01, reader=always(exc))
+        assert len(calls) == 3
+
+
+def test_storage_down_is_an_error_row_not_a_failed_job(tmp_path):
+    """read_decode with S3 unreachable (botocore's EndpointConnectionError, not an OSError) and
+    a missing local file: both become `unreadable` rows; the block goes on."""
+    import pickle
+
+    from conftest import free_port
+    from iqa_spider.score.stages import read_decode
+
+    good = tmp_path / "ok.png"
+    good.write_bytes(_png(Image.new("RGB", (40, 30), (90, 120, 30))))
+    keys = ["s3://photos/a.png", str(tmp_path / "missing.png"), str(good)]
+    with env_vars(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1",
+                  AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"):
+        out = read_decode({"payload": pickle.dumps({"keys": keys})}, max_pixels=10**7, attempts=1, backoff_s=0.0)
+    items = pickle.loads(out["payload"])["items"]
+    assert [it["key"] for it in items] == keys
+    assert items[0]["error"].startswith("unreadable: EndpointConnectionError")
+    assert items[1]["error"].startswith("unreadable: FileNotFoundError")
+    assert items[2]["error"] is None and items[2]["image"].shape[2] == 3
+
+
+def test_serve_backend_sends_a_lost_call_again_then_fails_the_block(monkeypatch):
+    """Backend serve: a call lost in transit is sent again; one that never answers fails the
+    block (and the job, which a re-run resumes) instead of writing an error row for a fine image."""
+    from iqa_spider.score import stages
+
+    monkeypatch.setattr(stages, "SERVE_RETRY_WAIT_S", 0.0)
+    scorer = object.__new__(stages.ServeScorer)  # the retry alone: no Serve application needed
+    scorer.timeout_s = 1.0
+
+    class Response:
+        def __init__(self, outcome):
+            self.outcome = outcome
+
+        def result(self, timeout_s):
+            if isinstance(self.outcome, Exception):
+                raise self.outcome
+            return self.outcome
+
+    sent = []
+
+    def resend(outcome):
+        def again():
+            sent.append(1)
+            return Response(outcome)
+        return again
+
+    lost = Response(TimeoutError("no answer in 1 s"))
+    assert scorer._result(lost, resend({"score": 3.0}), "a.png") == {"score": 3.0} and len(sent) == 1
+    sent.clear()
+    with pytest.raises(RuntimeError, match="Serve call for b.png failed 3 times; last: ConnectionError"):
+        scorer._result(lost, resend(ConnectionError("replica gone")), "b.png")
+    assert len(sent) == stages.SERVE_ATTEMPTS - 1
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
@@ -275,6 +342,36 @@ def test_rerun_skips_everything_then_resumes_a_lost_shard(first_run, s3_inputs, 
     rows = read_rows(out)
     assert sorted(r["image_uri"] for r in rows) == sorted(expect)
     assert resumed["errors"] == first["errors"]
+
+
+def test_retry_errors_scores_those_rows_again_once(first_run, s3_inputs, tiny_model_dir, moto_s3):
+    """After raising infer.max_pixels, `input.retry_errors=[too_many_pixels]` takes those rows out
+    of their shards and scores their keys again: each key still has exactly one row."""
+    from iqa_spider.data.io import read_shard_summary
+    from iqa_spider.score.job import run_score
+
+    out, first, _ = first_run
+    input_uri, expect, _ = s3_inputs
+    copy = moto_s3.uri("score-out", "retry")  # a copy: other tests read the first run's output
+    storage.copy_tree(out, copy)
+    again = run_score(score_cfg(tiny_model_dir, input_uri, copy, "infer.max_pixels=200000",
+                                "input.retry_errors=[too_many_pixels]"))
+    retried = {k for k, why in expect.items() if why == "too_many_pixels"}
+    assert again["this_run"]["keys"] == len(retried) == 2
+    rows = {r["image_uri"]: r for r in read_rows(copy)}
+    assert len(read_rows(copy)) == len(rows) == len(expect)  # one row per key: none doubled, none lost
+    huge, bomb = (f"{input_uri}/bad/huge.png", f"{input_uri}/bad/bomb.png")
+    assert rows[huge]["error"] is None and 1.0 <= rows[huge]["score"] <= 5.0  # 300 x 300 fits now
+    assert rows[bomb]["error"].startswith("too_many_pixels")                # 12000 x 12000 still does not
+    assert again["errors"]["too_many_pixels"] == 1
+    assert {k: n for k, n in again["errors"].items() if k != "too_many_pixels"} == \
+        {k: n for k, n in first["errors"].items() if k != "too_many_pixels"}
+    for uri in storage.iter_files(_fresh(storage.join(copy, "data")), suffixes=(".parquet",)):
+        summary = read_shard_summary(uri)  # rewritten shards keep a footer that adds up
+        fs, path = storage.get_fs(uri)
+        assert summary["keys"] == pq.read_metadata(fs.open(path, "rb")).num_rows
+    with pytest.raises(Exception, match="input.retry_errors"):
+        score_cfg(tiny_model_dir, input_uri, copy, "input.retry_errors=[too_big]")
 
 
 def test_serve_backend_gives_the_same_rows(first_run, s3_inputs, ray_local, tiny_model_dir, moto_s3):

@@ -151,6 +151,13 @@ def _discard(fs: fsspec.AbstractFileSystem, f: IO, tmp: str) -> None:
             fs.rm(tmp)
 
 
+def remove(uri: str) -> None:
+    """Delete one file (object); a missing one is not an error."""
+    fs, path = get_fs(uri)
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     with atomic_write(uri, "wb") as f:
         f.write(data)

@@ -14,6 +14,10 @@ from iqa_spider.config.schemas import ModelConfig, RayConfig
 from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
 TASKS = ("score", "ground", "describe")
+# Every `reason` a result row's error can start with (iqa_spider.images' ImageError reasons,
+# then the job's own).
+ERROR_REASONS = ("empty", "not_an_image", "corrupt", "too_many_pixels", "bad_aspect_ratio", "unreadable",
+                 "inference_failed")
 BACKENDS = ("actors", "serve")
 CRASH_ENV = "IQA_SPIDER_SCORE_CRASH_ONCE"  # test hook: a marker path; the first scoring call that
                                            # finds it absent creates it and kills its actor mid-batch
@@ -30,6 +34,9 @@ class ScoreInput:
     sniff_unknown: bool = True
     read_retries: int = 4           # attempts per object on top of botocore's own retries
     retry_backoff_s: float = 0.5    # first wait; doubles each attempt (with jitter)
+    # Error reasons whose rows a re-run takes out of the output and scores again, e.g.
+    # [unreadable, inference_failed] after an S3 outage or a GPU failure. Empty: errors are final.
+    retry_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -81,6 +88,8 @@ class ScoreConfig:
         check_choice("backend", self.backend, BACKENDS)
         for t in self.tasks:
             check_choice("tasks", t, TASKS)
+        for r in self.input.retry_errors:
+            check_choice("input.retry_errors", r, ERROR_REASONS)
         if "score" not in self.tasks:
             raise ConfigValueError("tasks", "must include 'score' (every row has a score)")
         check_at_least(1, ("output.block_size", self.output.block_size), ("scoring.actors", self.scoring.actors),

@@ -19,7 +19,7 @@ from iqa_spider import storage
 from iqa_spider.config import ConfigError
 from iqa_spider.score import report
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
-from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks
+from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks, release_errors
 from iqa_spider.submit import DEFAULT_ENV
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,10 @@ def run_score(cfg: ScoreConfig) -> dict:
     else:
         model_uri, model_version = cfg.model.path, None
     listing = Listing()
+    released = release_errors(cfg.output.uri, cfg.input.retry_errors)
+    if released:
+        log.info("score: %d rows with errors %s taken out of the output to score again", released,
+                 cfg.input.retry_errors)
     index = load_index(cfg.output.uri)
     blocks, skipped = plan_blocks(iter_inputs(cfg.input.uri, cfg.output.uri, cfg.input.sniff_unknown, listing),
                                   index.keys, cfg.output.block_size, cfg.output.uri)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from iqa_spider import storage
-from iqa_spider.data.io import read_table, shard_uris
+from iqa_spider.data.io import read_shard_summary, read_table, shard_uris, write_table
 from iqa_spider.images import IMAGE_SUFFIXES, looks_like_image
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,38 @@ NOT_IMAGES = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".md", ".parquet", ".ya
 INDEX_COLUMNS = ["image_uri", "error", "score"]
 
 
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a read can raise when storage, not the object, failed: s3fs turns most S3 errors into
+    OSError, but passes botocore's (endpoint unreachable, stream cut, no credentials yet) and
+    aiohttp's through as they are."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def read_with_retry(uri: str, attempts: int = 4, backoff_s: float = 0.5, reader=None) -> bytes:
-    """Read one object, retrying transient errors (OSError: connection, 5xx, throttling left
-    after botocore's own retries) with exponential backoff and jitter. A missing object is
-    not retried."""
+    """Read one object, retrying transient errors (connection, 5xx, throttling left after
+    botocore's own retries) with exponential backoff and jitter. A missing object or a denied
+    one is not retried."""
     reader = reader or storage.read_bytes
+    transient = transient_errors()
     for attempt in range(1, attempts + 1):
         try:
             return reader(uri)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             raise
-        except OSError as exc:
+        except transient as exc:
             if attempt == attempts:
                 raise
             wait = backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
@@ -113,6 +134,42 @@ def load_index(output_uri: str) -> OutputIndex:
     return idx
 
 
+def release_errors(output_uri: str, reasons: Iterable[str]) -> int:
+    """Take the rows whose error reason is in `reasons` out of their shards, so that this run
+    scores their keys again (`input.retry_errors`, e.g. after an S3 outage); returns how many.
+
+    Runs before anything is scored. Each shard is rewritten atomically, or deleted when no row
+    is left: a crash in between leaves those keys absent from the output, and absent keys are
+    what a run scores. Nothing is lost and no key ends up in two shards.
+    """
+    from iqa_spider.score.report import reason
+
+    wanted = set(reasons)
+    base = shard_dir(output_uri)
+    if not wanted or not storage.exists(base):
+        return 0
+    released = 0
+    for uri in shard_uris(base):
+        table = read_table(uri)
+        errors = table.column("error").to_pylist()
+        keep = [e is None or reason(e) not in wanted for e in errors]
+        if all(keep):
+            continue
+        gone = [reason(e) for e, k in zip(errors, keep) if not k]
+        if not any(keep):
+            storage.remove(uri)
+        else:
+            summary = read_shard_summary(uri) or {}
+            if summary:
+                left = {r: n - gone.count(r) for r, n in summary.get("errors", {}).items()}
+                summary.update(keys=sum(keep), errors={r: n for r, n in left.items() if n > 0},
+                               released=summary.get("released", 0) + len(gone))
+            write_table(table.filter(keep), uri, summary=summary or None)
+        released += len(gone)
+        log.info("%s: %d rows with errors %s taken out to score again", uri, len(gone), sorted(set(gone)))
+    return released
+
+
 def block_name(keys: list[str]) -> str:
     digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
@@ -140,5 +197,5 @@ def plan_blocks(keys: Iterable[str], done: dict, block_size: int, output_uri: st
     return blocks, skipped
 
 
-__all__ = ["iter_inputs", "load_index", "plan_blocks", "read_with_retry", "block_name", "Listing", "OutputIndex",
-           "shard_dir"]
+__all__ = ["iter_inputs", "load_index", "plan_blocks", "read_with_retry", "release_errors", "block_name", "Listing",
+           "OutputIndex", "shard_dir"]

@@ -24,6 +24,8 @@ from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.score.listing import read_with_retry
 
 log = logging.getLogger(__name__)
+SERVE_ATTEMPTS = 3        # tries of one Serve call (backend serve) before the block fails
+SERVE_RETRY_WAIT_S = 2.0  # times the attempt number: time for Serve to replace a replica
 
 
 def _pack(obj) -> dict:
@@ -53,7 +55,7 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
         t0 = time.perf_counter()
         try:
             data = read_with_retry(key, attempts, backoff_s)
-        except OSError as exc:  # missing, permission, S3 errors left after every retry
+        except Exception as exc:  # noqa: BLE001 - missing, denied, S3 errors left after every retry
             item["error"] = f"unreadable: {type(exc).__name__}: {exc}"[:500]
             items.append(item)
             t_read += time.perf_counter() - t0
@@ -184,12 +186,30 @@ class ServeScorer(_ScorerBase):
     def meta(self) -> dict:
         return dict(self.info)
 
+    def _result(self, response, resend, key: str):
+        """The answer of one Serve call; a call that failed in transit (timeout, a replica gone in
+        a rolling update) is sent again, SERVE_ATTEMPTS times in all. Past that the block fails
+        and the job with it: the image is not at fault, so no error row would be honest, and a
+        re-run scores the block again (exactly once)."""
+        for attempt in range(1, SERVE_ATTEMPTS + 1):
+            try:
+                return response.result(timeout_s=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - Serve raises several kinds for one lost call
+                if attempt == SERVE_ATTEMPTS:
+                    raise RuntimeError(f"Serve call for {key} failed {SERVE_ATTEMPTS} times; last: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                log.warning("Serve call for %s failed (%s: %s); sending it again (%d/%d)", key,
+                            type(exc).__name__, exc, attempt, SERVE_ATTEMPTS - 1)
+                time.sleep(SERVE_RETRY_WAIT_S * attempt)
+                response = resend()
+
     def score_good(self, items: list[dict], scored_at) -> list[dict]:
         from iqa_spider.infer import results as R
 
         spec = {"describe": self.describe, "ground": self.ground_questions}
         pending = [self.model.analyze.remote(it["image"], spec) for it in items]  # all in flight: Serve batches them
-        results = [p.result(timeout_s=self.timeout_s) for p in pending]
+        results = [self._result(p, lambda it=it: self.model.analyze.remote(it["image"], spec), it["key"])
+                   for it, p in zip(items, pending)]
         _maybe_crash(self.crash_marker)
         segs = [self.grounding.segment.remote(it["image"], r["groundings"]) if r.get("groundings") else None
                 for it, r in zip(items, results)]
@@ -203,7 +223,8 @@ class ServeScorer(_ScorerBase):
             rows.append({"image_uri": it["key"], "image_sha256": it["sha"], "width": r["width"],
                          "height": r["height"], "score": score.get("score"), "level": score.get("level"),
                          "level_probs": score.get("level_probs"), "description": r.get("description"),
-                         "regions": s.result(timeout_s=self.timeout_s) if s is not None else [],
+                         "regions": self._result(s, lambda it=it, r=r: self.grounding.segment.remote(
+                             it["image"], r["groundings"]), it["key"]) if s is not None else [],
                          "error": None, **meta})
         return rows
 
@@ -227,10 +248,12 @@ def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, over
         raise RuntimeError(f"block {block['name']}: {len(rows)} rows do not match its {len(block['keys'])} keys")
     table = R.rows_to_table(rows)
     summary = report.block_summary(block, rows)
-    write_table(table, block["uri"], summary=summary)
+    # Masks and overlays first, the shard last: the shard marks its keys done, so a failure
+    # in between must leave the keys to the next run, not done without their pictures.
     if masks or overlays:
         images = {it["key"]: it["image"] for it in block["items"]} if overlays else {}
         report.write_artifacts(rows, input_uri, output_uri, masks, images)
+    write_table(table, block["uri"], summary=summary)
     summary["seconds"]["write"] = round(time.perf_counter() - t0, 4)
     return {"summary": json.dumps(summary)}
 
