@@ -121,7 +121,7 @@ def test_rating_only_dataset(dataset, tiny_model_dir):
     assert set(rep["metrics"]) == {"rating"} and rep["metrics"]["rating"]["n"] == 4
 
 
-def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys):
+def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys, caplog):
     import subprocess
     import sys
 
@@ -132,11 +132,13 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys):
                           f"model.path={tiny_model_dir}", f"data.uri={dataset}", "infer.mapping=nearest"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
     assert bad.returncode == 2 and "infer.mapping" in bad.stderr
+    caplog.set_level("INFO", logger="iqa_spider.infer.evaluate")
     code = main(["--config", str(REPO / "configs/evaluate.yaml"), f"model.path={tiny_model_dir}",
                  f"data.uri={dataset}", "model.device=cpu", "data.max_images=1", "infer.max_new_tokens=4",
                  "infer.describe_max_new_tokens=4", "mlflow.enabled=false", f"output.uri={tmp_path / 'r'}"])
     assert code == 0
     out = capsys.readouterr().out
+    assert "evaluate: 1/1 images" in caplog.text  # progress, chunk by chunk
     written = json.loads((tmp_path / "r" / "report.json").read_text())
     assert written["images"] == 1 and written["data_uri"] == dataset and written["split"] == "test"
     assert written["mapping"] == "expected_bin_centre" and written["model_uri"]

@@ -10,6 +10,7 @@ metrics.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from typing import Any
@@ -22,6 +23,8 @@ from iqa_spider.infer.metrics import (compute_metrics, grounding_sample_metrics,
                                       target_regions, truth_families, truth_pairs)
 from iqa_spider.infer.report import format_metrics, publish
 from iqa_spider.infer.text_to_point import answer_position_words
+
+log = logging.getLogger(__name__)
 
 
 def _load_split(cfg: EvaluateConfig):
@@ -97,6 +100,10 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
         results = predictor.run([b[2] for b in batch], [q for q, _ in per_image])
         for (image_id, rows, image), (queries, slots), res in zip(batch, per_image, results):
             samples.extend(_score_image(head, cfg, mappings, image, rows, queries, slots, res, drawn))
+        done = min(start + chunk, len(groups))
+        elapsed = time.monotonic() - started
+        log.info("evaluate: %d/%d images, %d samples, %.2f images/s, skipped %s", done, len(groups), len(samples),
+                 done / max(elapsed, 1e-9), dict(skipped) or "none")
     report = {
         "model_uri": predictor.model_uri, "model_version": predictor.model_version,
         "data_uri": cfg.data.uri, "split": cfg.data.split, "mapping": cfg.infer.mapping, "tau": cfg.infer.tau,

@@ -82,14 +82,15 @@ def render_html(report: dict, drawn: Sequence[dict]) -> str:
         f"<h2>Metrics</h2><table>{rows}</table><h2>Grounding samples</h2>{''.join(cards)}</body></html>")
 
 
-def _predictions_table(samples: Sequence[dict]):
+def _predictions_table(samples: Sequence[dict], mapping: str):
+    """One row per sample; `hit` is the point hit under `mapping`, the configured one."""
     import pyarrow as pa
 
     cols = ("sample_id", "image_id", "task", "subtask", "question", "truth", "pred", "score", "target_score",
             "point_x", "point_y", "position_ok")
     rows = [{c: s.get(c) for c in cols} for s in samples]
     for r, s in zip(rows, samples):
-        r["hit"] = next((v for k, v in s.items() if k.startswith("mapping.") and k.endswith(".hit")), None)
+        r["hit"] = s.get(f"mapping.{mapping}.hit")
     schema = pa.schema([("sample_id", pa.string()), ("image_id", pa.string()), ("task", pa.string()),
                         ("subtask", pa.string()), ("question", pa.string()), ("truth", pa.string()),
                         ("pred", pa.string()), ("score", pa.float64()), ("target_score", pa.float64()),
@@ -111,7 +112,7 @@ def _write_outputs(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], d
     for name, data in files.items():
         with open(os.path.join(local, name), "wb") as f:
             f.write(data)
-    write_table(_predictions_table(samples), os.path.join(local, "predictions.parquet"))
+    write_table(_predictions_table(samples, cfg.infer.mapping), os.path.join(local, "predictions.parquet"))
     if cfg.output.uri:
         for name in sorted(os.listdir(local)):
             with open(os.path.join(local, name), "rb") as f:
