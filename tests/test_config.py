@@ -73,12 +73,20 @@ def test_bad_override_on_command_line_is_named():
     ("job: demo\nworkdri: x\n", "workdri"),          # unknown key
     ("job: demo\ntiny:\n  seed: [1]\n", "tiny.seed"),  # wrong type
     ("job: model\nmodel: {}\n", "model.path"),        # missing value
+    ("job: demo\nworkdir: ${oops}\n", "workdir"),     # an interpolation that does not resolve
+    ("job: demo\nworkdir: ${oc.env:IQA_NOT_SET_ANYWHERE}\n", "workdir"),  # an unset variable
 ])
 def test_cli_exits_2_with_one_line(tmp_path, capsys, text, key):
     p = write(tmp_path, text)
     assert cli_main(["config", "show", "--config", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err and str(p) in err
+
+
+def test_environment_interpolation_resolves(tmp_path, monkeypatch):
+    monkeypatch.setenv("IQA_WORKDIR", "/data/run7")
+    cfg = load_config(DemoConfig, write(tmp_path, "job: demo\nworkdir: ${oc.env:IQA_WORKDIR}\n"))
+    assert cfg.workdir == "/data/run7"
 
 
 def test_config_show_prints_resolved_config(capsys):

@@ -127,15 +127,17 @@ def build_config(schema: type[T], layers: Sequence[tuple[str, DictConfig]]) -> T
             raise ConfigError("unknown key (not in the schema)", _full_key(exc), source) from None
         except ValidationError as exc:
             raise ConfigError(f"wrong type: {str(exc).splitlines()[0]}", _full_key(exc), source) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError("required value is missing", missing[0], _describe(layers))
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError("required value is missing", missing[0], _describe(layers))
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as exc:
         raise ConfigError("required value is missing", _full_key(exc), _describe(layers)) from None
     except ConfigValueError as exc:
         raise ConfigError(str(exc), exc.key, _describe(layers)) from None
+    except OmegaConfBaseException as exc:  # an ${...} interpolation that does not resolve, and the like
+        raise ConfigError(f"cannot resolve: {str(exc).splitlines()[0]}", _full_key(exc), _describe(layers)) from None
     return obj  # type: ignore[return-value]
 
 
