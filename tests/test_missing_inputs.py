@@ -1,6 +1,6 @@
-"""A mistyped input path or bucket is a config error (one line naming the key, exit 2), not a
-job that "succeeds" on an empty listing. Local paths and the moto S3 server, for each job that
-lists or reads an input."""
+"""A mistyped input path or bucket, or a manifest without its column, is a config error (one
+line naming the key, exit 2), not a job that "succeeds" on an empty listing or a traceback.
+Local paths and the moto S3 server, for each job that lists or reads an input."""
 import pytest
 
 from iqa_spider import storage
@@ -51,3 +51,17 @@ def test_listing_a_missing_folder_raises_instead_of_yielding_nothing(tmp_path, m
         list(storage.iter_files(f"s3://{moto_s3.bucket}/nowhere/"))
     (tmp_path / "empty").mkdir()
     assert list(storage.iter_files(str(tmp_path / "empty"))) == []  # an existing empty folder is just empty
+
+
+def test_annotate_manifest_without_image_uri_is_a_config_error(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from iqa_spider.annotate.pipeline import main
+
+    manifest = tmp_path / "photos.parquet"
+    pq.write_table(pa.table({"path": ["a.png"]}), manifest)
+    assert main(["--config", str(REPO / "configs/annotate.yaml"), f"input.uri={manifest}",
+                 f"output.uri={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "key 'input.uri'" in err and "'image_uri' column" in err and "path" in err

@@ -25,6 +25,7 @@ from iqa_spider.annotate import distortions as D
 from iqa_spider.annotate import regions as R
 from iqa_spider.annotate.truth import Region, Truth, target_struct
 from iqa_spider.annotate.writers import Sample, write_all
+from iqa_spider.config import ConfigError
 from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data.io import read_shard_summary, write_table
 from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
@@ -220,6 +221,9 @@ def list_sources(cfg: AnnotateConfig) -> tuple[list[tuple[str, list | None]], in
         from iqa_spider.data.io import read_table
 
         t = read_table(uri)
+        if "image_uri" not in t.column_names:
+            raise ConfigError(f"{uri}: a manifest needs an 'image_uri' column (it has {t.column_names})",
+                              key="input.uri")
         masks = t.column("masks").to_pylist() if "masks" in t.column_names else [None] * t.num_rows
         return sorted(zip(t.column("image_uri").to_pylist(), masks), key=lambda x: x[0]), 0
     sources, ignored = [], 0
