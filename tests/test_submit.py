@@ -179,6 +179,10 @@ def test_jobs_stop_a_running_job(cluster, tmp_path):
     # stopping it again: it is no longer running, and says so
     r = cli("jobs", "stop", job_id, "--address", cluster)
     assert r.returncode == 0 and f"{job_id} was not running" in r.stderr, r.stderr
+    # its id cannot be reused: one line, usage exit, no traceback
+    r = cli("submit", "sleeper", "--job-id", job_id, "--working-dir", str(wd), "--address", cluster, str(state))
+    assert r.returncode == 2 and f"job id {job_id} is already taken" in r.stderr and "Traceback" not in r.stderr, \
+        r.stderr
     r = cli("jobs", "status", "no-such-job", "--address", cluster)
     assert r.returncode == 1 and r.stderr.startswith("jobs status:") and "Traceback" not in r.stderr
 

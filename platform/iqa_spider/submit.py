@@ -188,6 +188,9 @@ def submit(name: str, config: str | None = None, overrides: Sequence[str] = (), 
             return c.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=job_id,
                                 metadata={"iqa_spider_job": name, "config": str(config)})
         except RuntimeError as exc:  # a cluster just started: its job agent is not up yet
+            if "already exists" in str(exc):
+                raise SubmitError(f"job id {job_id} is already taken on this cluster; choose another "
+                                  "--job-id (or none, for a fresh one)") from None
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(2)
