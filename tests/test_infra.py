@@ -63,6 +63,22 @@ def test_images_are_one_tag_and_requests_equal_limits_on_gpus():
     assert len(images) == 1 and IMAGE_TAG.match(images.pop())
 
 
+def test_gpu_pods_get_a_memory_backed_dev_shm():
+    """Kubernetes gives 64 MiB of /dev/shm: NCCL and Ray's object store need far more."""
+    checked = 0
+    for name, d in manifests().items():
+        for where, spec in pod_specs(d):
+            for c in spec["containers"]:
+                if "nvidia.com/gpu" not in c.get("resources", {}).get("requests", {}):
+                    continue
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                volumes = {v["name"]: v for v in spec.get("volumes", [])}
+                assert "/dev/shm" in mounts, (name, where)
+                assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", (name, where)
+                checked += 1
+    assert checked >= 2  # the RayCluster's and the RayService's GPU workers
+
+
 def test_dockerfile_copies_what_the_manifests_run():
     text = (REPO / "infra/Dockerfile").read_text()
     assert re.search(r"^FROM rayproject/ray:[\d.]+-py311-cu\d+", text, re.M)
