@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -296,10 +297,11 @@ def serve_app(args: dict):
         serve.shutdown()
 
 
-@pytest.fixture()
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def have(cmd: str) -> bool:
-    return shutil.which(cmd) is not None or (BIN / cmd).exists()
+def check_score_report(read, list_keys) -> None:
+    """The score report's images are all there; ``read(rel)`` reads below the scores folder."""
+    page = read("report.html").decode()
+    links = re.findall(r"(?:src|href)='([^']+)'", page)
+    assert any(link.startswith("overlays/") for link in links)
+    present = set(list_keys())
+    for link in links:
+        assert link in present, link

@@ -1,12 +1,11 @@
 """`make demo`'s job end to end, shortened: every stage runs for real and hands its output on."""
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import BIN, REPO
+from conftest import BIN, REPO, check_score_report
 
 
 # The demo at reduced size: a few training steps, two evaluation images.
@@ -60,16 +59,6 @@ def check_contracts(work: str) -> None:
     assert results.schema.names == RESULT_SCHEMA.names
     problems = {r["image_uri"]: check_row(r) for r in results.to_pylist()}
     assert not any(problems.values()), problems
-
-
-def check_score_report(read, list_keys) -> None:
-    """The score report's images are all there; ``read(rel)`` reads below the scores folder."""
-    page = read("report.html").decode()
-    links = re.findall(r"(?:src|href)='([^']+)'", page)
-    assert any(link.startswith("overlays/") for link in links)
-    present = set(list_keys())
-    for link in links:
-        assert link in present, link
 
 
 def test_demo_in_s3_on_a_remote_cluster_is_one_config_change(ray_head, moto_s3, mlflow_server, tmp_path):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO, env_vars, ray_job_submit, serve_app
+from conftest import REPO, check_score_report, env_vars, ray_job_submit, serve_app
 from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer import results as R
@@ -319,6 +319,28 @@ def test_one_row_per_key_with_reasons_despite_an_actor_crash(first_run, s3_input
     overlays = list(storage.iter_files(_fresh(f"{out}/overlays")))
     assert len(overlays) == summary["scored"]
     assert any("ünïcødé/" in u for u in overlays) and any("with space/" in u for u in overlays)
+    # the hash is of the bytes read; each region's mask file is its RLE, pixel for pixel
+    import hashlib
+
+    from iqa_spider.data import rle
+
+    input_uri = s3_inputs[0]
+    masks = 0
+    for key, row in by_key.items():
+        if row["error"] is not None and row["error"].startswith("empty"):
+            continue
+        assert row["image_sha256"] == hashlib.sha256(storage.read_bytes(key)).hexdigest(), key
+        for k, region in enumerate(row["regions"] or []):
+            if region["mask_rle"] is None:
+                continue
+            rel = storage.relative_key(input_uri, key)
+            png = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{out}/masks/{rel}.{k}.png"))))
+            assert np.array_equal(png > 0, rle.decode(region["mask_rle"])), (key, k)
+            masks += 1
+    assert masks >= 1 and masks == len(list(storage.iter_files(_fresh(f"{out}/masks"))))  # no stray mask file
+    # the HTML report links only files that exist, keys with spaces and unicode included
+    listed = [storage.relative_key(out, u) for u in storage.iter_files(_fresh(out))]
+    check_score_report(lambda rel: storage.read_bytes(f"{out}/{rel}"), lambda: listed)
 
 
 def test_rerun_skips_everything_then_resumes_a_lost_shard(first_run, s3_inputs, tiny_model_dir):
