@@ -39,10 +39,10 @@ def write_inputs(base: str) -> None:
     storage.write_bytes(storage.join(base, "nested", "README.txt"), b"photos from the 2024 trip")
 
 
-def config(inp: str, out: str) -> AnnotateConfig:
+def config(inp: str, out: str, *extra: str) -> AnnotateConfig:
     return load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                        [f"input.uri={inp}", f"output.uri={out}", f"distort.max_side={MAX_SIDE}",
-                        "output.shard_size=3", "distort.whole_image_prob=0.1", "distort.clean_prob=0.0"])
+                        "output.shard_size=3", "distort.whole_image_prob=0.1", "distort.clean_prob=0.0", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,31 @@ def test_rerun_is_idempotent(local_run):
     assert again["skipped"] == first["skipped"] and again["samples"] == first["samples"]
     assert sorted(read_dataset(cfg.output.uri).column("sample_id").to_pylist()) == \
         sorted(table.column("sample_id").to_pylist())
+
+
+def test_skipped_sources_are_named_and_retried_on_request(ray_local, tmp_path):
+    """An unreadable source (a link to a photo not there yet) is skipped and named; once it can be
+    read, a re-run with input.retry_skipped=[unreadable] annotates its shard again, whole, under
+    the same name, and nothing else."""
+    photos = list(itertools.islice(iter_builtin_photos(), 4))
+    inp, out, later = tmp_path / "in", tmp_path / "out", tmp_path / "later.png"
+    for name, img in photos[:3]:
+        storage.write_bytes(str(inp / f"{name}.png"), encode_png(img))
+    os.symlink(later, inp / "zz_late.png")  # listed, not readable: FileNotFoundError
+    first = run_annotate(config(str(inp), str(out)))
+    late = str(inp / "zz_late.png")
+    assert first["skipped"] == {"unreadable": 1} and first["annotated"] == 3
+    assert first["skipped_sources"] == [{"uri": late, "reason": "unreadable"}]
+    shards = sorted(p.name for p in (out / "data").glob("*.parquet"))
+    assert run_annotate(config(str(inp), str(out)))["shards"]["written"] == 0  # skips are final by default
+    later.write_bytes(encode_png(photos[3][1]))
+    again = run_annotate(config(str(inp), str(out), "input.retry_skipped=[unreadable]"))
+    assert again["shards"] == {"written": 1, "reused": len(shards) - 1}
+    assert again["skipped"] == {} and again["annotated"] == 4 and again["skipped_sources"] == []
+    assert sorted(p.name for p in (out / "data").glob("*.parquet")) == shards  # rewritten in place
+    table = read_dataset(str(out))
+    assert late in set(table.column("source_uri").to_pylist())
+    assert len(set(table.column("sample_id").to_pylist())) == table.num_rows  # no sample twice
 
 
 def test_same_seed_gives_same_sample_ids_in_a_fresh_output(local_run, tmp_path):

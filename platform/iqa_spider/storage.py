@@ -11,8 +11,11 @@ failing mid-write leaves at most a `.tmp-*` object, never a half file under the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
 from typing import IO, Iterator
 
@@ -20,6 +23,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 TMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def _s3_options() -> dict:
@@ -94,6 +98,47 @@ def read_bytes(uri: str) -> bytes:
     fs, path = get_fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a read can raise when storage, not the object, failed: s3fs turns most S3 errors into
+    OSError, but passes botocore's (endpoint unreachable, stream cut, no credentials yet) and
+    aiohttp's through as they are."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def read_with_retry(uri: str, attempts: int = 4, backoff_s: float = 0.5, reader=None) -> bytes:
+    """Read one object, retrying transient errors (connection, 5xx, throttling left after
+    botocore's own retries) with exponential backoff and jitter. A missing object or a denied
+    one is not retried."""
+    reader = reader or read_bytes
+    transient = transient_errors()
+    for attempt in range(1, attempts + 1):
+        try:
+            return reader(uri)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except transient as exc:
+            if attempt == attempts:
+                raise
+            wait = backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+            log.warning("read %s failed (%s: %s); retry %d/%d in %.2fs", uri, type(exc).__name__, exc, attempt,
+                        attempts - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def open_read(uri: str, mode: str = "rb") -> IO:

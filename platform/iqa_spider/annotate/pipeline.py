@@ -33,6 +33,7 @@ from iqa_spider.images import IMAGE_SUFFIXES, ImageError, decode_image, encode_p
 
 log = logging.getLogger(__name__)
 REWRITTEN_TASKS = ("global_desc", "local_desc", "referring_long")
+MAX_SKIPPED_LISTED = 1000  # skipped sources named in the run's _summary.json (every shard names its own)
 
 
 def stable_int(*parts: object) -> int:
@@ -169,21 +170,26 @@ class ShardAnnotator:
         started = time.monotonic()
         counts: Counter = Counter()
         skipped: Counter = Counter()
+        skipped_sources: list[dict] = []  # which source, and why: what a re-run would retry
         rows: list[dict] = []
+        transient = storage.transient_errors()
         for source, masks in zip(shard["sources"], shard["masks"] or [None] * len(shard["sources"])):
             try:
-                data = storage.read_bytes(source)
+                data = storage.read_with_retry(source, self.cfg.input.read_retries)
                 rows.extend(self.annotate_source(source, data, masks, counts))
                 counts["annotated"] += 1
+                continue
             except ImageError as exc:
-                skipped[exc.reason] += 1
+                why = exc.reason
                 log.warning("skipped %s: %s", source, exc)
-            except OSError as exc:  # missing, permission, S3 errors left after botocore's retries
-                skipped["unreadable"] += 1
-                log.warning("skipped %s: unreadable (%s)", source, exc)
+            except transient as exc:  # missing, denied, S3 errors left after every retry
+                why = "unreadable"
+                log.warning("skipped %s: unreadable (%s: %s)", source, type(exc).__name__, exc)
             except Exception as exc:  # noqa: BLE001 - one odd image must not stop a million-image job
-                skipped[f"failed:{type(exc).__name__}"] += 1
+                why = f"failed:{type(exc).__name__}"
                 log.exception("skipped %s: annotation failed", source)
+            skipped[why] += 1
+            skipped_sources.append({"uri": source, "reason": why})
         # Two draws can write the same sample (two clean variants of one photo, or the same
         # region and template twice): identical (image, task, question, answer) is one sample.
         unique: dict[str, dict] = {}
@@ -193,7 +199,7 @@ class ShardAnnotator:
         check(table)
         summary = {"shard": shard["name"], "sources": len(shard["sources"]), "annotated": counts["annotated"],
                    "samples": table.num_rows, "duplicates_dropped": len(rows) - table.num_rows,
-                   "skipped": dict(skipped),
+                   "skipped": dict(skipped), "skipped_sources": skipped_sources,
                    "samples_by_task": dict(Counter(table.column("task").to_pylist())),
                    "rewrites": {k: counts[k] for k in ("rewrites_accepted", "rewrites_rejected") if counts[k]},
                    "seconds": round(time.monotonic() - started, 3)}
@@ -254,6 +260,7 @@ def plan_shards(sources: list[tuple[str, list | None]], cfg: AnnotateConfig) -> 
 
 
 def merge_summaries(summaries: Iterable[dict], reused: int, written: int, seconds: float) -> dict:
+    summaries = list(summaries)
     total: dict = {"sources": 0, "annotated": 0, "samples": 0, "duplicates_dropped": 0, "skipped": Counter(),
                    "samples_by_task": Counter(), "rewrites": Counter()}
     for s in summaries:
@@ -262,9 +269,20 @@ def merge_summaries(summaries: Iterable[dict], reused: int, written: int, second
         for k in ("skipped", "samples_by_task", "rewrites"):
             total[k].update(s.get(k, {}))
     total.update({k: dict(v) for k, v in total.items() if isinstance(v, Counter)})
+    # which sources were skipped and why (the shards' footers hold them all; the run summary
+    # stays readable for a million-image job)
+    listed = [x for s in summaries for x in s.get("skipped_sources", [])]
+    total["skipped_sources"] = listed[:MAX_SKIPPED_LISTED]
+    total["skipped_sources_truncated"] = len(listed) > MAX_SKIPPED_LISTED
     total["shards"] = {"written": written, "reused": reused}
     total["seconds"] = round(seconds, 2)
     return total
+
+
+def _to_retry(summary: dict, reasons: list[str]) -> bool:
+    """Whether a finished shard skipped a source for one of `reasons` ("failed" covers every
+    failed:<Error>)."""
+    return any(why == r or why.startswith(f"{r}:") for why in summary.get("skipped", {}) for r in reasons)
 
 
 def run_annotate(cfg: AnnotateConfig) -> dict:
@@ -279,7 +297,10 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     done, todo = [], []
     for shard in shards:
         summary = read_shard_summary(shard["uri"])
-        (done if summary else todo).append(summary or shard)
+        if summary and not _to_retry(summary, cfg.input.retry_skipped):
+            done.append(summary)
+        else:  # new, or finished with skips a re-run is asked to retry: written again whole, same name
+            todo.append(shard)
     log.info("annotate: %d sources in %d shards (%d other files ignored); %d already finished, %d to do",
              len(sources), len(shards), ignored, len(done), len(todo))
     written: list[dict] = []

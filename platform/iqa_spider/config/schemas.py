@@ -93,12 +93,27 @@ class ModelRecipe:
 REGION_METHODS = ("superpixel", "masks", "sam")
 
 
+# Why the annotation job skips a source (its shard summary counts them): decode_image's
+# ImageError reasons, no usable region, unreadable after retries, failed (an unexpected error).
+ANNOTATE_SKIP_REASONS = ("empty", "not_an_image", "corrupt", "too_many_pixels", "no_regions", "unreadable",
+                         "failed")
+
+
 @dataclass
 class AnnotateInput:
     # A folder or prefix of images (local, file://, s3://), or a Parquet manifest with an
     # `image_uri` column and optionally `masks` (list of {mask_rle, label}) for method=masks.
     uri: str = MISSING
     max_pixels: int = 64_000_000  # larger images are skipped as too_many_pixels
+    read_retries: int = 4         # attempts per source on top of botocore's own retries
+    # Skip reasons for which a re-run annotates a finished shard again, e.g. [unreadable]
+    # after an S3 outage. Empty: finished shards are final.
+    retry_skipped: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_at_least(1, ("input.read_retries", self.read_retries))
+        for r in self.retry_skipped:
+            check_choice("input.retry_skipped", r, ANNOTATE_SKIP_REASONS)
 
 
 @dataclass

@@ -5,7 +5,8 @@
   bytes are those of an image (``images.looks_like_image``). A file with an image suffix
   that is not an image is still an input: it gets a row with ``error`` not_an_image.
 - The output index: the ``image_uri`` of every row of ``OUTPUT/data/*.parquet``. A key that
-  has a row (scored, or with its permanent ``error``) is done and skipped by a re-run.
+  has a row (scored, or with an ``error``) is done and skipped by a re-run, unless
+  ``input.retry_errors`` names its error's reason (``release_errors``).
 - Pending keys are cut into blocks of ``output.block_size``; a block's shard name is a hash
   of its keys, so a retried block overwrites its own shard and never adds a second one.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -29,47 +29,6 @@ log = logging.getLogger(__name__)
 NOT_IMAGES = (".json", ".jsonl", ".txt", ".csv", ".tsv", ".md", ".parquet", ".yaml", ".yml", ".xml", ".html",
               ".zip", ".tar", ".gz", ".pdf", ".log", ".py")
 INDEX_COLUMNS = ["image_uri", "error", "score"]
-
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """What a read can raise when storage, not the object, failed: s3fs turns most S3 errors into
-    OSError, but passes botocore's (endpoint unreachable, stream cut, no credentials yet) and
-    aiohttp's through as they are."""
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from botocore.exceptions import BotoCoreError
-
-        errors.append(BotoCoreError)
-    except ImportError:
-        pass
-    try:
-        from aiohttp import ClientError
-
-        errors.append(ClientError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def read_with_retry(uri: str, attempts: int = 4, backoff_s: float = 0.5, reader=None) -> bytes:
-    """Read one object, retrying transient errors (connection, 5xx, throttling left after
-    botocore's own retries) with exponential backoff and jitter. A missing object or a denied
-    one is not retried."""
-    reader = reader or storage.read_bytes
-    transient = transient_errors()
-    for attempt in range(1, attempts + 1):
-        try:
-            return reader(uri)
-        except (FileNotFoundError, PermissionError):
-            raise
-        except transient as exc:
-            if attempt == attempts:
-                raise
-            wait = backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
-            log.warning("read %s failed (%s: %s); retry %d/%d in %.2fs", uri, type(exc).__name__, exc, attempt,
-                        attempts - 1, wait)
-            time.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -197,5 +156,5 @@ def plan_blocks(keys: Iterable[str], done: dict, block_size: int, output_uri: st
     return blocks, skipped
 
 
-__all__ = ["iter_inputs", "load_index", "plan_blocks", "read_with_retry", "release_errors", "block_name", "Listing",
+__all__ = ["iter_inputs", "load_index", "plan_blocks", "release_errors", "block_name", "Listing",
            "OutputIndex", "shard_dir"]

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from iqa_spider.images import ImageError, decode_image, prepare_image
-from iqa_spider.score.listing import read_with_retry
+from iqa_spider.storage import read_with_retry
 
 log = logging.getLogger(__name__)
 SERVE_ATTEMPTS = 3        # tries of one Serve call (backend serve) before the block fails
