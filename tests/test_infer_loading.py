@@ -1,7 +1,10 @@
 """Model loading: local directory, MLflow registry (real `mlflow server`), device and dtype."""
+import hashlib
 import os
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import register_model
@@ -47,49 +50,107 @@ def test_find_hf_dir(tmp_path, tiny_model_dir):
         find_hf_dir(tmp_path / "empty")
 
 
+# A fixed image: the scores of two models on it tell which model answered.
+def fixed_image():
+    from PIL import Image
+
+    return Image.new("RGB", (40, 30), (200, 10, 10))
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def file_hashes(root) -> dict[str, str]:
+    """{relative path: sha256} of every file under ``root``."""
+    root = Path(root)
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
-def registered(mlflow_server, tiny_model_dir):
-    """The tiny model logged as the artifact of an MLflow pyfunc model (as training logs it),
-    registered as versions 1 and 2 (one run each), with alias champion on version 2."""
+def reversed_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with the lm_head rows of the five level words in reverse order: another
+    model (other weight bytes) whose level probabilities are exactly the tiny model's reversed."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from iqa_spider.model.tokenizer import word_token_id
+    from iqa_spider.vocab import LEVEL_WORDS
+
+    dst = tmp_path_factory.mktemp("loading") / "reversed"
+    shutil.copytree(tiny_model_dir, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tok = AutoTokenizer.from_pretrained(dst)
+    ids = [word_token_id(tok, w) for w in LEVEL_WORDS]
+    w = tensors["lm_head.weight"]
+    w[ids] = w[ids[::-1]].clone()
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    assert sha256(dst / "model.safetensors") != sha256(tiny_model_dir / "model.safetensors")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def local_probs(tiny_model_dir):
+    """The tiny model's level probabilities on the fixed image, loaded from its local directory."""
+    from iqa_spider.infer.predictor import Predictor
+
+    p = Predictor.load(ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    probs = p.score([fixed_image()])[0].level_probs
+    # far from symmetric: the reversed model's answer differs by much more than any tolerance
+    assert max(abs(a - b) for a, b in zip(probs, probs[::-1])) > 0.5, probs
+    return probs
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_server, tiny_model_dir, reversed_dir):
+    """Two models logged as the artifact of an MLflow pyfunc model (as training logs it):
+    version 1 is ``reversed_dir``, version 2 the tiny model (one run each), with alias champion
+    on version 2. Loading the wrong version gives other bytes and other scores."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     name = "iqa-spider-loading-test"
-    versions = [register_model(client, name, tiny_model_dir, "infer-loading") for _ in range(2)]
+    versions = [register_model(client, name, d, "infer-loading") for d in (reversed_dir, tiny_model_dir)]
     runs = [client.get_model_version(name, v).run_id for v in versions]
     client.set_registered_model_alias(name, "champion", versions[1])
     return name, versions, runs
 
 
-def test_mlflow_alias_version_and_run_uris(registered, tmp_path):
+def test_mlflow_alias_version_and_run_uris(registered, tiny_model_dir, reversed_dir, tmp_path):
     name, versions, runs = registered
     cache = str(tmp_path / "cache")
+    tiny, other = file_hashes(tiny_model_dir), file_hashes(reversed_dir)
     by_alias = resolve_model_path(f"models:/{name}@champion", cache)
     assert by_alias.version == versions[1] == "2"
     assert by_alias.run_id == runs[1]
-    assert os.path.isfile(os.path.join(by_alias.local_dir, "config.json"))
-    assert os.path.isfile(os.path.join(by_alias.local_dir, "model.safetensors"))
-    assert resolve_model_path(f"models:/{name}/1", cache).version == "1"
-    assert resolve_model_path(f"models:/{name}/latest", cache).version == "2"
+    # the HF directory found in the download is the champion's, byte for byte
+    assert file_hashes(by_alias.local_dir) == tiny
+    v1 = resolve_model_path(f"models:/{name}/1", cache)
+    assert v1.version == "1" and file_hashes(v1.local_dir) == other
+    latest = resolve_model_path(f"models:/{name}/latest", cache)
+    assert latest.version == "2" and file_hashes(latest.local_dir) == tiny
     by_run = resolve_model_path(f"runs:/{runs[0]}/model", cache)
     assert by_run.version is None and by_run.run_id == runs[0]
+    assert file_hashes(by_run.local_dir) == other
     # a second resolve of the same version reuses the download
     again = resolve_model_path(f"models:/{name}@champion", cache)
     assert again.local_dir == by_alias.local_dir
 
 
-def test_load_from_the_registry_reports_the_version(registered, tmp_path):
+def test_load_from_the_registry_reports_the_version(registered, local_probs, tmp_path):
     from iqa_spider.infer.config import InferConfig
     from iqa_spider.infer.predictor import Predictor
 
     name, versions, _ = registered
-    p = Predictor.load(ModelConfig(path=f"models:/{name}@champion", device="cpu"),
-                       InferConfig(cache_dir=str(tmp_path / "cache")))
+    infer = InferConfig(cache_dir=str(tmp_path / "cache"))
+    p = Predictor.load(ModelConfig(path=f"models:/{name}@champion", device="cpu"), infer)
     assert p.model_uri == f"models:/{name}@champion" and p.model_version == "2"
-    from PIL import Image
-
-    s = p.score([Image.new("RGB", (40, 30), (200, 10, 10))])[0]
-    assert 1 <= s.score <= 5
+    # the model that answers is version 2 (the tiny model), not only reported as it
+    champion = p.score([fixed_image()])[0].level_probs
+    np.testing.assert_allclose(champion, local_probs, atol=1e-6)
+    v1 = Predictor.load(ModelConfig(path=f"models:/{name}/1", device="cpu"), infer)
+    assert v1.model_version == "1"
+    np.testing.assert_allclose(v1.score([fixed_image()])[0].level_probs, local_probs[::-1], atol=1e-6)
 
 
 def test_unknown_mlflow_uri_fails_clearly(mlflow_server):
@@ -110,7 +171,14 @@ def test_s3_folder_is_fetched_once_per_content(tiny_model_dir, moto_s3, tmp_path
     # same content: the same local copy, not a fresh fetch that could pull it from under a reader
     assert first.local_dir == again.local_dir and first.version is None
     assert os.path.isfile(os.path.join(first.local_dir, "model.safetensors"))
-    assert load_model(ModelConfig(path=uri, device="cpu"), cache).model.config.text_config.vocab_size > 0
+    # the copy is the uploaded folder byte for byte, and what loads from it is that model
+    assert file_hashes(first.local_dir) == file_hashes(tiny_model_dir)
+    from_s3 = load_model(ModelConfig(path=uri, device="cpu"), cache)
+    assert from_s3.local_dir == first.local_dir
+    want = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu")).model.state_dict()
+    got = from_s3.model.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
     # a changed folder is fetched again, into its own slot
     storage.write_bytes(storage.join(uri, "generation_config.json"), b'{"do_sample": false}')

@@ -61,13 +61,27 @@ def test_score_only_by_default_bytes_and_uris(head, tmp_path):
     R.rows_to_table(rows)  # fits the Parquet schema of batch scoring
 
 
+def naive_answer(head, image: Image.Image, question: str) -> str:
+    """What a plain generate loop answers to ``question`` with the fixture's cap of 8 tokens."""
+    from iqa_spider.infer.engine import Query
+
+    return head.predictor.engine.run_naive([image], [[Query(question, max_new_tokens=8)]])[0][0].text
+
+
 def test_grounding_and_description_on_request(head):
-    frame = pd.DataFrame({"image_uri": ["mem://a"], "image": [png(noise_image(2, (80, 60)))]})
+    image = noise_image(2, (80, 60))
+    frame = pd.DataFrame({"image_uri": ["mem://a"], "image": [png(image)]})
     out = predict_frame(head, frame, {"ground": "true", "describe": True, "mapping": "paper"})
     (r,) = out.to_dict("records")
     assert r["error"] is None and R.check_row(r) == []
-    assert isinstance(r["description"], str)
-    assert r["regions"] and {g["query"] for g in r["regions"]} == {HYD_QUESTION}
+    # the description answers the global description question, the region the HyD-G question
+    # (PNG is lossless: the decoded image is ``image``); a random model answers other questions
+    # differently, so a wrong question or an empty answer fails here
+    description = naive_answer(head, image, "Assess the quality of the image with a detailed explanation.")
+    assert description and r["description"] == description
+    assert description != naive_answer(head, image, "Describe the quality of the image and the distortions in it.")
+    assert [g["query"] for g in r["regions"]] == [HYD_QUESTION]
+    assert r["regions"][0]["answer"] == naive_answer(head, image, HYD_QUESTION) != description
     assert head.predictor.cfg.mapping == "expected_bin_centre"  # a per-call mapping is not sticky
     two = predict_frame(head, frame, {"ground_questions": '["Which region shows the most severe noise?", "'
                                                           + HYD_QUESTION + '"]'})

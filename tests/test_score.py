@@ -141,7 +141,7 @@ def shard_names(output_uri: str) -> set[str]:
 # ------------------------------------------------------------------ no Ray needed
 
 def test_read_retry_backs_off_on_transient_errors():
-    from iqa_spider.score.listing import read_with_retry
+    from iqa_spider.storage import read_with_retry  # the one score's read tasks use (stages)
 
     calls = []
 
@@ -152,6 +152,8 @@ def test_read_retry_backs_off_on_transient_errors():
         return b"ok"
 
     assert read_with_retry("s3://b/k", attempts=4, backoff_s=0.01, reader=flaky) == b"ok" and len(calls) == 3
+    # exponential backoff with jitter in [0.5, 1.5): at least 0.005 s, then at least 0.01 s
+    assert calls[1] - calls[0] >= 0.005 and calls[2] - calls[1] >= 0.01, calls
 
     def always(exc):
         def reader(uri):
@@ -462,3 +464,32 @@ def test_ray_job_submit_on_a_ray_head(ray_head, moto_s3, s3_inputs, tiny_model_d
     assert sorted(r["image_uri"] for r in read_rows(out)) == want
     summary = json.loads(storage.read_bytes(f"{out}/_summary.json"))
     assert summary["rows"] == len(want) and summary["ignored_files"] == 2
+
+
+# ------------------------------------------------------------------ backend serve without Serve
+
+def test_backend_serve_without_a_running_app_is_a_config_error_before_scoring(ray_local, tiny_model_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """backend=serve on a cluster with no running Serve application: exit 2 with one line naming
+    key 'backend' (check_serve), and not a single block handed to Ray Data or written."""
+    from ray import serve
+
+    from iqa_spider.score import job
+
+    app = "iqa-spider"
+    status = serve.status().applications.get(app)
+    assert status is None or str(getattr(status.status, "value", status.status)) != "RUNNING"  # precondition
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        (inputs / f"p{i}.png").write_bytes(_png(Image.new("RGB", (32, 24), (40 * i, 90, 200))))
+    built = []
+    monkeypatch.setattr(job, "build_dataset", lambda *a, **k: built.append(a) or pytest.fail("a block was scored"))
+    out = tmp_path / "out"
+    rc = job.main(["--config", str(REPO / "configs/score.yaml"), f"model.path={tiny_model_dir}",
+                   f"input.uri={inputs}", f"output.uri={out}", "backend=serve", f"serve.app_name={app}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "key 'backend'" in err and f"no RUNNING Serve application '{app}'" in err, err
+    assert built == []
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]  # no shard, no summary
