@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,13 @@ def test_check_gate_directions_tolerances_floors():
     assert [c.passed for c in first] == [False, True] and "floor" in first[0].reason
     nan = check_gate(gate, {"srcc": math.nan}, {"srcc": 0.1})
     assert [c.passed for c in nan] == [False, False]                  # NaN and missing both fail
+    # better metrics, but on one sample fewer than the champion's run: not comparable, refused
+    from iqa_spider.registry.promotion import SAMPLES
+
+    fewer = check_gate(gate, {"srcc": 0.9, "loss": 0.5, SAMPLES: 40.0}, {"srcc": 0.8, "loss": 1.0, SAMPLES: 41.0})
+    assert [c.passed for c in fewer] == [True, True, False] and "not comparable" in fewer[-1].reason
+    same = check_gate(gate, {"srcc": 0.9, "loss": 0.5, SAMPLES: 41.0}, {"srcc": 0.8, "loss": 1.0, SAMPLES: 41.0})
+    assert [c.passed for c in same] == [True, True, True]
 
 
 def test_bad_gate_file_exits_2(tmp_path, capsys):
@@ -184,14 +192,44 @@ def test_registry_lock_is_exclusive_and_breaks_stale_leases(client):
     for t in threads:
         t.join(120)
     assert not errors and most[0] == 1
+
+    # No overlap above could also come from threads that never met. Here they must: a second
+    # acquirer waits while the lease is held (polling every 0.05 s) and gets it only once the
+    # holder has released it.
+    first, second = RegistryLock(client, name, settings), RegistryLock(client, name, settings)
+    first.acquire()
+    got, got_at = threading.Event(), []
+
+    def take():
+        try:
+            second.acquire()
+            got_at.append(time.monotonic())
+        except Exception as exc:  # noqa: BLE001 - surfaced below
+            errors.append(exc)
+        got.set()
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    assert not got.wait(0.6), errors or "a second lock was acquired while the first was held"
+    assert first.held() and not second.held()
+    released_at = time.monotonic()
+    first.release()
+    assert got.wait(30) and not errors, errors
+    taker.join(10)
+    assert got_at[0] > released_at and second.held() and not first.held()
+    second.release()
+
     # a crashed holder's lease (expired) is broken by the next promotion
     client.create_registered_model(name + ".promotion-lock", tags={"owner": "dead:1:x", "expires_at": "1.0"})
     lock = RegistryLock(client, name, settings)
     lock.acquire()
     assert lock.held()
     lock.release()
-    with pytest.raises(Exception):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as gone:
         client.get_registered_model(name + ".promotion-lock")
+    assert gone.value.error_code == "RESOURCE_DOES_NOT_EXIST", gone.value
 
 
 # ------------------------------------------------------------------ promotion end to end

@@ -44,10 +44,9 @@ def _load_split(cfg: EvaluateConfig):
 
 
 def _image_of(row: dict):
-    from iqa_spider import storage
     from iqa_spider.images import decode_image
 
-    data = row["image"] if row["image"] is not None else storage.read_bytes(row["image_uri"])
+    data = row["image"] if row["image"] is not None else storage.read_with_retry(row["image_uri"])
     return decode_image(data)
 
 
@@ -92,7 +91,7 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
         for image_id, rows in groups[start:start + chunk]:
             try:
                 batch.append((image_id, rows, prepare_image(_image_of(rows[0]))))
-            except (ImageError, OSError) as exc:
+            except (ImageError, *storage.transient_errors()) as exc:
                 skipped[getattr(exc, "reason", "unreadable")] += len(rows)
         if not batch:
             continue

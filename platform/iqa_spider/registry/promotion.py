@@ -46,6 +46,9 @@ LOCK_SUFFIX = ".promotion-lock"
 TAG = "promotion."
 
 
+SAMPLES = "evaluated_samples"  # how many samples an evaluation scored: equal for candidate and champion
+
+
 class PromotionError(RuntimeError):
     """The promotion or rollback could not be carried out (not a gate refusal)."""
 
@@ -187,6 +190,13 @@ def check_gate(gate: Sequence[GateMetric], candidate: dict[str, float],
         else:
             passed, reason = True, f"{g.name}: candidate {c:.4f} vs champion {ch:.4f} within tolerance {g.tolerance}"
         checks.append(Check(g.name, g.direction, g.tolerance, g.floor, c, ch, passed, reason))
+    c_n, ch_n = candidate.get(SAMPLES), champion.get(SAMPLES) if champion is not None else None
+    if c_n is not None and ch_n is not None:  # a sample unreadable for one run only: not comparable
+        same = c_n == ch_n
+        checks.append(Check(SAMPLES, "equal", 0.0, None, c_n, ch_n, same,
+                            f"{SAMPLES}: both evaluated on {c_n:g} samples" if same else
+                            f"{SAMPLES}: candidate evaluated on {c_n:g} samples, champion on {ch_n:g}; "
+                            "the metrics are not comparable (an image was unreadable for one run)"))
     return checks
 
 
@@ -217,7 +227,9 @@ def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[st
         raise PromotionError(f"evaluated version {report['model_version']}, expected {version}")
     log.info("evaluated %s version %s: %d images, %d samples", cfg.registered_model, version,
              report["images"], report["samples"])
-    return flatten_metrics(report["metrics"])
+    metrics = flatten_metrics(report["metrics"])
+    metrics[SAMPLES] = float(report["samples"])  # check_gate compares only like with like
+    return metrics
 
 
 # ============================================================== aliases and records
