@@ -29,7 +29,10 @@ def crash_mid_write(base: str) -> None:
             f.write(b"x" * 10_000_000)
             raise Crash()
     assert not storage.exists(uri)
-    assert list(storage.iter_files(base)) == []  # no temp object left behind either
+    # no temp object left behind either (find lists hidden .tmp-* names, which iter_files skips)
+    fs, path = storage.get_fs(base)
+    fs.invalidate_cache(path)
+    assert fs.find(path) == []
     # An existing object is untouched by a failed rewrite.
     storage.write_bytes(uri, b"old")
     with pytest.raises(Crash):
