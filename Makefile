@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra --durations=15
 
-# Every CPU benchmark, each appending its figures to BENCHMARKS.md (3 min 27 s on 2 cores, 2026-11-30).
+# Every CPU benchmark, each appending its figures to BENCHMARKS.md (about 4 minutes on 2 cores, 2026-11-30).
 # The GPU benchmark (bench/gpu.py) runs only where a GPU is: see bench/README.md.
 bench: $(STAMP)
 	$(BIN)/python bench/annotate.py
