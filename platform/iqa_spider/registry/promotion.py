@@ -44,8 +44,6 @@ CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 LOCK_SUFFIX = ".promotion-lock"
 TAG = "promotion."
-
-
 SAMPLES = "evaluated_samples"  # how many samples an evaluation scored: equal for candidate and champion
 
 
@@ -67,6 +65,12 @@ def _client(uri: str | None = None):
 
 def _error_code(exc: Exception) -> str:
     return str(getattr(exc, "error_code", ""))
+
+
+def _names_nothing(exc: Exception) -> bool:
+    """An MlflowException saying the registry has no such model, version or alias (servers and
+    stores word it differently)."""
+    return any(c in _error_code(exc) for c in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"))
 
 
 # ============================================================== the lock
@@ -241,7 +245,7 @@ def alias_version(client, name: str, alias: str) -> str | None:
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as exc:
-        if any(c in _error_code(exc) for c in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")):
+        if _names_nothing(exc):
             return None
         raise
 
@@ -458,7 +462,7 @@ def _require_version(client, name: str, version: str) -> None:
     try:
         client.get_model_version(name, version)
     except MlflowException as exc:
-        if any(c in _error_code(exc) for c in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")):
+        if _names_nothing(exc):
             raise ConfigError(f"registered model {name!r} has no version {version}", key="candidate") from None
         raise
 
