@@ -48,7 +48,7 @@ class Preprocessor:
         data = row.get("image")
         # A null binary cell reaches numpy batches as None or NaN, not as empty bytes.
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            data = storage.read_bytes(str(row["image_uri"]))
+            data = storage.read_with_retry(str(row["image_uri"]))
         # prepare_image refuses what the processor would raise on (aspect ratio over 150:1) as an
         # ImageError, so one odd photo drops its sample instead of failing the whole stream.
         return prepare_image(decode_image(data, self.max_pixels))
@@ -84,7 +84,7 @@ class Preprocessor:
             row = {k: batch[k][i] for k in ("image", "image_uri", "question", "answer", "task")}
             try:
                 enc = self.encode(row)
-            except (ImageError, OSError) as exc:
+            except (ImageError, *storage.transient_errors()) as exc:  # as in every job that reads images
                 log.warning("dropped a %s sample: %s", row["task"], exc)
                 continue
             if enc is None:
