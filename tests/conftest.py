@@ -77,6 +77,13 @@ def env_vars(**values: str):
                 os.environ[k] = v
 
 
+def s3_down():
+    """S3 unreachable: an endpoint on a free port nobody listens on, one botocore attempt (so a
+    test sees the failure in about a second, not after a minute of retries)."""
+    return env_vars(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1",
+                    AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from iqa_spider.model.tiny import init_tiny

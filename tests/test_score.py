@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import REPO, check_score_report, env_vars, ray_job_submit, serve_app
+from conftest import REPO, check_score_report, env_vars, ray_job_submit, s3_down, serve_app
 from iqa_spider import storage
 from iqa_spider.config import load_config
 from iqa_spider.infer import results as R
@@ -188,14 +188,12 @@ def test_storage_down_is_an_error_row_not_a_failed_job(tmp_path):
     a missing local file: both become `unreadable` rows; the block goes on."""
     import pickle
 
-    from conftest import free_port
     from iqa_spider.score.stages import read_decode
 
     good = tmp_path / "ok.png"
     good.write_bytes(_png(Image.new("RGB", (40, 30), (90, 120, 30))))
     keys = ["s3://photos/a.png", str(tmp_path / "missing.png"), str(good)]
-    with env_vars(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1",
-                  AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"):
+    with s3_down():
         out = read_decode({"payload": pickle.dumps({"keys": keys})}, max_pixels=10**7, attempts=1, backoff_s=0.0)
     items = pickle.loads(out["payload"])["items"]
     assert [it["key"] for it in items] == keys

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import REPO, free_port, register_model, serve_app, wait_http
+from conftest import REPO, free_port, register_model, s3_down, serve_app, wait_http
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION
 from iqa_spider.infer.text_to_point import is_whole_image
@@ -157,12 +157,10 @@ def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
     """The endpoint is down: the request is fine, so no 4xx; one attempt keeps the test short."""
     import asyncio
 
-    from conftest import env_vars
     from iqa_spider.serve.api import ApiError, fetch_uri
     from iqa_spider.serve.config import LimitsConfig
 
-    with env_vars(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1",
-                  AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"):
+    with s3_down():
         with pytest.raises(ApiError) as err:
             asyncio.run(fetch_uri("s3://photos/a.png", LimitsConfig(allowed_s3_buckets=["photos"])))
     assert (err.value.status, err.value.error, err.value.headers) == (502, "s3_unavailable", {"Retry-After": "5"})
