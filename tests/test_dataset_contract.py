@@ -87,6 +87,12 @@ BAD_ROWS = {
     "zero width": (lambda r: r.update(width=0), "width"),
     "empty answer": (lambda r: r.update(answer=""), "answer"),
     "wrong schema version": (lambda r: r.update(schema_version=2), "schema_version"),
+    "position horizontal first": (lambda r: r["target"]["regions"][0].update(position=["right", "top"]),
+                                  "target.regions[0].position"),
+    "position with one word": (lambda r: r["target"]["regions"][0].update(position=["top"]),
+                               "target.regions[0].position"),
+    "unknown position word": (lambda r: r["target"]["regions"][0].update(position=["top", "east"]),
+                              "target.regions[0].position"),
 }
 
 
@@ -99,6 +105,21 @@ def test_each_bad_row_is_reported_with_row_and_column(name):
     assert violations, name
     assert any(v.row == 1 and v.column == column for v in violations), violations
     assert all(v.row == 1 for v in violations)
+
+
+def test_position_must_be_vertical_then_horizontal():
+    """Evaluation reads position as (vertical, horizontal): [left, top] would score 0 silently,
+    so the validator refuses it, naming the row and the fix."""
+    from iqa_spider.data.schema import check
+
+    rows = [good_row(0), good_row(1)]
+    rows[1]["target"]["regions"][0]["position"] = ["left", "top"]
+    with pytest.raises(DatasetError, match=r"row 1, column target.regions\[0\].position: .*horizontal first.*"
+                                           r"\['top', 'left'\]"):
+        check(table(rows))
+    for ok in (["top", "left"], ["middle", "center"], ["bottom", "right"], [], None):
+        rows[1]["target"]["regions"][0]["position"] = ok
+        assert validate(table(rows)) == [], ok
 
 
 def test_every_violation_is_reported_not_just_the_first():

@@ -99,6 +99,148 @@ def test_report_files(report, dataset):
     assert "all" in g and "hyd" in g
     html = (out / "report.html").read_text()
     assert html.count("<figure>") == rep["metrics"]["grounding"]["all"]["n"] and "data:image/png;base64," in html
+    assert on_disk["control"] == {"shuffle_images": False}
+
+
+def test_report_plots_are_pngs_the_html_shows(report):
+    import re
+
+    from PIL import Image
+
+    rep, out = report
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["plots"] == ["plots/score_scatter.png", "plots/confusion_referring_short.png",
+                                "plots/grounding_mappings.png"]
+    html = (out / "report.html").read_text()
+    assert re.findall(r"<img src='(plots/[^']+)'", html) == on_disk["plots"]
+    for rel in on_disk["plots"]:
+        data = (out / rel).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n"), rel
+        with Image.open(out / rel) as im:
+            im.verify()
+            assert im.format == "PNG" and min(im.size) >= 200, rel
+    # the summary puts chance beside each key metric
+    assert "<th>chance</th>" in html and "referring_short</td><td>type_acc" in html
+
+
+def test_chance_baselines_in_the_report(report):
+    rep, out = report
+    on_disk = json.loads((out / "report.json").read_text())
+    chance, basis = on_disk["chance"], on_disk["chance_basis"]
+    m = on_disk["metrics"]
+    assert chance["rating"]["srcc"] == 0.0
+    for key in ("point_acc", "miou", "position_acc"):
+        assert in_unit(chance["grounding"]["hyd"][key]), key
+    assert set(chance["grounding"]["hyd"]["mapping"]) == set(m["grounding"]["hyd"]["mapping"])
+    assert in_unit(chance["referring_short"]["type_acc"]) and in_unit(chance["global_desc"]["type_f1"])
+    assert "most frequent" in basis["referring_short.type_acc"]
+    # keys match the metric keys
+    from iqa_spider.infer.metrics import flatten_metrics
+
+    assert set(flatten_metrics(chance)) <= set(flatten_metrics(m))
+    assert in_unit(m["referring_short"]["type_acc"])
+
+
+def test_predictions_carry_the_truth(report, dataset):
+    import pyarrow.parquet as pq
+
+    from iqa_spider.data.io import read_dataset
+    from iqa_spider.infer.metrics import target_mask, target_regions, truth_families
+
+    rep, out = report
+    preds = {p["sample_id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
+    truth = {r["sample_id"]: r for r in read_dataset(dataset).to_pylist() if r["split"] == "test"}
+    for sid, p in preds.items():
+        row, target = truth[sid], truth[sid]["target"]
+        assert p["shown_image_id"] == p["image_id"] == row["image_id"]
+        assert p["target_level"] == target["quality_level"]
+        assert p["target_score"] == pytest.approx(target["quality_score"])
+        if p["task"] == "rating":
+            assert p["score"] is not None and p["level"] is not None
+            continue
+        assert p["truth_families"] == sorted(truth_families(target_regions(target)))
+        assert p["pred_families"] is not None
+        if p["task"] == "grounding":
+            regions = target_regions(target)
+            assert p["truth_whole"] == target["whole_image"]
+            assert p["truth_position"] == ("whole image" if target["whole_image"] else " ".join(regions[0]["position"]))
+            assert p["truth_area_frac"] == pytest.approx(target_mask(target, row["width"], row["height"]).mean())
+            assert p["iou"] is not None and 0 <= p["iou"] <= 1
+
+
+def test_shuffled_donors_is_a_seeded_derangement_across_sources():
+    from iqa_spider.infer.evaluate import shuffled_donors
+
+    sources = list("aabbbccd")
+    d = shuffled_donors(sources, 3)
+    assert sorted(d) == list(range(8)) and all(d[i] != i for i in range(8))
+    assert all(sources[i] != sources[j] for i, j in enumerate(d))   # the largest source holds <= half
+    assert d == shuffled_donors(sources, 3) and d != shuffled_donors(sources, 4)
+    one = shuffled_donors(["a"] * 3, 0)                              # one source: still no fixed point
+    assert sorted(one) == [0, 1, 2] and all(one[i] != i for i in range(3))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        shuffled_donors(["a"], 0)
+
+
+def test_shuffled_image_control(report, dataset, tiny_model_dir, tmp_path):
+    """Every sample is asked about another image (its donor's, at its own size); questions,
+    truth and chance are those of the normal run."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from iqa_spider.data.io import read_dataset
+    from iqa_spider.images import prepare_image
+    from iqa_spider.infer.evaluate import _image_of, evaluate
+    from iqa_spider.infer.predictor import GroundingHead
+
+    tasks = "data.tasks=[rating,grounding,referring_short]"
+    cfg = eval_config(tiny_model_dir, dataset, "data.shuffle_images=true", tasks, "mlflow.enabled=false",
+                      f"output.uri={tmp_path}", "output.plots=false", "infer.max_new_tokens=6")
+    head = GroundingHead.from_config(cfg.model, cfg.infer, cfg.segmenter)
+    seen = []
+    run = head.predictor.run
+
+    def spy(images, queries):
+        seen.extend(hashlib.sha256(np.asarray(im).tobytes()).hexdigest() for im in images)
+        return run(images, queries)
+
+    head.predictor.run = spy
+    rep = evaluate(cfg, head=head)
+    assert rep["control"] == {"shuffle_images": True, "seed": 0, "images": 4, "same_source_pairs": 0}
+    assert json.loads((tmp_path / "report.json").read_text())["control"]["shuffle_images"] is True
+    assert "CONTROL RUN" in (tmp_path / "report.html").read_text()
+
+    rows = [r for r in read_dataset(dataset).to_pylist() if r["split"] == "test"]
+    first = {}
+    for r in sorted(rows, key=lambda r: r["image_id"]):
+        first.setdefault(r["image_id"], r)
+    preds = pq.read_table(tmp_path / "predictions.parquet").to_pylist()
+    donor = {p["image_id"]: p["shown_image_id"] for p in preds}
+    # a permutation of the images with no fixed point, and never the same source photo here
+    assert sorted(donor) == sorted(donor.values()) == sorted(first) and all(k != v for k, v in donor.items())
+    assert all(first[k]["source_uri"] != first[v]["source_uri"] for k, v in donor.items())
+
+    def pixels(image_id, size):
+        img = prepare_image(_image_of(first[image_id]))
+        img = img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
+        return hashlib.sha256(np.asarray(img).tobytes()).hexdigest()
+
+    # the model saw exactly the donors' images, each at the size of the image it stands for
+    assert seen == [pixels(donor[i], (first[i]["width"], first[i]["height"])) for i in sorted(first)]
+    # nothing else changed: same samples, questions and truth as the normal run, same chance
+    normal, out = report
+    base = {p["sample_id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
+    assert len(preds) == sum(p["task"] in ("rating", "grounding", "referring_short") for p in base.values())
+    truth_cols = ("image_id", "task", "subtask", "question", "truth", "target_score", "target_level",
+                  "truth_families", "truth_pairs", "truth_positions", "truth_position", "truth_whole",
+                  "truth_area_frac")
+    for p in preds:
+        assert {c: p[c] for c in truth_cols} == {c: base[p["sample_id"]][c] for c in truth_cols}
+    for task in ("rating", "grounding", "referring_short"):
+        assert rep["chance"][task] == normal["chance"][task], task
 
 
 def test_metrics_are_logged_to_mlflow(report, mlflow_server):
@@ -111,6 +253,15 @@ def test_metrics_are_logged_to_mlflow(report, mlflow_server):
     assert run.data.params["mapping"] == "expected_bin_centre"
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/report.json" in names and "evaluation/report.html" in names
+    # the report's plots, the same PNGs, logged beside it
+    plots = {a.path: a.file_size for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation/plots")}
+    assert set(plots) == {f"evaluation/{p}" for p in rep["plots"]} and len(plots) == 3
+    for path in plots:
+        local = MlflowClient().download_artifacts(run.info.run_id, path)
+        with open(local, "rb") as f:
+            assert f.read() == (report[1] / path.removeprefix("evaluation/")).read_bytes(), path
+    assert run.data.params["shuffle_images"] == "False" and run.data.tags["iqa_spider.control"] == "none"
+    assert run.data.metrics["chance.rating.srcc"] == 0.0 and "chance.grounding.hyd.point_acc" in run.data.metrics
 
 
 def test_rating_only_dataset(dataset, tiny_model_dir):

@@ -129,7 +129,7 @@ def test_perfect_predictions_score_one():
     metrics = compute_metrics(samples, mappings, "expected_bin_centre")
     flat = flatten_metrics(metrics)
     for key, value in flat.items():
-        if key.endswith(".n") or key.endswith("plcc_fit_logistic"):
+        if key.endswith((".n", "plcc_fit_logistic", ".position_n", ".position_excluded")):
             continue
         assert value == pytest.approx(1.0), key
     assert metrics["grounding"]["all"]["n"] == 2 and set(metrics["grounding"]) == {"hyd", "sid", "all"}
@@ -174,3 +174,80 @@ def test_plcc_on_noisy_data_equals_scipy_fit_then_pearson():
     assert srcc(pred, truth) == pytest.approx(stats.spearmanr(pred, truth).statistic)
     # hand-computed ranks: pred ranks (1, 3, 2, 4) vs truth ranks (1, 2, 3, 4): rho = 1 - 6*2/(4*15) = 0.8
     assert srcc([0.1, 0.9, 0.5, 2.0], [1, 2, 3, 4]) == pytest.approx(0.8)
+
+
+def test_referring_type_acc_is_exact_family_set_match():
+    rs = [{"task": "referring_short", "pred": p, "truth_families": t, "truth_pairs": []}
+          for p, t in (("Severe noise, mild blur.", ["blur", "noise"]),   # right
+                       ("Severe noise.", ["blur", "noise"]),              # one missing: wrong
+                       ("No visible distortion.", []),                    # a clean region: right
+                       ("Mild blur.", []))]                               # wrong
+    m = compute_metrics(rs, (), "paper")["referring_short"]
+    assert m["type_acc"] == pytest.approx(0.5)
+
+
+def global_desc(pred, positions):
+    return {"task": "global_desc", "pred": pred, "truth_families": ["noise"], "truth_pairs": [],
+            "truth_positions": positions, "target_level": "poor"}
+
+
+def test_global_desc_position_f1_leaves_out_samples_without_truth_positions():
+    ss = [global_desc("Noise in the top left. Overall, the quality of the image is poor.", ["top left"]),
+          # a whole-image distortion or a clean image: no truth position; its mention would be a
+          # false positive, its silence a perfect score: either way it says nothing about positions
+          global_desc("Noise in the bottom right. Overall, the quality of the image is poor.", []),
+          global_desc("Noise. Overall, the quality of the image is poor.", [])]
+    d = compute_metrics(ss, (), "paper")["global_desc"]
+    assert d["position_f1"] == 1.0 and d["position_precision"] == 1.0
+    assert d["position_n"] == 1 and d["position_excluded"] == 2 and d["n"] == 3
+    # none left: position F1 is undefined (absent), not perfect
+    d = compute_metrics(ss[1:], (), "paper")["global_desc"]
+    assert "position_f1" not in d and d["position_n"] == 0 and d["position_excluded"] == 2
+
+
+def test_chance_baselines_on_a_hand_made_truth():
+    from iqa_spider.infer.chance import chance_baselines
+
+    def g(sub, pos, frac, whole=False):
+        return {"task": "grounding", "subtask": sub, "truth_position": pos, "truth_area_frac": frac,
+                "truth_whole": whole}
+
+    samples = [g("hyd", "top left", 0.1), g("hyd", "top left", 0.3), g("hyd", "bottom right", 0.2),
+               g("hyd", "whole image", 1.0, True), g("sid", "bottom left", 0.5)]
+    samples += [{"task": "referring_short", "pred": "x", "truth_families": t, "truth_pairs": []}
+                for t in (["blur"], ["blur"], ["noise"], ["blur", "noise"], [])]
+    samples += [global_desc("x", p) for p in (["top left"], ["top left", "bottom right"], [])]
+    samples[-1]["truth_families"] = ["blur"]
+    samples += [{"task": "rating", "score": p, "target_score": s, "target_level": lv}
+                for p, s, lv in ((3.0, 2.0, "poor"), (2.0, 2.1, "poor"), (4.0, 4.0, "good"))]
+    chance, basis = chance_baselines(samples, ["paper", "expected_bin_centre"])
+    flat = flatten_metrics(chance)
+    hyd = chance["grounding"]["hyd"]
+    assert hyd["point_acc"] == pytest.approx((0.1 + 0.3 + 0.2 + 1.0) / 4)     # mean truth coverage
+    assert hyd["miou"] == pytest.approx(hyd["point_acc"])
+    assert hyd["position_acc"] == pytest.approx(2 / 4)                         # always "top left"
+    assert hyd["whole_image_acc"] == pytest.approx(3 / 4)
+    assert hyd["mapping"]["paper"]["point_acc"] == hyd["point_acc"] == hyd["forced"]["expected_bin_centre"]["point_acc"]
+    assert chance["grounding"]["all"]["point_acc"] == pytest.approx((0.1 + 0.3 + 0.2 + 1.0 + 0.5) / 5)
+    assert chance["grounding"]["all"]["position_acc"] == pytest.approx(2 / 5)
+    assert "'top left'" in basis["grounding.hyd.position_acc"]
+    # referring: the most frequent truth family set is {blur} (2 of 5)
+    assert flat["referring_short.type_acc"] == pytest.approx(2 / 5) and "'blur'" in basis["referring_short.type_acc"]
+    # always naming blur (in 3 of 5 truths): tp 3, fp 2, fn 2 (noise twice) -> P = R = F1 = 3/5
+    assert flat["referring_short.type_precision"] == pytest.approx(3 / 5)
+    assert flat["referring_short.type_f1"] == pytest.approx(3 / 5)
+    # global_desc: noise in 2 of 3 -> tp 2, fp 1, fn 1; positions over the 2 samples with one:
+    # always "top left": tp 2, fp 0, fn 1
+    assert flat["global_desc.type_f1"] == pytest.approx(2 / 3)
+    assert flat["global_desc.position_precision"] == 1.0 and flat["global_desc.position_recall"] == pytest.approx(2 / 3)
+    assert flat["global_desc.level_acc"] == 1.0
+    assert flat["rating.srcc"] == 0.0 and flat["rating.level_acc"] == pytest.approx(2 / 3)
+    # chance keys are metric keys
+    metric_keys = set(flatten_metrics(compute_metrics(
+        [{**s, **({"mapping.paper.hit": 0.0, "mapping.paper.iou": 0.0, "forced.paper.hit": 0.0,
+                   "forced.paper.iou": 0.0, "mapping.expected_bin_centre.hit": 0.0,
+                   "mapping.expected_bin_centre.iou": 0.0, "forced.expected_bin_centre.hit": 0.0,
+                   "forced.expected_bin_centre.iou": 0.0, "position_ok": 0.0, "whole_image": False}
+                  if s["task"] == "grounding" else {}), "level": "fair"} for s in samples],
+        ["paper", "expected_bin_centre"], "paper")))
+    assert set(flat) <= metric_keys, set(flat) - metric_keys

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from iqa_spider.vocab import DISTORTION_FAMILIES, LEVEL_WORDS, POSITION_WORDS
+from iqa_spider.vocab import DISTORTION_FAMILIES, HORIZONTAL_3, LEVEL_WORDS, POSITION_WORDS, VERTICAL_3
 
 SCHEMA_VERSION = 1
 TASKS = ("global_desc", "local_desc", "grounding", "referring_short", "referring_long", "rating")
@@ -25,7 +25,7 @@ REGION = pa.struct([
     ("region_id", pa.string()),
     ("mask_rle", MASK_RLE),
     ("bbox", pa.list_(pa.float32())),          # x0, y0, x1, y1 in 0..1
-    ("position", pa.list_(pa.string())),       # position words, e.g. ["top", "left"]
+    ("position", pa.list_(pa.string())),       # [vertical, horizontal] words, e.g. ["top", "left"]
     ("label", pa.string()),                    # semantic label, or null (named by position)
     ("distortions", pa.list_(DISTORTION)),     # in the order they were applied
 ])
@@ -147,6 +147,24 @@ def _row_problems(row: dict[str, Any]) -> Iterable[tuple[str, str]]:
     yield from _target_problems(target, task, row["width"], row["height"])
 
 
+def _position_problem(position: list | None) -> str | None:
+    """A region's `position` is [vertical, horizontal] (e.g. [top, left]) or empty: evaluation
+    compares position[0] with the answer's vertical word, so [left, top] would score 0 silently."""
+    words = list(position or [])
+    bad = [w for w in words if w not in POSITION_WORDS]
+    if bad:
+        return f"{bad[0]!r} is not a position word"
+    if not words:
+        return None
+    if len(words) == 2 and words[0] in HORIZONTAL_3 and words[1] in VERTICAL_3:
+        return (f"{words} is horizontal first; write [vertical, horizontal]: "
+                f"[{words[1]!r}, {words[0]!r}]")
+    if len(words) != 2 or words[0] not in VERTICAL_3 or words[1] not in HORIZONTAL_3:
+        return (f"{words} must be [vertical, horizontal]: one of {', '.join(VERTICAL_3)}, "
+                f"then one of {', '.join(HORIZONTAL_3)}")
+    return None
+
+
 def _target_problems(target: dict, task: str, width: int, height: int) -> Iterable[tuple[str, str]]:
     regions = target["regions"] or []
     ids = set()
@@ -161,9 +179,9 @@ def _target_problems(target: dict, task: str, width: int, height: int) -> Iterab
         rle = region["mask_rle"]
         if rle is not None and list(rle["size"] or []) != [height, width]:
             yield f"{where}.mask_rle", f"size {rle['size']} is not [height, width] = [{height}, {width}]"
-        for word in region["position"] or []:
-            if word not in POSITION_WORDS:
-                yield f"{where}.position", f"{word!r} is not a position word"
+        problem = _position_problem(region["position"])
+        if problem:
+            yield f"{where}.position", problem
         for d in region["distortions"] or []:
             if d["type"] not in DISTORTION_FAMILIES:
                 yield f"{where}.distortions", f"unknown distortion type {d['type']!r}"

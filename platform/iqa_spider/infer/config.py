@@ -91,6 +91,12 @@ class EvalData:
     tasks: list[str] = field(default_factory=lambda: [
         "rating", "grounding", "referring_short", "referring_long", "global_desc", "local_desc"])
     max_images: Optional[int] = None  # evaluate at most this many images (first by image_id)
+    # The shuffled-image control: every sample is asked about another sample's image (a
+    # permutation of the images across image_ids with no fixed points, from `shuffle_seed`,
+    # donors from another source photo where the split allows), truth kept. A model whose
+    # metrics equal the control's does not use the image.
+    shuffle_images: bool = False
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("test", "train", "all"))
@@ -105,6 +111,7 @@ class EvalOutput:
     uri: Optional[str] = None         # report folder: report.json, predictions.parquet, report.html
     html: bool = True
     html_max_items: int = 24          # grounding samples drawn in the HTML page
+    plots: bool = True                # PNG plots (matplotlib) beside report.html, logged to MLflow too
 
 
 @dataclass

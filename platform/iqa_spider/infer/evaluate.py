@@ -5,8 +5,12 @@ samples ask (the dataset's own question), plus the Q-Align score when the image 
 sample, plus a teacher-forced pass over each grounding sample's *true* answer. It scores each
 sample against its ``target`` (the metrics are in :mod:`iqa_spider.infer.metrics`) and writes
 the report (:mod:`iqa_spider.infer.report`): the metrics dict (returned, printed by the job),
-``report.json``, ``predictions.parquet`` and ``report.html`` under ``output.uri``, and MLflow
-metrics.
+the chance baselines of the same truth (:mod:`iqa_spider.infer.chance`), ``report.json``,
+``predictions.parquet``, ``report.html`` and its plots under ``output.uri``, and MLflow.
+
+With ``data.shuffle_images`` (the shuffled-image control) every image's samples are asked
+about another image of the split (:func:`shuffled_donors`), resized to the sample's size so
+the truth masks still apply; questions and truth are unchanged.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from iqa_spider import storage
+from iqa_spider.infer.chance import chance_baselines
 from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
 from iqa_spider.infer.metrics import (compute_metrics, grounding_sample_metrics, is_whole_region, target_mask,
                                       target_regions, truth_families, truth_pairs)
@@ -50,6 +55,53 @@ def _image_of(row: dict):
     return decode_image(data)
 
 
+def shuffled_donors(sources: list[str], seed: int) -> list[int]:
+    """The shuffled-image control's permutation: ``donor[i]`` is the image shown in place of
+    image ``i``; no image is its own donor, and no donor shares image ``i``'s source photo
+    unless one source holds more than half the images. Fixed by ``seed``.
+
+    The images are ordered source by source (sources and the images in each in a seeded
+    random order) and each takes the image ``m`` places further on (cyclically), ``m`` the
+    largest source's image count: a source's block is at most ``m`` long, so the donor lies
+    outside it whenever ``2 m <= n``."""
+    n = len(sources)
+    if n < 2:
+        raise ValueError(f"data.shuffle_images needs at least 2 images, the split has {n}")
+    rng = np.random.default_rng(seed)
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, src in enumerate(sources):
+        by_source[src].append(i)
+    blocks = [by_source[k] for k in sorted(by_source)]
+    order = [int(i) for b in rng.permutation(len(blocks)) for i in rng.permutation(blocks[b])]
+    m = max(len(b) for b in blocks)
+    shift = m if m < n else 1
+    donor = [0] * n
+    for pos, i in enumerate(order):
+        donor[i] = order[(pos + shift) % n]
+    return donor
+
+
+def _source_of(rows: list[dict]) -> str:
+    return rows[0].get("source_uri") or rows[0]["image_id"]
+
+
+def _shown_image(groups, donors, idx: int):
+    """The image shown for group ``idx``: its own, or (control) its donor's at its own size."""
+    from PIL import Image
+
+    from iqa_spider.images import prepare_image
+
+    rows = groups[idx][1]
+    if donors is None:
+        return groups[idx][0], prepare_image(_image_of(rows[0]))
+    donor_id, donor_rows = groups[donors[idx]]
+    img = prepare_image(_image_of(donor_rows[0]))
+    size = (int(rows[0]["width"]), int(rows[0]["height"]))
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return donor_id, img
+
+
 def _queries_for(rows: list[dict], cfg: EvaluateConfig):
     from iqa_spider.infer.engine import Query
     from iqa_spider.vocab import SCORE_QUESTION
@@ -73,12 +125,20 @@ def _queries_for(rows: list[dict], cfg: EvaluateConfig):
 
 def evaluate(cfg: EvaluateConfig, head=None) -> dict:
     """Run the evaluation; returns the report (``metrics`` plus counts and provenance)."""
-    from iqa_spider.images import ImageError, prepare_image
+    from iqa_spider.images import ImageError
     from iqa_spider.infer.predictor import GroundingHead
 
     started = time.monotonic()
     mappings = list(dict.fromkeys([cfg.infer.mapping] + (list(cfg.mappings) or list(MAPPING_NAMES))))
     groups = _load_split(cfg)
+    control: dict[str, Any] = {"shuffle_images": bool(cfg.data.shuffle_images)}
+    donors = None
+    if cfg.data.shuffle_images:
+        donors = shuffled_donors([_source_of(rows) for _, rows in groups], cfg.data.shuffle_seed)
+        control.update(seed=cfg.data.shuffle_seed, images=len(groups),
+                       same_source_pairs=sum(_source_of(groups[i][1]) == _source_of(groups[d][1])
+                                             for i, d in enumerate(donors)))
+        log.warning("evaluate: shuffled-image CONTROL run: every sample is asked about another image")
     if head is None:
         head = GroundingHead.from_config(cfg.model, cfg.infer, cfg.segmenter)
     predictor = head.predictor
@@ -88,17 +148,21 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
     chunk = max(1, cfg.infer.batch_size) * 4
     for start in range(0, len(groups), chunk):
         batch = []
-        for image_id, rows in groups[start:start + chunk]:
+        for idx in range(start, min(start + chunk, len(groups))):
+            rows = groups[idx][1]
             try:
-                batch.append((image_id, rows, prepare_image(_image_of(rows[0]))))
+                batch.append((rows, *_shown_image(groups, donors, idx)))
             except (ImageError, *storage.transient_errors()) as exc:
                 skipped[getattr(exc, "reason", "unreadable")] += len(rows)
         if not batch:
             continue
-        per_image = [_queries_for(rows, cfg) for _, rows, _ in batch]
+        per_image = [_queries_for(rows, cfg) for rows, _, _ in batch]
         results = predictor.run([b[2] for b in batch], [q for q, _ in per_image])
-        for (image_id, rows, image), (queries, slots), res in zip(batch, per_image, results):
-            samples.extend(_score_image(head, cfg, mappings, image, rows, queries, slots, res, drawn))
+        for (rows, shown_id, image), (queries, slots), res in zip(batch, per_image, results):
+            recs = _score_image(head, cfg, mappings, image, rows, queries, slots, res, drawn)
+            for rec in recs:
+                rec["shown_image_id"] = shown_id
+            samples.extend(recs)
         done = min(start + chunk, len(groups))
         elapsed = time.monotonic() - started
         log.info("evaluate: %d/%d images, %d samples, %.2f images/s, skipped %s", done, len(groups), len(samples),
@@ -107,9 +171,10 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
         "model_uri": predictor.model_uri, "model_version": predictor.model_version,
         "data_uri": cfg.data.uri, "split": cfg.data.split, "mapping": cfg.infer.mapping, "tau": cfg.infer.tau,
         "segmenter": cfg.segmenter.kind, "mappings": mappings,
-        "images": len(groups), "samples": len(samples), "skipped_samples": dict(skipped),
+        "images": len(groups), "samples": len(samples), "skipped_samples": dict(skipped), "control": control,
         "metrics": compute_metrics(samples, mappings, cfg.infer.mapping),
     }
+    report["chance"], report["chance_basis"] = chance_baselines(samples, mappings)
     report["seconds"] = round(time.monotonic() - started, 2)
     publish(cfg, report, samples, drawn)
     return report
@@ -154,16 +219,22 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
         target = row["target"] or {}
         rec: dict[str, Any] = {"sample_id": row["sample_id"], "image_id": row["image_id"], "task": row["task"],
                                "subtask": row["subtask"], "question": row["question"], "truth": row["answer"],
-                               "width": w, "height": h}
+                               "width": w, "height": h, "target_score": target.get("quality_score"),
+                               "target_level": target.get("quality_level")}
         if row["task"] == "rating":
-            rec.update(pred=None, score=score.score if score else None, level=score.level if score else None,
-                       target_score=target.get("quality_score"), target_level=target.get("quality_level"))
+            rec.update(pred=None, score=score.score if score else None, level=score.level if score else None)
             out.append(rec)
             continue
         rec["pred"] = generated[k].text if k in generated else None
+        regions = target_regions(target)
+        rec["truth_families"] = sorted(truth_families(regions))
+        rec["truth_pairs"] = sorted(f"{t}:{s}" for t, s in truth_pairs(regions))
+        rec["truth_positions"] = sorted({" ".join(r["position"]) for r in regions
+                                         if r.get("position") and not is_whole_region(r, w, h)})
         if row["task"] == "grounding":
             tmask = target_mask(target, w, h)
             twhole = bool(target.get("whole_image"))
+            rec["truth_area_frac"] = float(tmask.mean()) if tmask.size else 0.0
             g = g_gen[k]
             rec["whole_image"] = g.whole_image
             rec["truth_whole"] = twhole
@@ -174,11 +245,11 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
                     hit, iou_ = grounding_sample_metrics(gs[k].whole_image, pts, masks.get((key_which, k, m)),
                                                          tmask, twhole)
                     rec[f"{which}.{m}.hit"], rec[f"{which}.{m}.iou"] = hit, iou_
-            regions = target_regions(target)
+            truth_pos = tuple(regions[0]["position"]) if regions and regions[0].get("position") else None
+            rec["truth_position"] = "whole image" if twhole else (" ".join(truth_pos) if truth_pos else None)
             if twhole:
                 rec["position_ok"] = float(g.whole_image)
             else:
-                truth_pos = tuple(regions[0]["position"]) if regions and regions[0].get("position") else None
                 said = answer_position_words(rec["pred"] or "")
                 rec["position_ok"] = float(bool(said) and not g.whole_image and truth_pos is not None
                                            and tuple(said[0]) == truth_pos)
@@ -190,14 +261,6 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
                               "question": row["question"], "truth": row["answer"], "pred": rec["pred"],
                               "hit": rec[f"mapping.{cfg.infer.mapping}.hit"],
                               "iou": rec[f"mapping.{cfg.infer.mapping}.iou"], "subtask": row["subtask"]})
-        elif row["task"] in ("referring_short", "referring_long", "local_desc", "global_desc"):
-            regions = target_regions(target)
-            rec["truth_families"] = sorted(truth_families(regions))
-            rec["truth_pairs"] = sorted(f"{t}:{s}" for t, s in truth_pairs(regions))
-            if row["task"] == "global_desc":
-                rec["truth_positions"] = sorted({" ".join(r["position"]) for r in regions
-                                                 if r.get("position") and not is_whole_region(r, w, h)})
-                rec["target_level"] = target.get("quality_level")
         out.append(rec)
     return out
 
@@ -206,6 +269,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     report = evaluate(cfg)
     print(f"evaluated {report['model_uri']} (version {report['model_version']}) on {report['data_uri']} "
           f"[{report['split']}]: {report['images']} images, {report['samples']} samples, {report['seconds']} s")
+    if report["control"]["shuffle_images"]:
+        print("CONTROL RUN (data.shuffle_images): every sample was asked about another image, truth kept")
     print(format_metrics(report["metrics"]))
     if report.get("output_uri"):
         print(f"report: {report['output_uri']}")

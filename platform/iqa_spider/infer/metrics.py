@@ -13,11 +13,14 @@ Per task, with no external judge (the dataset's ``target`` column holds the trut
   (``mapping.<name>``), and again on the teacher-forced true answers (``forced.<name>``),
   which measures the mappings apart from what the model chose to write.
 - **referring_short / referring_long**: distortion-type precision / recall / F1 of the answer
-  against the target region's distortions, (type, severity) pair F1, exact match.
+  against the target region's distortions, ``type_acc`` (the set of families named equals
+  the region's set; a clean region's set is empty), (type, severity) pair F1, exact match.
 - **global_desc / local_desc**: distortion-type precision / recall / F1, position agreement
   (precision / recall / F1 of the "vertical horizontal" mentions against the distorted
-  regions' positions; global only), and level accuracy (the level word of the last sentence
-  against ``quality_level``; global only: a local description's level has no truth column).
+  regions' positions; global only, over the samples that have such a position: a clean
+  image or a whole-image distortion has none and is left out, ``position_excluded`` counts
+  them), and level accuracy (the level word of the last sentence against ``quality_level``;
+  global only: a local description's level has no truth column).
 
 Also the parsing of answers (distortion types and pairs, level word), the truth read from a
 sample's ``target`` (regions, union mask, distortion sets), :func:`compute_metrics` over the
@@ -280,8 +283,8 @@ def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: s
         for s in ss:
             types.add(distortion_families(s["pred"]), set(s["truth_families"]))
             pairs.add({f"{t}:{v}" for t, v in distortion_pairs(s["pred"])}, set(s["truth_pairs"]))
-        metrics[task] = {"n": float(len(ss)), **types.as_dict("type_"), "pair_f1": pairs.f1,
-                         "exact_match": pairs.exact / pairs.n}
+        metrics[task] = {"n": float(len(ss)), **types.as_dict("type_"), "type_acc": types.exact / types.n,
+                         "pair_f1": pairs.f1, "exact_match": pairs.exact / pairs.n}
     for task in ("global_desc", "local_desc"):
         ss = [s for s in samples if s["task"] == task]
         if not ss:
@@ -292,10 +295,13 @@ def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: s
         d = {"n": float(len(ss)), **types.as_dict("type_")}
         if task == "global_desc":
             pos = PRF()
-            for s in ss:
+            with_pos = [s for s in ss if s["truth_positions"]]
+            for s in with_pos:
                 said = {f"{v} {h}" for v, h in answer_position_words(s["pred"]) if v and h}
                 pos.add(said, set(s["truth_positions"]))
-            d.update(pos.as_dict("position_"))
+            if with_pos:   # none: position F1 is undefined, not perfect
+                d.update(pos.as_dict("position_"))
+            d["position_n"], d["position_excluded"] = float(len(with_pos)), float(len(ss) - len(with_pos))
             d["level_acc"] = _mean([float(answer_level(s["pred"]) == s["target_level"]) for s in ss])
         metrics[task] = d
     return metrics

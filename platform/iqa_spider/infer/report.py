@@ -1,7 +1,9 @@
-"""The outputs of an evaluation: ``report.json`` (metrics, counts, provenance),
-``predictions.parquet`` (one row per sample), ``report.html`` (metrics table; image, truth mask,
-predicted point and mask overlaid for grounding samples) under ``output.uri``, MLflow metrics
-and artifacts, and the printed metrics table.
+"""The outputs of an evaluation: ``report.json`` (metrics, chance baselines, control flag,
+counts, provenance), ``predictions.parquet`` (one row per sample, prediction beside truth),
+``report.html`` (summary table with chance, the plots of :mod:`iqa_spider.infer.plots` as
+``plots/*.png`` next to it, the full metrics table; image, truth mask, predicted point and mask
+overlaid for grounding samples) under ``output.uri``, MLflow metrics and artifacts (the same
+folder, under ``evaluation/``), and the printed metrics table.
 """
 from __future__ import annotations
 
@@ -57,11 +59,50 @@ def _overlay_png(item: dict, max_side: int = 256) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def render_html(report: dict, drawn: Sequence[dict]) -> str:
+# The summary table of report.html: (section, metric) per task, shown when measured.
+SUMMARY_KEYS = (("rating", "srcc"), ("rating", "plcc"), ("rating", "level_acc"),
+                *((f"grounding.{sub}", key) for sub in ("hyd", "sid", "dao", "all")
+                  for key in ("point_acc", "miou", "position_acc")),
+                ("referring_short", "type_acc"), ("referring_short", "type_f1"),
+                ("referring_long", "type_acc"), ("referring_long", "type_f1"),
+                ("global_desc", "type_f1"), ("global_desc", "position_f1"), ("global_desc", "level_acc"),
+                ("local_desc", "type_f1"))
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def _summary_rows(report: dict) -> str:
     import html
 
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>"
+    flat = flatten_metrics(report["metrics"])
+    chance = flatten_metrics(report.get("chance") or {})
+    basis = report.get("chance_basis") or {}
+    rows = []
+    for section, key in SUMMARY_KEYS:
+        k = f"{section}.{key}"
+        if k not in flat:
+            continue
+        rows.append(f"<tr><td>{html.escape(section)}</td><td>{html.escape(key)}</td><td><b>{_fmt(flat[k])}</b></td>"
+                    f"<td>{_fmt(chance.get(k))}</td><td>{flat.get(section + '.n', 0):.0f}</td>"
+                    f"<td class='basis'>{html.escape(basis.get(k, ''))}</td></tr>")
+    return "".join(rows)
+
+
+def render_html(report: dict, drawn: Sequence[dict], plots: Sequence[tuple[str, str]] = ()) -> str:
+    """The page; ``plots`` are ``(file name, caption)`` of PNGs in ``plots/`` next to it."""
+    import html
+
+    chance = flatten_metrics(report.get("chance") or {})
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td><td>{_fmt(chance.get(k))}</td></tr>"
                    for k, v in sorted(flatten_metrics(report["metrics"]).items()))
+    control = report.get("control") or {}
+    banner = ("<p class='control'><b>CONTROL RUN: shuffled images.</b> Every sample was asked about another "
+              f"image of the split (seed {control.get('seed')}), its truth kept; a model that uses the image "
+              "scores near chance here.</p>") if control.get("shuffle_images") else ""
+    figures = "".join(f"<figure class='plot'><img src='plots/{html.escape(name)}' alt='{html.escape(name)}'/>"
+                      f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in plots)
     cards = []
     for it in drawn:
         cards.append(
@@ -73,29 +114,51 @@ def render_html(report: dict, drawn: Sequence[dict]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>IQA-Spider evaluation</title>"
         "<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;width:270px;"
         "vertical-align:top;margin:6px}figcaption{font-size:12px}table{border-collapse:collapse}"
-        "td{border:1px solid #ccc;padding:2px 6px;font-size:13px}</style></head><body>"
-        f"<h1>IQA-Spider evaluation</h1><p>model {html.escape(str(report['model_uri']))} "
+        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}td.basis{font-size:11px;color:#555}"
+        "figure.plot{width:auto;max-width:95%}figure.plot img{max-width:100%}"
+        ".control{background:#fde2e2;padding:6px;border:1px solid #d66}</style></head><body>"
+        f"<h1>IQA-Spider evaluation</h1>{banner}<p>model {html.escape(str(report['model_uri']))} "
         f"(version {html.escape(str(report['model_version']))}), data {html.escape(report['data_uri'])} "
         f"split {html.escape(report['split'])}, mapping {html.escape(report['mapping'])}, segmenter "
         f"{html.escape(report['segmenter'])}: {report['images']} images, {report['samples']} samples.</p>"
-        "<p>Overlays: truth mask green, predicted mask red, predicted point blue.</p>"
-        f"<h2>Metrics</h2><table>{rows}</table><h2>Grounding samples</h2>{''.join(cards)}</body></html>")
+        "<h2>Summary</h2><p>Chance: what an answer that ignores the image scores on the same truth "
+        "(docs/inference.md, Chance baselines).</p><table><tr><th>task</th><th>metric</th><th>model</th>"
+        f"<th>chance</th><th>n</th><th>chance is</th></tr>{_summary_rows(report)}</table>"
+        f"<h2>Plots</h2>{figures or '<p>none</p>'}"
+        f"<h2>Metrics</h2><table><tr><th>metric</th><th>model</th><th>chance</th></tr>{rows}</table>"
+        "<h2>Grounding samples</h2><p>Overlays: truth mask green, predicted mask red, predicted point blue.</p>"
+        f"{''.join(cards)}</body></html>")
 
 
 def _predictions_table(samples: Sequence[dict], mapping: str):
-    """One row per sample; `hit` is the point hit under `mapping`, the configured one."""
+    """One row per sample, the prediction beside its truth; `hit` / `iou` are under `mapping`,
+    the configured one. `shown_image_id` is the image the model saw (another one in the
+    shuffled-image control)."""
     import pyarrow as pa
 
-    cols = ("sample_id", "image_id", "task", "subtask", "question", "truth", "pred", "score", "target_score",
-            "point_x", "point_y", "position_ok")
-    rows = [{c: s.get(c) for c in cols} for s in samples]
-    for r, s in zip(rows, samples):
-        r["hit"] = s.get(f"mapping.{mapping}.hit")
-    schema = pa.schema([("sample_id", pa.string()), ("image_id", pa.string()), ("task", pa.string()),
-                        ("subtask", pa.string()), ("question", pa.string()), ("truth", pa.string()),
-                        ("pred", pa.string()), ("score", pa.float64()), ("target_score", pa.float64()),
-                        ("point_x", pa.float64()), ("point_y", pa.float64()), ("position_ok", pa.float64()),
-                        ("hit", pa.float64())])
+    from iqa_spider.infer.metrics import answer_level, distortion_families
+
+    strs = pa.list_(pa.string())
+    schema = pa.schema([
+        ("sample_id", pa.string()), ("image_id", pa.string()), ("shown_image_id", pa.string()),
+        ("task", pa.string()), ("subtask", pa.string()), ("question", pa.string()),
+        ("truth", pa.string()), ("pred", pa.string()),
+        # truth
+        ("target_score", pa.float64()), ("target_level", pa.string()), ("truth_families", strs),
+        ("truth_pairs", strs), ("truth_positions", strs), ("truth_position", pa.string()),
+        ("truth_whole", pa.bool_()), ("truth_area_frac", pa.float64()),
+        # prediction
+        ("score", pa.float64()), ("level", pa.string()), ("pred_families", strs), ("pred_level", pa.string()),
+        ("whole_image", pa.bool_()), ("point_x", pa.float64()), ("point_y", pa.float64()),
+        ("position_ok", pa.float64()), ("hit", pa.float64()), ("iou", pa.float64())])
+    rows = []
+    for s in samples:
+        r = {f.name: s.get(f.name) for f in schema}
+        r["hit"], r["iou"] = s.get(f"mapping.{mapping}.hit"), s.get(f"mapping.{mapping}.iou")
+        if s.get("pred") is not None:
+            r["pred_families"] = sorted(distortion_families(s["pred"]))
+            r["pred_level"] = answer_level(s["pred"])
+        rows.append(r)
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -104,19 +167,26 @@ def _write_outputs(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], d
     from iqa_spider import storage
     from iqa_spider.data.io import write_table
 
+    from iqa_spider.infer.plots import write_plots
+
     local = tempfile.mkdtemp(prefix="iqa-eval-")
     report["_local_dir"] = local
+    plots = write_plots(report, samples, os.path.join(local, "plots")) if cfg.output.plots else []
+    report["plots"] = [f"plots/{name}" for name, _ in plots]
     files = {"report.json": json.dumps(_jsonable(report), indent=2).encode()}
     if cfg.output.html:
-        files["report.html"] = render_html(report, drawn).encode()
+        files["report.html"] = render_html(report, drawn, plots).encode()
     for name, data in files.items():
         with open(os.path.join(local, name), "wb") as f:
             f.write(data)
     write_table(_predictions_table(samples, cfg.infer.mapping), os.path.join(local, "predictions.parquet"))
     if cfg.output.uri:
-        for name in sorted(os.listdir(local)):
-            with open(os.path.join(local, name), "rb") as f:
-                storage.write_bytes(storage.join(cfg.output.uri, name), f.read())
+        for folder, _, names in os.walk(local):
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, local).replace(os.sep, "/")
+                with open(path, "rb") as f:
+                    storage.write_bytes(storage.join(cfg.output.uri, rel), f.read())
         report["output_uri"] = cfg.output.uri
 
 
@@ -140,7 +210,7 @@ def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
     if not mlflow_enabled(cfg):
         return
     import mlflow
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from iqa_spider.registry.tracking import experiment_id, tracking_uri
@@ -152,14 +222,19 @@ def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
     tags = {"mlflow.parentRunId": parent.info.run_id} if parent else {}
     run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=cfg.mlflow.run_name,
                                tags=tags).info.run_id
+    control = report.get("control") or {}
     params = {"model_uri": report["model_uri"], "model_version": report["model_version"],
               "data_uri": report["data_uri"], "split": report["split"], "mapping": report["mapping"],
-              "tau": report["tau"], "segmenter": report["segmenter"]}
-    metrics = {**flatten_metrics(report["metrics"]),
+              "tau": report["tau"], "segmenter": report["segmenter"],
+              "shuffle_images": bool(control.get("shuffle_images"))}
+    metrics = {**flatten_metrics(report["metrics"]), **flatten_metrics(report.get("chance") or {}, "chance."),
                "eval.images": float(report["images"]), "eval.samples": float(report["samples"])}
     now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+                     tags=[RunTag("iqa_spider.control", "shuffled_images" if control.get("shuffle_images") else "none")])
+    for i in range(0, len(batch), 900):   # a batch holds at most 1000 metrics
+        client.log_batch(run_id, metrics=batch[i:i + 900])
     if report.get("_local_dir"):
         client.log_artifacts(run_id, report["_local_dir"], artifact_path="evaluation")
     client.set_terminated(run_id, "FINISHED")
