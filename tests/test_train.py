@@ -1,5 +1,6 @@
 """Stage-1 training for real: 2 Ray Train CPU workers, DeepSpeed ZeRO-3 over gloo, LoRA,
-Ray Data streaming, MLflow on the real server fixture. About 3 minutes in all on 2 cores."""
+Ray Data streaming, MLflow on the real server fixture. About 3 minutes in all on 2 cores.
+`method: full` and the content/template loss split: tests/test_train_full.py."""
 import json
 import os
 import subprocess
@@ -64,7 +65,8 @@ def test_per_task_losses_rates_and_params_are_tracked(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.max_steps"] == str(STEPS)
     assert run.data.params["deepspeed.zero_stage"] == "3"
-    for key in ("lr", "samples_per_s", "tokens_per_s", "loss_grounding", "loss_rating", "loss_global_desc"):
+    for key in ("lr", "samples_per_s", "tokens_per_s", "loss_grounding", "loss_rating", "loss_global_desc",
+                "loss_content", "loss_template"):
         assert key in run.data.metrics, key
     assert run.data.tags["data_uri"] == cfg.data.uri
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
@@ -102,6 +104,7 @@ def test_export_reloads_without_peft_and_matches_training_logits(trained, tmp_pa
     _, summary, _ = trained
     ckpt = Path(summary["checkpoint"])
     report = json.loads((ckpt / REPORT_FILE).read_text())
+    assert report["method"] == "lora"
     assert report["lora_tensors"] > 0 and report["vision_tensors"] > 0  # no empty-adapter trap
     assert report["max_abs_logit_diff"] <= report["tolerance"] == 1e-4
     # A fresh interpreter where `import peft` fails: the merged export must not need it.
@@ -191,7 +194,7 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     import torch.nn.functional as F
 
     from iqa_spider.config.schemas import TASK_NAMES
-    from iqa_spider.train.loop import per_task_loss
+    from iqa_spider.train.loop import LOSS_ROWS, per_task_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11)
@@ -203,10 +206,11 @@ def test_per_task_loss_is_token_mean_cross_entropy_over_answers_only():
     loss, stats = per_task_loss(logits, labels, torch.tensor([rating, grounding, rating]), answer_pos)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
-    assert stats.shape == (len(TASK_NAMES), 2) and stats.dtype == torch.float64
+    assert stats.shape == (len(LOSS_ROWS), 2) and stats.dtype == torch.float64
+    assert LOSS_ROWS[:len(TASK_NAMES)] == TASK_NAMES  # task rows first, then content / template
     assert stats[grounding].tolist() == [0.0, 0.0] and stats[rating, 1] == 5
     assert float(stats[rating, 0]) / 5 == pytest.approx(float(expected), rel=1e-6)
-    assert float(stats.sum(0)[0]) == float(stats[rating, 0])  # no other task got anything
+    assert float(stats[:len(TASK_NAMES)].sum(0)[0]) == float(stats[rating, 0])  # no other task got anything
     # the loss sum of sample 0 alone: its three answer tokens
     first = per_task_loss(logits[:1], labels[:1], torch.tensor([grounding]), answer_pos[:3])[1][grounding]
     assert float(first[0]) == pytest.approx(float(F.cross_entropy(logits[0, 2:5], labels[0, 3:6], reduction="sum")))

@@ -1,12 +1,15 @@
-"""Final export: a consolidated HF directory (LoRA merged, safetensors) plus the adapter alone.
+"""Final export: a consolidated HF directory (safetensors) that loads without peft.
+
+``method: lora``: LoRA merged into the base, plus the adapter alone. ``method: full``: the
+full trained weights, nothing else (there is no adapter to ship).
 
 The trap this avoids: under ZeRO-3 every rank holds only a shard of each parameter, so a
-plain `save_pretrained` on the peft model writes empty (0-element) LoRA tensors. Instead
+plain `save_pretrained` writes empty (0-element) tensors (for LoRA: empty adapters). Instead
 DeepSpeed gathers the full weights module by module onto rank 0 (`save_16bit_model`, which
 keeps the training dtype), rank 0 rebuilds the plain model outside zero.Init, loads them,
-checks nothing trainable is missing or empty, merges and saves. The training model's logits
-on a fixed input are saved beside the export and compared with the merged model's, so a
-bad export fails here, not in production.
+checks nothing trainable is missing or empty, merges (LoRA) and saves. The training model's
+logits on a fixed input are saved beside the export and compared with the exported model's,
+so a bad export fails here, not in production.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from iqa_spider.vocab import SCORE_ANSWER_PREFIX, SCORE_QUESTION
 log = logging.getLogger(__name__)
 HF_DIR, ADAPTER_DIR, REFERENCE_FILE, REPORT_FILE = "hf_model", "adapter", "reference.pt", "export.json"
 # fp32 merges are exact up to summation order; bf16 rounds W + BA once more than training.
+# A full export is the training weights themselves: only kernel summation order differs.
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 
 
@@ -41,7 +45,8 @@ def fixed_input(processor: Any) -> dict:
 
 
 def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any) -> None:
-    """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, adapter, reference.pt, export.json}."""
+    """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, reference.pt, export.json} and,
+    for LoRA, OUT/adapter."""
     import torch
 
     from iqa_spider.model.processor import load_processor
@@ -71,11 +76,9 @@ def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any
 def _write_export(cfg: TrainConfig, out: Path, state: dict, processor: Any, inputs: dict, reference: Any,
                   prec: str, hf_ds: Any) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText
 
-    from iqa_spider.train.recipe import lora_config_dict, torch_dtype, trains_fully
+    from iqa_spider.train.recipe import torch_dtype
 
     if hf_ds is not None:  # build the export model normally, not partitioned by zero.Init
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -83,8 +86,31 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, processor: Any, inpu
         unset_hf_deepspeed_config()
     dtype = torch_dtype(prec)
     base = AutoModelForImageTextToText.from_pretrained(cfg.model.path, dtype=dtype)
-    model = get_peft_model(base, LoraConfig(**lora_config_dict(cfg)))
-    trainable = {n for n, _ in model.named_parameters() if "lora_" in n or trains_fully(n, cfg)}
+    if cfg.method == "full":
+        _load_trained(base, state, {n for n, _ in base.named_parameters()})  # every parameter trained
+        exported, counts = base.eval(), {"trained_tensors": sum(1 for _ in base.parameters())}
+    else:
+        exported, counts = _lora_export(base, cfg, state, out)
+    hf = out / HF_DIR
+    exported.save_pretrained(hf, safe_serialization=True)
+    processor.save_pretrained(hf)
+    with torch.no_grad():
+        feed = dict(inputs)
+        feed["pixel_values"] = feed["pixel_values"].to(dtype)
+        logits = exported(**feed).logits.float()
+    diff = float((logits - reference).abs().max())
+    torch.save({"inputs": inputs, "logits": reference}, out / REFERENCE_FILE)
+    report = {"method": cfg.method, "max_abs_logit_diff": diff, "tolerance": TOLERANCE[prec], "precision": prec,
+              **counts}
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if diff > TOLERANCE[prec]:
+        raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
+                           f"> {TOLERANCE[prec]}")
+    log.info("export written: %s (max |logit diff| %.2e)", out, diff)
+
+
+def _load_trained(model: Any, state: dict, trainable: set[str]) -> None:
+    """Load the gathered ``state`` into ``model``; refuse if a trained tensor is missing or empty."""
     empty = [n for n in trainable if n in state and state[n].numel() == 0]
     missing = sorted(n for n in trainable if n not in state)
     if empty or missing:
@@ -94,26 +120,20 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, processor: Any, inpu
     if real_missing:
         raise RuntimeError(f"export: parameters missing from the consolidated state: {real_missing[:5]}")
 
+
+def _lora_export(base: Any, cfg: TrainConfig, state: dict, out: Path) -> tuple[Any, dict]:
+    """LoRA on ``base`` with the trained state; writes OUT/adapter; returns (merged model, counts)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from iqa_spider.train.recipe import lora_config_dict, trains_fully
+
+    model = get_peft_model(base, LoraConfig(**lora_config_dict(cfg)))
+    _load_trained(model, state, {n for n, _ in model.named_parameters() if "lora_" in n or trains_fully(n, cfg)})
     adapter = out / ADAPTER_DIR
     model.save_pretrained(adapter, safe_serialization=True)
     vision = {n: t.contiguous() for n, t in state.items() if trains_fully(n, cfg)}
     if vision:  # fully trained modules are not part of a LoRA adapter: ship them beside it
         save_file(vision, str(adapter / "trained_modules.safetensors"))
-
-    merged = model.merge_and_unload().eval()
-    hf = out / HF_DIR
-    merged.save_pretrained(hf, safe_serialization=True)
-    processor.save_pretrained(hf)
-    with torch.no_grad():
-        feed = dict(inputs)
-        feed["pixel_values"] = feed["pixel_values"].to(dtype)
-        logits = merged(**feed).logits.float()
-    diff = float((logits - reference).abs().max())
-    torch.save({"inputs": inputs, "logits": reference}, out / REFERENCE_FILE)
-    report = {"max_abs_logit_diff": diff, "tolerance": TOLERANCE[prec], "precision": prec,
-              "lora_tensors": sum(1 for n in state if "lora_" in n), "vision_tensors": len(vision)}
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    if diff > TOLERANCE[prec]:
-        raise RuntimeError(f"exported model disagrees with the trained one: max |logit diff| {diff:.3g} "
-                           f"> {TOLERANCE[prec]}")
-    log.info("export written: %s (max |logit diff| %.2e)", out, diff)
+    counts = {"lora_tensors": sum(1 for n in state if "lora_" in n), "vision_tensors": len(vision)}
+    return model.merge_and_unload().eval(), counts

@@ -99,7 +99,7 @@ def run_train(cfg: TrainConfig) -> dict:
     counts = check_before_start(cfg)
     cfg_yaml = config_to_yaml(cfg)
     name = run_name(cfg, cfg_yaml)
-    log.info("train: %s rows per task in split %s; run %s", counts, cfg.data.split, name)
+    log.info("train (%s): %s rows per task in split %s; run %s", cfg.method, counts, cfg.data.split, name)
 
     uri = tracking.tracking_uri(cfg.tracking.uri)
     mlflow.set_tracking_uri(uri)
@@ -168,6 +168,7 @@ def run_train(cfg: TrainConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     from iqa_spider.entrypoint import run_job
 
-    return run_job(TrainConfig, run_train, argv, description="train: LoRA + ZeRO on Ray Train")
+    return run_job(TrainConfig, run_train, argv,
+                   description="train: LoRA or full fine-tuning, DeepSpeed ZeRO on Ray Train")
 
 

@@ -3,9 +3,10 @@
 Straight path: join the process group -> load the model (partitioned at load under ZeRO-3)
 -> apply the recipe -> deepspeed.initialize -> resume from the latest checkpoint if Ray
 hands one -> stream batches from this worker's Ray Data shard -> every step: forward,
-per-task loss, backward, step -> report metrics, and at the configured interval a sharded
-ZeRO checkpoint -> at the end, the export (consolidated HF dir + adapter), reported as the
-last checkpoint so the driver can register it.
+per-task and content/template loss, backward, step -> report metrics, and at the
+configured interval a sharded ZeRO checkpoint -> at the end, the export (consolidated HF
+dir, plus the adapter for LoRA), reported as the last checkpoint so the driver can
+register it.
 """
 from __future__ import annotations
 
@@ -80,28 +81,93 @@ def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int, pad_id
         epoch += 1
 
 
-def per_task_loss(logits: Any, labels: Any, task_ids: Any, answer_pos: Any) -> tuple[Any, Any]:
-    """Token-mean cross-entropy over answer tokens, and per task its (loss sum, answer tokens).
+# Rows of the loss sums the loop keeps on the device: one per task, then the answer tokens
+# split into content words (distortion, level, position: what depends on the image) and the
+# template around them. Each row holds (cross-entropy sum, tokens); named, never by offset.
+LOSS_ROWS: tuple[str, ...] = (*TASK_NAMES, "content", "template")
+
+
+def content_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the content words in every form that is one token of ``tokenizer``.
+
+    The words are vocab's single-token words (levels, positions, distortions) and the severity
+    adjectives; the forms are bare and after a space, lower-case and capitalised (answers
+    start sentences with "Mild ..."). A form the tokenizer splits is left out: its pieces are
+    no one word's.
+    """
+    from iqa_spider.vocab import SEVERITY_WORDS, single_token_words
+
+    ids: set[int] = set()
+    for word in dict.fromkeys([*single_token_words(), *SEVERITY_WORDS.values()]):
+        for form in {word, word.capitalize()}:
+            for text in (form, " " + form):
+                got = tokenizer.encode(text, add_special_tokens=False)
+                if len(got) == 1:
+                    ids.add(int(got[0]))
+    return sorted(ids)
+
+
+def content_lookup(ids: list[int], vocab_size: int, device: Any) -> Any:
+    """A (vocab_size,) bool table: True at content ids (a gather, no host sync, in the loss)."""
+    import torch
+
+    table = torch.zeros(max(vocab_size, max(ids, default=-1) + 1), dtype=torch.bool)
+    table[ids] = True
+    return table.to(device)
+
+
+def per_task_loss(logits: Any, labels: Any, task_ids: Any, answer_pos: Any, is_content: Any = None,
+                  content_weight: float = 1.0) -> tuple[Any, Any]:
+    """The training loss over answer tokens, and per LOSS_ROWS row its (loss sum, tokens).
 
     ``task_ids`` holds each sample's index in TASK_NAMES and ``answer_pos`` the (row, column)
-    of every position whose logits predict an answer token (both made by ``collate``). Nothing
-    is read back to the host: the per-task figures come back as a (len(TASK_NAMES), 2) float64
-    tensor on the logits' device, which the loop sums over the step and reads once.
+    of every position whose logits predict an answer token (both made by ``collate``);
+    ``is_content`` is :func:`content_lookup`'s table (None: every token is template). The
+    loss is the token mean of the cross-entropy, content tokens weighted ``content_weight``
+    and template tokens 1; at weight 1 it is the plain token mean. Nothing is read back to
+    the host: the figures come back as a (len(LOSS_ROWS), 2) float64 tensor on the logits'
+    device, which the loop sums over the step and reads once.
     """
     import torch
     import torch.nn.functional as F
 
     rows, cols = answer_pos.unbind(1)
+    targets = labels[rows, cols + 1]
     # Only answer positions, cast to fp32 after selecting them: a full fp32 copy of the logits
     # costs ~1 GB per micro-batch at Qwen's 152k vocabulary, almost all of it prompt and image.
-    tok = F.cross_entropy(logits[rows, cols].float(), labels[rows, cols + 1], reduction="none")
+    tok = F.cross_entropy(logits[rows, cols].float(), targets, reduction="none")
     per_sample_sum = torch.zeros(labels.size(0), dtype=tok.dtype, device=tok.device).index_add_(0, rows, tok)
     per_sample_n = (labels[:, 1:] != -100).sum(dim=1)
-    loss = per_sample_sum.sum() / per_sample_n.sum().clamp(min=1)
+    content = is_content[targets] if is_content is not None else torch.zeros_like(targets, dtype=torch.bool)
+    if content_weight == 1.0:  # plain SFT, computed exactly as before the content split existed
+        loss = per_sample_sum.sum() / per_sample_n.sum().clamp(min=1)
+    else:
+        weight = torch.where(content, content_weight, 1.0).to(tok.dtype)
+        total = weight.sum()
+        loss = (tok * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
     per_sample = torch.stack([per_sample_sum.detach().double(), per_sample_n.double()], dim=1)
-    stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=tok.device).index_add_(
-        0, task_ids, per_sample)
+    stats = torch.zeros(len(LOSS_ROWS), 2, dtype=torch.float64, device=tok.device)
+    stats[:len(TASK_NAMES)].index_add_(0, task_ids, per_sample)
+    tok64, c = tok.detach().double(), content.double()
+    stats[LOSS_ROWS.index("content")] = torch.stack([(tok64 * c).sum(), c.sum()])
+    stats[LOSS_ROWS.index("template")] = torch.stack([(tok64 * (1 - c)).sum(), (1 - c).sum()])
     return loss, stats
+
+
+def loss_metrics(sums: dict[str, tuple[float, float]], content_weight: float) -> dict[str, float]:
+    """Step metrics from the (loss sum, tokens) of every LOSS_ROWS row, summed over workers.
+
+    ``loss`` is the plain token mean (comparable across content weights), ``loss_<task>``,
+    ``loss_content`` and ``loss_template`` the token means of each group (absent when it had no
+    tokens), and ``loss_weighted`` the weighted token mean that was trained, when the weight is not 1.
+    """
+    (cs, cn), (ts, tn) = sums["content"], sums["template"]
+    tokens = sum(sums[t][1] for t in TASK_NAMES)
+    out = {"loss": sum(sums[t][0] for t in TASK_NAMES) / max(tokens, 1)}
+    out.update({f"loss_{name}": s / n for name, (s, n) in sums.items() if n})
+    if content_weight != 1.0:
+        out["loss_weighted"] = (content_weight * cs + ts) / max(content_weight * cn + tn, 1e-12)
+    return out
 
 
 def reduce_metrics(values: list[float]) -> list[float]:
@@ -247,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
 
@@ -278,7 +344,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.enable_input_require_grads()
     model, groups = apply_recipe(model, cfg)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    pad_id = int(model.config.get_text_config().pad_token_id or 0)
+    text_config = model.config.get_text_config()
+    pad_id = int(text_config.pad_token_id or 0)
+    # Which answer tokens are content words, from the tokenizer training reads (once per worker).
+    is_content = content_lookup(content_token_ids(AutoTokenizer.from_pretrained(cfg.model.path)),
+                                int(text_config.vocab_size), device)
+    content_weight = float(cfg.optim.content_loss_weight)
     sizes = partition_sizes(engine.module, rank, world)
     step_logger = StepLogger(config.get("mlflow"), rank)
 
@@ -302,7 +373,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine.train()
     while step < cfg.optim.max_steps:
         # Summed on the device and read once per optimizer step, for the step's metrics.
-        task_stats = torch.zeros(len(TASK_NAMES), 2, dtype=torch.float64, device=device)
+        loss_stats = torch.zeros(len(LOSS_ROWS), 2, dtype=torch.float64, device=device)
         step_tokens = torch.zeros((), dtype=torch.float64, device=device)
         for _ in range(cfg.optim.grad_accum):
             waited = time.monotonic()
@@ -310,10 +381,10 @@ def train_loop_per_worker(config: dict) -> None:
             window["data_wait"] += time.monotonic() - waited
             labels, task_ids, answer_pos = inputs.pop("labels"), inputs.pop("task_id"), inputs.pop("answer_pos")
             out = engine(**inputs)
-            loss, stats = per_task_loss(out.logits, labels, task_ids, answer_pos)
+            loss, stats = per_task_loss(out.logits, labels, task_ids, answer_pos, is_content, content_weight)
             engine.backward(loss)
             engine.step()
-            task_stats += stats
+            loss_stats += stats
             step_tokens += inputs["attention_mask"].sum()
             window["samples"] += len(task_ids)
         step += 1
@@ -321,24 +392,22 @@ def train_loop_per_worker(config: dict) -> None:
 
         # Every worker takes part in the reduction and in report(): Ray needs the same number
         # of reports from each, and ZeRO-3 needs all ranks in every collective.
-        device_sums = torch.cat([step_tokens.reshape(1), task_stats.flatten()]).tolist()  # the step's one read
+        device_sums = torch.cat([step_tokens.reshape(1), loss_stats.flatten()]).tolist()  # the step's one read
         window["tokens"] += device_sums[0]
-        flat = [window["samples"], window["tokens"], window["data_wait"], *device_sums[1:]]
-        red = reduce_metrics(flat)
-        per_task = {t: (red[3 + 2 * i], red[4 + 2 * i]) for i, t in enumerate(TASK_NAMES)}
-        answer_tokens = sum(n for _, n in per_task.values())
+        host = (window["samples"], window["tokens"], window["data_wait"])
+        red = reduce_metrics([*host, *device_sums[1:]])
+        samples, tokens, data_wait = red[:len(host)]
+        loss_sums = red[len(host):]
+        sums = dict(zip(LOSS_ROWS, zip(loss_sums[0::2], loss_sums[1::2])))  # row -> (loss sum, tokens)
         elapsed = max(time.monotonic() - window["t0"], 1e-9)
         metrics: dict[str, float] = {
-            "step": step, "loss": sum(s for s, _ in per_task.values()) / max(answer_tokens, 1),
+            "step": step, **loss_metrics(sums, content_weight),
             "lr": scheduler.get_lr()[0],
-            "samples_per_s": red[0] / elapsed, "tokens_per_s": red[1] / elapsed,
+            "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed,
             # share of the step spent waiting for Ray Data (mean over workers): > 0.1 means
             # preprocessing is the bottleneck (raise scaling.preprocess_actors / _cpus)
-            "data_wait_frac": red[2] / world / elapsed,
+            "data_wait_frac": data_wait / world / elapsed,
         }
-        for t, (s, n) in per_task.items():
-            if n:
-                metrics[f"loss_{t}"] = s / n
         window.update({"samples": 0.0, "tokens": 0.0, "data_wait": 0.0, "t0": time.monotonic()})
         if step % cfg.tracking.log_every == 0:
             step_logger(metrics, step)

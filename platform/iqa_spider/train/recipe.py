@@ -1,7 +1,11 @@
-"""The parameter-efficient recipe of the paper, and the DeepSpeed config built from ours.
+"""The two training recipes, and the DeepSpeed config built from ours.
 
-LoRA goes on the language model's linear layers only; the vision tower and its merger /
-projector are trained fully; everything else (embeddings, norms, LM head) is frozen.
+- ``method: lora`` (the paper's): LoRA on the language model's linear layers only; the vision
+  tower and its merger / projector are trained fully; everything else (embeddings, norms, LM
+  head) is frozen.
+- ``method: full`` (Q-Align / DeQA-Score): every parameter is trained. LoRA adapts a model
+  that already knows its task; a model trained from random init (the project's tiny one, or
+  any new architecture) has nothing for a low-rank update to adapt, so it needs this.
 """
 from __future__ import annotations
 
@@ -21,6 +25,30 @@ def lora_target_regex(modules: list[str]) -> str:
 
 
 def apply_recipe(model: Any, cfg: TrainConfig) -> tuple[Any, list[dict]]:
+    """Set what trains for ``cfg.method``; return (model, optimizer param groups)."""
+    if cfg.method == "full":
+        return model, full_param_groups(model, cfg)
+    return apply_lora(model, cfg)
+
+
+def full_param_groups(model: Any, cfg: TrainConfig) -> list[dict]:
+    """Full fine-tuning: no PEFT wrapping, every parameter trainable, two learning rates.
+
+    "language" (embeddings, LM layers, norms, lm_head) at ``optim.lr``; "vision" (the
+    ``visual.`` tower and its merger) at ``optim.vision_lr``: the pre-trained ViT is usually
+    moved more gently than the language model (null: the same rate).
+    """
+    language, vision = [], []
+    for name, param in model.named_parameters():  # tied weights (embeddings = lm_head) come once
+        param.requires_grad_(True)
+        (vision if is_vision(name) else language).append(param)
+    groups = [{"params": language, "lr": cfg.optim.lr, "name": "language"}]
+    if vision:
+        groups.append({"params": vision, "lr": cfg.optim.vision_lr or cfg.optim.lr, "name": "vision"})
+    return groups
+
+
+def apply_lora(model: Any, cfg: TrainConfig) -> tuple[Any, list[dict]]:
     """Wrap with LoRA, unfreeze the vision parts the config names; return (model, param groups)."""
     from peft import LoraConfig, get_peft_model
 
@@ -95,7 +123,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "zero_optimization": zero,
         # torch's AdamW on GPU too: DeepSpeed's FusedAdam is compiled with nvcc at first use
         # (minutes per worker, since the wheel ships no prebuilt ops) for little gain with LoRA's
-        # few trainable parameters. CPU offload needs DeepSpeed's own CPU Adam.
+        # few trainable parameters, and torch's multi-tensor AdamW is close to it for full
+        # fine-tuning. CPU offload needs DeepSpeed's own CPU Adam (compiled at first use).
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "weight_decay": o.weight_decay,
                                                   "betas": [0.9, 0.999], "eps": 1e-8,
                                                   "torch_adam": not d.offload_optimizer}},
