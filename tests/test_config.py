@@ -125,3 +125,35 @@ def test_platform_module_is_the_standard_library():
     proc = subprocess.run([sys.executable, "-c", "import platform; print(platform.system())"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() in ("Linux", "Darwin", "Windows")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["method=qlora"], "method"),
+    (["optim.content_loss_weight=0"], "optim.content_loss_weight"),
+])
+def test_train_recipe_choices_are_checked(tmp_path, overrides, key):
+    from iqa_spider.config.schemas import load_job_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_job_config(str(REPO / "configs/train/tiny_cpu.yaml"),
+                        [f"data.uri={tmp_path}", f"output.uri={tmp_path}", *overrides])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["distort.views_per_image=0"], "distort.views_per_image"),
+    (["distort.view_min_side=1.5"], "distort.view_min_side"),
+])
+def test_annotate_view_settings_are_checked(tmp_path, overrides, key):
+    from iqa_spider.config.schemas import load_job_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_job_config(str(REPO / "configs/annotate.yaml"),
+                        [f"input.uri={tmp_path}", f"output.uri={tmp_path}", *overrides])
+
+
+def test_promotion_refuses_the_shuffled_image_control(tmp_path):
+    """The control answers about other samples' images: a gate must never decide on it."""
+    from iqa_spider.config.schemas import load_job_config
+
+    with pytest.raises(ConfigError, match=r"data\.shuffle_images"):
+        load_job_config(str(REPO / "configs/gate.yaml"), [f"data.uri={tmp_path}", "data.shuffle_images=true"])

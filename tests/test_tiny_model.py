@@ -215,3 +215,33 @@ def test_template_corpus_covers_the_vocabulary():
     assert any(s.startswith("What distortions affect the ") for s in corpus)
     assert any(s.startswith("The most degraded region is the ") for s in corpus)
     assert any("Overall, the quality of the image is " in s for s in corpus)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_small_preset_loads_through_the_auto_classes_and_runs(family, tmp_path):
+    """`--size small`: the same real classes at a size that learns on 2 cores (3..20 M params),
+    with the model's own head initialiser (full fine-tuning trains the head)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from iqa_spider.model.tiny import PRESETS
+
+    path = init_tiny(family, tmp_path / "small", seed=0, size="small")
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    assert type(model).__name__ == MODEL_CLASSES[family][0]
+    assert 3_000_000 <= count_parameters(model) <= 20_000_000
+    p = PRESETS["small"]
+    text = model.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers) == (p.text_hidden, p.text_layers)
+    assert model.config.vision_config.hidden_size == p.vision_hidden
+    head_std = float(model.get_output_embeddings().weight.std())
+    assert head_std < 0.05, head_std  # not the tiny preset's 0.3
+    _, inputs = _inputs(processor, _image())
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == text.vocab_size and torch.isfinite(logits).all()
+
+
+def test_unknown_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown size"):
+        init_tiny("qwen2_5_vl", tmp_path / "m", size="huge")

@@ -12,6 +12,7 @@ from typing import Sequence
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
 from iqa_spider.entrypoint import CONFIG_ERROR_EXIT
+from iqa_spider.model.tiny import SIZES
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -27,8 +28,8 @@ def _config_show(args: argparse.Namespace) -> int:
 def _model_init_tiny(args: argparse.Namespace) -> int:
     from iqa_spider.model.tiny import init_tiny
 
-    out = init_tiny(args.family, args.out, seed=args.seed)
-    print(f"tiny {args.family} model written to {out}")
+    out = init_tiny(args.family, args.out, seed=args.seed, size=args.size)
+    print(f"{args.size} {args.family} model written to {out}")
     return 0
 
 
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--family", choices=MODEL_FAMILIES, default="qwen2_5_vl")
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", choices=SIZES, default="tiny",
+                      help="tiny: fast tests (~0.2 M parameters); small: learns on 2 cores (~6 M)")
     tiny.set_defaults(func=_model_init_tiny)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="action", required=True)

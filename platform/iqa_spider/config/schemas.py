@@ -148,6 +148,18 @@ class DistortConfig:
     dao_prob: float = 0.3           # a distorted region gets a two-step accumulation chain
     clean_prob: float = 0.05        # a variant left undistorted (quality excellent)
     feather_px: float = 3.0
+    # Pristine views per source: the first is the whole photo, the others random square-ish
+    # crops (a side between view_min_side and 1.0 of the photo's) shrunk to max_side, each
+    # with its own regions and variants. More distinct content from the same few photos; the
+    # split stays by source, so no view of a test photo is trained on.
+    views_per_image: int = 1
+    view_min_side: float = 0.4
+
+    def __post_init__(self) -> None:
+        check_at_least(1, ("distort.views_per_image", self.views_per_image),
+                       ("distort.variants_per_image", self.variants_per_image))
+        if not 0.0 < self.view_min_side <= 1.0:
+            raise ConfigValueError("distort.view_min_side", "must be in (0, 1]")
 
 
 @dataclass
@@ -243,6 +255,10 @@ class OptimSettings:
     global_batch_size: Optional[int] = None  # if set, must equal micro * accum * workers
     grad_clip: float = 1.0
     seed: int = 0
+    # Loss weight of the answer tokens that carry content (distortion, level and position
+    # words) against template tokens (weight 1). 1.0 is plain SFT; above 1 makes the few
+    # tokens that depend on the image count more than the many that only repeat a template.
+    content_loss_weight: float = 1.0
 
 
 @dataclass
@@ -278,9 +294,16 @@ class TrainOutput:
     run_name: Optional[str] = None     # null: derived from the config hash (same config -> same run)
 
 
+TRAIN_METHODS = ("lora", "full")
+
+
 @dataclass
 class TrainConfig:
     job: str = "train"
+    # lora: the paper's recipe (LoRA on the language model, vision tower and merger fully).
+    # full: every parameter trained (Q-Align / DeQA-Score on 7B; the only choice for a model
+    # trained from random init, where LoRA has nothing to adapt). `lora.*` is ignored for full.
+    method: str = "lora"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TrainData = field(default_factory=TrainData)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -293,7 +316,10 @@ class TrainConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
+        check_choice("method", self.method, TRAIN_METHODS)
         o, s = self.optim, self.scaling
+        if o.content_loss_weight <= 0:
+            raise ConfigValueError("optim.content_loss_weight", "must be > 0")
         check_at_least(1, ("optim.micro_batch_size", o.micro_batch_size), ("optim.grad_accum", o.grad_accum),
                        ("optim.max_steps", o.max_steps), ("scaling.num_workers", s.num_workers),
                        ("checkpoint.every_steps", self.checkpoint.every_steps))

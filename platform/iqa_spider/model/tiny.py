@@ -14,6 +14,7 @@ side) through the image processor's ``size`` ``{"shortest_edge": min_pixels,
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +22,50 @@ from iqa_spider.model.tokenizer import build_tokenizer
 
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
 
-# Image area bounds of the tiny models' image processors (pixels): sides about 112..224.
+# Image area bounds of the presets' image processors (pixels): sides about 112..224.
 MIN_PIXELS = 112 * 112
 MAX_PIXELS = 224 * 224
 
-# Text model, shared by both families.
-TEXT_HIDDEN = 64
-TEXT_INTERMEDIATE = 128
-TEXT_LAYERS = 2
-TEXT_HEADS = 4
-TEXT_KV_HEADS = 2
-HEAD_DIM = TEXT_HIDDEN // TEXT_HEADS  # 16; the rotary half is 8
 
-# Vision tower.
-VISION_HIDDEN = 32
-VISION_INTERMEDIATE = 64
-VISION_HEADS = 2
+@dataclass(frozen=True)
+class Preset:
+    """The sizes of one preset; both families take the same widths and depths."""
 
-# Init std of the output head (the model's own initialiser uses 0.02). A released checkpoint's
-# head spans logits of tens; a 64-wide head at 0.02 can reach only about +-1.3 (std * width),
-# and the paper's recipe keeps the head frozen, so LoRA could never make the tiny model sure of
-# any token: its loss stalled near ln(vocab) and it never learnt to write a position word.
-# At 0.3 the reachable range is about +-19, like a pretrained head, and 400 CPU steps teach the
-# grounding template (see BENCHMARKS.md, "Training quality").
-LM_HEAD_STD = 0.3
+    text_hidden: int
+    text_intermediate: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_heads: int
+    vision_depth: int  # Qwen2.5-VL; Qwen3-VL takes one more layer (its deepstack taps two)
+    # Init std of the output head, or None for the model's own initialiser (0.02).
+    lm_head_std: float | None
+
+    @property
+    def head_dim(self) -> int:
+        return self.text_hidden // self.text_heads
+
+
+PRESETS: dict[str, Preset] = {
+    # Fast tests and the pipeline's plumbing: about 0.2 M parameters.
+    # Its head is initialised at std 0.3: a released checkpoint's head spans logits of tens; a
+    # 64-wide head at 0.02 can reach only about +-1.3 (std * width), and the paper's LoRA recipe
+    # keeps the head frozen, so LoRA could never make the tiny model sure of any token.
+    "tiny": Preset(text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4, text_kv_heads=2,
+                   vision_hidden=32, vision_intermediate=64, vision_heads=2, vision_depth=2, lm_head_std=0.3),
+    # A model that learns on 2 cores (SMALL_WHY below); trained with `method: full`, which
+    # trains the head too, so it keeps the model's own initialiser.
+    "small": Preset(text_hidden=256, text_intermediate=768, text_layers=4, text_heads=4, text_kv_heads=2,
+                    vision_hidden=128, vision_intermediate=512, vision_heads=4, vision_depth=4, lm_head_std=None),
+}
+SIZES: tuple[str, ...] = tuple(PRESETS)
+
+# The tiny preset's sizes under their old names (tests and benchmarks read them).
+TEXT_HIDDEN = PRESETS["tiny"].text_hidden
+HEAD_DIM = PRESETS["tiny"].head_dim
+LM_HEAD_STD = PRESETS["tiny"].lm_head_std
 
 
 def _round_to(value: int, factor: int, up: bool) -> int:
@@ -74,45 +95,58 @@ def _token_ids(tok) -> dict[str, int]:
     return ids
 
 
-def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]):
-    """The tiny model config of ``family``; token ids are set at top level and in text_config
-    (transformers checks the text config's ``*_token_id`` against its vocab_size)."""
+# Multimodal rotary sections (temporal, height, width) over the rotary half of head_dim.
+# Qwen2.5-VL-7B: [16, 24, 24] over 64; Qwen3-VL (interleaved): [24, 20, 20] over 64. Scaled down
+# in the same proportions to the presets' head widths.
+MROPE_SECTIONS: dict[str, dict[int, list[int]]] = {
+    "qwen2_5_vl": {16: [2, 3, 3], 64: [8, 12, 12]},
+    "qwen3_vl": {16: [4, 2, 2], 64: [12, 10, 10]},
+}
+
+
+def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int], size: str = "tiny"):
+    """The config of preset ``size`` of ``family``; token ids are set at top level and in
+    text_config (transformers checks the text config's ``*_token_id`` against its vocab_size)."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
+    p = PRESETS[size]
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    mrope_section = MROPE_SECTIONS[family][p.head_dim]
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig as Config
 
-        # Qwen2.5-VL-7B: mrope_section [16, 24, 24] over a rotary half of 64 -> [2, 3, 3] over 8.
-        mrope_section = [2, 3, 3]
         text = dict(
             model_type="qwen2_5_vl_text",
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope_section},
             use_sliding_window=False,
-            max_window_layers=TEXT_LAYERS,
+            max_window_layers=p.text_layers,
             rms_norm_eps=1e-6,
             max_position_embeddings=32768,
         )
         vision = dict(
             model_type="qwen2_5_vl_vision",
-            depth=2,
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=VISION_INTERMEDIATE,
-            num_heads=VISION_HEADS,
+            depth=p.vision_depth,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
             hidden_act="silu",
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
             window_size=112,
-            fullatt_block_indexes=[1],  # layer 0 windowed, layer 1 full attention
+            # odd layers full attention, even ones windowed (tiny: layer 0 windowed, 1 full),
+            # as the 7B alternates windowed runs with full-attention layers
+            fullatt_block_indexes=list(range(1, p.vision_depth, 2)),
             tokens_per_second=2,
-            out_hidden_size=TEXT_HIDDEN,
+            out_hidden_size=p.text_hidden,
         )
     elif family == "qwen3_vl":
         from transformers import Qwen3VLConfig as Config
 
-        # Qwen3-VL: interleaved mrope [24, 20, 20] over a rotary half of 64 -> [4, 2, 2] over 8.
-        mrope_section = [4, 2, 2]
         text = dict(
             model_type="qwen3_vl_text",
-            head_dim=HEAD_DIM,
+            head_dim=p.head_dim,
             rope_parameters={
                 "rope_type": "default",
                 "rope_theta": 5000000.0,
@@ -125,33 +159,31 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int]):
         )
         vision = dict(
             model_type="qwen3_vl_vision",
-            depth=3,
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=VISION_INTERMEDIATE,
-            num_heads=VISION_HEADS,
+            depth=p.vision_depth + 1,
+            hidden_size=p.vision_hidden,
+            intermediate_size=p.vision_intermediate,
+            num_heads=p.vision_heads,
             hidden_act="gelu_pytorch_tanh",
             patch_size=16,
             spatial_merge_size=2,
             temporal_patch_size=2,
-            out_hidden_size=TEXT_HIDDEN,
+            out_hidden_size=p.text_hidden,
             # a 16x16 grid of learned positions (interpolated to the image's patch grid,
             # at most 14x14 here); must be a square number
             num_position_embeddings=256,
-            # deepstack features of vision layers 0 and 1 are added to text layers 0 and 1:
+            # deepstack features of vision layers 0..depth-2 are added to the first text layers:
             # indexes must be < depth and their count <= the text layers
-            deepstack_visual_indexes=[0, 1],
+            deepstack_visual_indexes=list(range(min(p.vision_depth, p.text_layers))),
         )
-    else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    if sum(mrope_section) * 2 != HEAD_DIM:
+    if sum(mrope_section) * 2 != p.head_dim:
         raise AssertionError("mrope sections must cover the rotary half of head_dim")
     text.update(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_INTERMEDIATE,
-        num_hidden_layers=TEXT_LAYERS,
-        num_attention_heads=TEXT_HEADS,
-        num_key_value_heads=TEXT_KV_HEADS,
+        hidden_size=p.text_hidden,
+        intermediate_size=p.text_intermediate,
+        num_hidden_layers=p.text_layers,
+        num_attention_heads=p.text_heads,
+        num_key_value_heads=p.text_kv_heads,
         hidden_act="silu",
         initializer_range=0.02,
         tie_word_embeddings=False,
@@ -212,9 +244,9 @@ def build_processor(family: str, tokenizer=None):
     )
 
 
-def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random ``family`` checkpoint (config, safetensors, tokenizer, processor,
-    chat template, generation config) to ``out_dir`` and return its path.
+def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random ``family`` checkpoint of preset ``size`` (config, safetensors, tokenizer,
+    processor, chat template, generation config) to ``out_dir`` and return its path.
 
     Deterministic: the same seed gives byte-identical ``model.safetensors``; the tokenizer does
     not depend on the seed.
@@ -228,7 +260,8 @@ def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer(family)
     token_ids = _token_ids(tokenizer)
-    config = tiny_config(family, len(tokenizer), token_ids)
+    config = tiny_config(family, len(tokenizer), token_ids, size)
+    head_std = PRESETS[size].lm_head_std
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
     else:
@@ -239,7 +272,8 @@ def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Model(config)
-        torch.nn.init.normal_(model.get_output_embeddings().weight, std=LM_HEAD_STD)
+        if head_std is not None:
+            torch.nn.init.normal_(model.get_output_embeddings().weight, std=head_std)
     model.generation_config = _generation_config(token_ids)
     model.eval()
     model.save_pretrained(out)

@@ -86,6 +86,9 @@ class PromoteConfig:
         if self.candidate is not None and not str(self.candidate).isdigit():
             raise ConfigValueError("candidate", f"must be a version number, got {self.candidate!r}")
         check_at_least(1, ("max_attempts", self.max_attempts))
+        if self.data.shuffle_images:
+            # The control answers about the wrong images: a gate on it would promote on noise.
+            raise ConfigValueError("data.shuffle_images", "the shuffled-image control cannot gate a promotion")
 
 
 __all__ = ["GateMetric", "PromoteConfig", "PromotionLockSettings", "PromotionTracking", "DIRECTIONS"]
