@@ -114,7 +114,7 @@ def annotated_dataset(tmp_path_factory, ray_local) -> Path:
     from iqa_spider.config.schemas import AnnotateConfig
 
     root = tmp_path_factory.mktemp("annotated")
-    write_builtin_photos(str(root / "photos"))
+    write_builtin_photos(str(root / "photos"), limit=12)  # the suite's size before the list grew
     cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                       [f"input.uri={root / 'photos'}", f"output.uri={root / 'dq'}", "distort.max_side=160",
                        "test_fraction=0.25"])

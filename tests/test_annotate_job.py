@@ -188,3 +188,123 @@ def test_output_inside_the_input_is_not_a_source(tmp_path):
     # an output folder beside the input (a shared name prefix) is not mistaken for it
     sources, _ = list_sources(config(str(tmp_path / "sub"), str(tmp_path / "su")))
     assert [s for s, _ in sources] == [str(tmp_path / "sub/B.JPG")]
+
+
+# ---------------------------------------------------------------- pristine views (no Ray)
+
+def view_config(tmp_path, *extra: str) -> AnnotateConfig:
+    return load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                       [f"input.uri={tmp_path / 'in'}", f"output.uri={tmp_path / 'out'}", "distort.max_side=64",
+                        "output.embed_images=true", *extra])
+
+
+def annotate_one(cfg: AnnotateConfig, name: str, img: np.ndarray, masks=None) -> list[dict]:
+    from collections import Counter
+
+    from iqa_spider.annotate.pipeline import ShardAnnotator
+
+    return ShardAnnotator(cfg).annotate_source(storage.join(cfg.input.uri, f"{name}.png"), encode_png(img),
+                                               masks, Counter())
+
+
+def test_view_zero_is_the_one_view_output_and_the_others_differ(tmp_path):
+    from iqa_spider.annotate.pipeline import ShardAnnotator, stable_int
+
+    name, img = next(iter_builtin_photos())
+    one = annotate_one(view_config(tmp_path, "distort.views_per_image=1"), name, img)
+    default = annotate_one(view_config(tmp_path), name, img)
+    cfg = view_config(tmp_path, "distort.views_per_image=4")
+    four = annotate_one(cfg, name, img)
+    assert one == default  # views_per_image=1 is the default and the job as it was
+    assert four[:len(one)] == one  # view 0: the same rows, in the same order
+    # the other views: other pristine content, so other images, each at most max_side
+    views = list(ShardAnnotator(cfg).views(decode_image(encode_png(img)),
+                                           stable_int(cfg.seed, f"{name}.png"), None))
+    assert len(views) == 4
+    assert np.array_equal(views[0][0], np.asarray(resize_max_side(decode_image(encode_png(img)), 64)))
+    for i, (a, _, props) in enumerate(views):
+        assert a.dtype == np.uint8 and a.ndim == 3 and max(a.shape[:2]) <= 64
+        assert props and all(p.mask.shape == a.shape[:2] for p in props)
+        for b, _, _ in views[:i]:
+            assert a.shape != b.shape or not np.array_equal(a, b)
+    assert len({s for _, s, _ in views}) == 4  # a seed per view
+    others = {r["image_id"] for r in four[len(one):]}
+    assert others and not (others & {r["image_id"] for r in one})
+
+
+def test_views_are_deterministic_and_share_the_source_split(tmp_path):
+    from iqa_spider.data.schema import image_id, split_for
+
+    cfg = view_config(tmp_path, "distort.views_per_image=3", "distort.variants_per_image=1", "test_fraction=0.5")
+    again = view_config(tmp_path, "distort.views_per_image=3", "distort.variants_per_image=1", "test_fraction=0.5")
+    seen = set()
+    for name, img in itertools.islice(iter_builtin_photos(), 4):
+        rows = annotate_one(cfg, name, img)
+        assert rows == annotate_one(again, name, img)  # a fresh annotator, the same rows
+        assert len({r["image_id"] for r in rows}) >= 3
+        assert {r["split"] for r in rows} == {split_for(image_id(encode_png(img)), 0.5)}
+        seen |= {r["split"] for r in rows}
+    assert seen == {"train", "test"}
+
+
+def test_one_view_keeps_the_shard_names():
+    """views_per_image=1 is the job as it was before views: the same content hash, so the same
+    shard names (finished shards are reused) whatever view_min_side says. The pinned value is
+    the hash of configs/annotate.yaml; it changes only when a content setting is added or
+    changed, which is what renames shards."""
+    from iqa_spider.annotate.pipeline import content_fingerprint
+
+    def fp(*extra: str) -> str:
+        return content_fingerprint(load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                                               ["input.uri=a", "output.uri=b", *extra]))
+
+    assert fp() == fp("distort.views_per_image=1", "distort.view_min_side=0.9") == "274225fef8145efe"
+    assert len({fp(), fp("distort.views_per_image=2"), fp("distort.views_per_image=3"),
+                fp("distort.views_per_image=2", "distort.view_min_side=0.9")}) == 4
+
+
+def test_view_boxes_lie_in_the_photo():
+    from iqa_spider.annotate.pipeline import view_box
+
+    rng = np.random.default_rng(0)
+    flips = 0
+    for w, h in ((640, 427), (102, 102), (172, 448), (3, 2)):
+        for _ in range(200):
+            (x0, y0, x1, y1), flip = view_box(rng, w, h, 0.4)
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+            assert max(x1 - x0, y1 - y0) >= 0.4 * 0.9 * min(w, h) - 1
+            flips += flip
+    assert 300 < flips < 500  # mirrored about half the time
+
+
+def test_user_masks_are_cropped_with_their_view(tmp_path):
+    name, img = next(iter_builtin_photos())
+    h, w = img.shape[:2]
+    top = np.zeros((h, w), bool)
+    top[: h // 2] = True
+    masks = [{"mask_rle": rle.encode(top), "label": "sky"}, {"mask_rle": rle.encode(~top), "label": "ground"}]
+    cfg = view_config(tmp_path, "regions.method=masks", "distort.views_per_image=4", "distort.variants_per_image=1",
+                      "distort.whole_image_prob=0.0")
+    rows = annotate_one(cfg, name, img, masks)
+    assert len({r["image_id"] for r in rows}) >= 3
+    for row in rows:
+        regions = row["target"]["regions"]
+        assert regions and {r["label"] for r in regions} <= {"sky", "ground"}
+        got = [rle.decode(r["mask_rle"]) for r in regions]
+        assert all(m.shape == (row["height"], row["width"]) for m in got)
+        # a horizontal split stays horizontal under crops and mirroring: sky is above ground
+        by = {r["label"]: m for r, m in zip(regions, got)}
+        if len(by) == 2:
+            assert np.nonzero(by["sky"])[0].max() < np.nonzero(by["ground"])[0].min() + 2
+
+
+def test_builtin_photos_are_rgb_and_distinct():
+    photos = list(iter_builtin_photos())
+    names = [n for n, _ in photos]
+    assert len(names) == len(set(names)) >= 20
+    assert names[:4] == ["astronaut", "chelsea", "coffee", "rocket"]  # callers take the first few
+    digests = set()
+    for name, img in photos:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 64, name
+        digests.add(hash(img.tobytes()))
+    assert len(digests) == len(photos)  # no photo twice under two names (skimage's cat is chelsea)

@@ -8,17 +8,21 @@ finds finished shards and skips them, and a retried task overwrites rather than 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from iqa_spider import storage
 from iqa_spider.annotate import distortions as D
@@ -44,6 +48,11 @@ def stable_int(*parts: object) -> int:
 def content_fingerprint(cfg: AnnotateConfig) -> str:
     """Hash of every setting that changes what is written (not where it is written)."""
     relevant = {k: asdict(cfg)[k] for k in ("regions", "distort", "tasks", "rewrite", "test_fraction", "seed")}
+    if relevant["distort"].get("views_per_image", 1) == 1:
+        # One view is the whole photo, as before views existed (view_min_side is then unused):
+        # the hash, and so every shard name, stays what it was, and old shards are reused.
+        relevant["distort"].pop("views_per_image", None)
+        relevant["distort"].pop("view_min_side", None)
     relevant["schema_version"] = SCHEMA_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -67,21 +76,43 @@ def sample_chain(rng: np.random.Generator, dao: bool, grey: bool) -> list[D.Dist
             return chain
     raise AssertionError("unreachable: most families are not colour changes")
 
-def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.Proposal],
+
+def region_templates(proposals: list[R.Proposal], image_shape: tuple[int, ...], grid: int) -> dict:
+    """One view's regions, made once and copied for each of its variants: ``regions`` (the
+    proposals as r0, r1, ...) and ``whole`` (the whole image), with what their masks give
+    (area, bbox, position, RLE) computed here once instead of for every sample."""
+    h, w = image_shape[:2]
+    regions = [Region(f"r{k}", p.mask, p.label, grid=grid) for k, p in enumerate(proposals)]
+    whole = Region("whole", np.ones((h, w), bool), None, grid=grid)
+    for r in (*regions, whole):  # fill the caches the copies share
+        for cached in ("area_fraction", "bbox", "position", "is_whole_image", "mask_rle"):
+            getattr(r, cached)
+    return {"regions": regions, "whole": whole}
+
+
+def _fresh(template: Region, distortions: list[D.Distortion] | None = None) -> Region:
+    region = copy.copy(template)  # keeps the cached area, bbox, position and RLE
+    region.distortions = list(distortions or [])
+    return region
+
+
+def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.Proposal] | dict,
                  cfg: AnnotateConfig) -> tuple[np.ndarray, Truth]:
-    """Choose what to distort and where, apply it, and return the distorted image and its truth."""
+    """Choose what to distort and where, apply it, and return the distorted image and its truth.
+    `proposals`: the view's region proposals, or their `region_templates` (the same, faster)."""
     h, w = image.shape[:2]
     dc = cfg.distort
+    templates = (proposals if isinstance(proposals, dict)
+                 else region_templates(proposals, image.shape, cfg.regions.grid))
     roll = rng.random()
     if roll < dc.clean_prob:
-        regions = [Region(f"r{k}", p.mask, p.label, grid=cfg.regions.grid) for k, p in enumerate(proposals)]
-        return image, Truth(regions, w, h)
+        return image, Truth([_fresh(t) for t in templates["regions"]], w, h)
     if roll < dc.clean_prob + dc.whole_image_prob:
         chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image))
-        whole = Region("whole", np.ones((h, w), bool), None, chain, grid=cfg.regions.grid)
+        whole = _fresh(templates["whole"], chain)
         return D.apply_in_region(image, whole.mask, chain, seed=int(rng.integers(2**31))), Truth([whole], w, h)
 
-    regions = [Region(f"r{k}", p.mask, p.label, grid=cfg.regions.grid) for k, p in enumerate(proposals)]
+    regions = [_fresh(t) for t in templates["regions"]]
     n = int(rng.integers(1, min(dc.max_regions_distorted, len(regions)) + 1))
     chosen = rng.choice(len(regions), size=n, replace=False)
     dao_slot = int(rng.integers(n)) if rng.random() < dc.dao_prob else -1
@@ -111,6 +142,44 @@ def rows_for_variant(distorted_png: bytes, truth: Truth, samples: list[Sample], 
     return rows
 
 
+def view_box(rng: np.random.Generator, w: int, h: int, min_side: float) -> tuple[tuple[int, int, int, int], bool]:
+    """A random crop (left, top, right, bottom) of a w x h photo, and whether to mirror it.
+
+    Its side is a fraction U(min_side, 1) of the photo's: with the photo's aspect ratio, or
+    (half the time) square on the photo's shorter side; either way one side is stretched and
+    the other squeezed by up to about 10 % (the aspect by up to about 22 %), and the box is
+    clipped to the photo. Placed uniformly; mirrored left-right half the time.
+    """
+    frac = rng.uniform(min_side, 1.0)
+    jitter = math.sqrt(math.exp(rng.uniform(-0.2, 0.2)))
+    if rng.random() < 0.5:
+        cw, ch = frac * w * jitter, frac * h / jitter
+    else:
+        side = frac * min(w, h)
+        cw, ch = side * jitter, side / jitter
+    cw, ch = min(w, max(1, round(cw))), min(h, max(1, round(ch)))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return (x0, y0, x0 + cw, y0 + ch), bool(rng.random() < 0.5)
+
+
+def crop_proposals(proposals: list[R.Proposal], box: tuple[int, int, int, int], flip: bool,
+                   shape: tuple[int, int], min_area_frac: float) -> list[R.Proposal]:
+    """Full-photo masks cut to a view: cropped to `box`, mirrored with it, resized (nearest) to
+    the view's `shape`; pieces under `min_area_frac` of the view are dropped, labels kept."""
+    x0, y0, x1, y1 = box
+    h, w = shape
+    out = []
+    for p in proposals:
+        m = p.mask[y0:y1, x0:x1]
+        if flip:
+            m = m[:, ::-1]
+        if m.shape != (h, w):
+            m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
+        if m.any() and m.mean() >= min_area_frac:
+            out.append(R.Proposal(np.ascontiguousarray(m), p.label))
+    return out
+
+
 class ShardAnnotator:
     """One Ray Data actor: loads optional models once, then annotates whole shards."""
 
@@ -138,31 +207,66 @@ class ShardAnnotator:
                 return props
         return R.superpixel_regions(image, seed, rc.min_regions, rc.max_regions, rc.min_area_frac)
 
+    def views(self, photo: Image.Image, base_seed: int,
+              masks: list[dict] | None) -> Iterator[tuple[np.ndarray, int, list[R.Proposal]]]:
+        """(pristine view, its seed, its region proposals) for each of `distort.views_per_image`
+        views of one decoded photo.
+
+        View 0 is the whole photo shrunk to `max_side`, seeded by the source's own seed (so one
+        view writes exactly what the job wrote before views existed). View k > 0 is a random
+        crop (`view_box`) of the full-resolution photo, maybe mirrored, shrunk to `max_side`,
+        with a seed of its own for the crop, its regions and its variants. With user masks, a
+        crop view gets the masks cropped with it; pieces below `regions.min_area_frac` of the
+        view are dropped and a view left without any is passed over (the source is not).
+        """
+        dc = self.cfg.distort
+        pristine = np.asarray(resize_max_side(photo, dc.max_side))
+        yield pristine, base_seed, self.proposals(pristine, base_seed % (2**31), masks)
+        full_masks: list[R.Proposal] | None = None
+        for k in range(1, dc.views_per_image):
+            seed = stable_int(base_seed, "view", k)
+            box, flip = view_box(np.random.default_rng(seed), photo.width, photo.height, dc.view_min_side)
+            crop = photo.crop(box)
+            if flip:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image = np.asarray(resize_max_side(crop, dc.max_side))
+            if self.cfg.regions.method == "masks":
+                if full_masks is None:
+                    full_masks = R.user_regions(masks or [], photo.height, photo.width)
+                props = crop_proposals(full_masks, box, flip, image.shape[:2], self.cfg.regions.min_area_frac)
+                if not props:
+                    log.debug("view %d (%s) keeps no user mask: passed over", k, box)
+                    continue
+            else:
+                props = self.proposals(image, seed % (2**31), None)
+            yield image, seed, props
+
     def annotate_source(self, source_uri: str, data: bytes, masks: list[dict] | None,
                         counts: Counter) -> list[dict]:
         cfg = self.cfg
-        img = resize_max_side(decode_image(data, cfg.input.max_pixels), cfg.distort.max_side)
-        pristine = np.asarray(img)
+        photo = decode_image(data, cfg.input.max_pixels)
+        # The split follows the source's bytes: every view and variant of one photo shares it.
         split = split_for(image_id(data), cfg.test_fraction)
         # Seeded by the source's key below the input, not its absolute URI: the same collection
         # gets the same distortions (and sample_ids) wherever it is stored.
         base_seed = stable_int(cfg.seed, storage.relative_key(cfg.input.uri, source_uri))
-        props = self.proposals(pristine, base_seed % (2**31), masks)
         rows: list[dict] = []
-        for v in range(cfg.distort.variants_per_image):
-            rng = np.random.default_rng([base_seed, v])
-            distorted, truth = make_variant(rng, pristine, props, cfg)
-            png = encode_png(distorted)
-            image_uri = storage.join(cfg.output.uri, "images", f"{image_id(png)}.png")
-            if not cfg.output.embed_images and not storage.exists(image_uri):
-                storage.write_bytes(image_uri, png)
-            samples = write_all(rng, truth, cfg.tasks.local_per_image, cfg.tasks.referring_per_image)
-            if self.rewriter is not None:
-                for s in samples:
-                    if s.task in REWRITTEN_TASKS:
-                        s.answer, ok = self.rewriter(s.answer)
-                        counts["rewrites_accepted" if ok else "rewrites_rejected"] += 1
-            rows.extend(rows_for_variant(png, truth, samples, source_uri, split, image_uri, cfg))
+        for pristine, view_seed, props in self.views(photo, base_seed, masks):
+            templates = region_templates(props, pristine.shape, cfg.regions.grid)
+            for v in range(cfg.distort.variants_per_image):
+                rng = np.random.default_rng([view_seed, v])
+                distorted, truth = make_variant(rng, pristine, templates, cfg)
+                png = encode_png(distorted)
+                image_uri = storage.join(cfg.output.uri, "images", f"{image_id(png)}.png")
+                if not cfg.output.embed_images and not storage.exists(image_uri):
+                    storage.write_bytes(image_uri, png)
+                samples = write_all(rng, truth, cfg.tasks.local_per_image, cfg.tasks.referring_per_image)
+                if self.rewriter is not None:
+                    for s in samples:
+                        if s.task in REWRITTEN_TASKS:
+                            s.answer, ok = self.rewriter(s.answer)
+                            counts["rewrites_accepted" if ok else "rewrites_rejected"] += 1
+                rows.extend(rows_for_variant(png, truth, samples, source_uri, split, image_uri, cfg))
         return rows
 
     def __call__(self, item: dict) -> dict:
@@ -307,10 +411,14 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     if todo:
         ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
         ds = ray.data.from_items([{"shard": json.dumps(s)} for s in todo], override_num_blocks=len(todo))
-        # one actor per CPU at most (no more than there are shards), each loading its models once
+        # one actor per CPU at most (no more than there are shards), each loading its models once.
+        # All of them from the start, and one shard in flight per actor: otherwise Ray Data
+        # queues every shard on the first actor, which works through them one by one while
+        # the other CPUs idle (a 2-CPU run took the time of a 1-CPU run).
         actors = max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         ds = ds.map(ShardAnnotator, fn_constructor_kwargs={"cfg": cfg}, num_cpus=1,
-                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
+                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors,
+                                                       max_tasks_in_flight_per_actor=1))
         for row in ds.iter_rows():
             s = json.loads(row["summary"])
             written.append(s)
@@ -325,24 +433,74 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     return total
 
 
-def iter_builtin_photos() -> Iterator[tuple[str, np.ndarray]]:
-    """scikit-image's bundled natural photos (shipped in its wheel: nothing is downloaded)."""
+# The real-world photos that scikit-image ships in its wheel (no download), in a fixed order:
+# callers take the first `limit`, so new names only ever go at the end. Left out: synthetic
+# images (checkerboard, binary_blobs, shepp_logan_phantom, horse's silhouette, logo), `clock`
+# (motion-blurred on purpose: not pristine), `cat` (the same pixels as `chelsea`),
+# `lfw_subset` (25 px faces) and everything fetched over the network (brain, eagle, ...).
+# `colorwheel` is synthetic but was in the collection from the start, so it stays.
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "colorwheel", "retina", "camera", "page", "text", "moon",
+                  "motorcycle_left", "motorcycle_right", "brick", "grass", "gravel", "coins", "cell",
+                  "microaneurysms")
+# scikit-learn's two sample photos (in its wheel), used when scikit-learn is installed.
+SKLEARN_PHOTOS = ("china", "flower")
+
+
+def _skimage_photos() -> Iterator[tuple[str, object]]:
     from skimage import data
 
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                 "motorcycle_left", "colorwheel", "retina", "cat", "camera", "page", "text", "moon"):
-        fn = getattr(data, name, None)
-        if fn is None:
-            continue
+    stereo = None
+    for name in SKIMAGE_PHOTOS:
         try:
-            img = fn()
-        except Exception:  # a dataset that would need a download: not bundled, skip it
+            if name.startswith("motorcycle_") and not hasattr(data, name):
+                # one stereo pair in recent releases: stereo_motorcycle() -> (left, right, disparity)
+                stereo = stereo or data.stereo_motorcycle()
+                yield name, stereo[0] if name == "motorcycle_left" else stereo[1]
+            else:
+                yield name, getattr(data, name)()
+        except Exception:  # noqa: BLE001 - not in this release, or it would need a download
             continue
+
+
+def _sklearn_photos() -> Iterator[tuple[str, object]]:
+    """scikit-learn's sample photos, read from its installed package folder (what
+    load_sample_image reads) without importing scikit-learn, which takes seconds."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("sklearn")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:  # not a dependency: used only when it happens to be installed
+        return
+    folder = Path(spec.origin).parent / "datasets" / "images"
+    for name in SKLEARN_PHOTOS:
+        try:
+            with Image.open(folder / f"{name}.jpg") as img:
+                yield name, np.asarray(img.convert("RGB"))
+        except OSError:  # a release without it: skip it
+            continue
+
+
+def iter_builtin_photos() -> Iterator[tuple[str, np.ndarray]]:
+    """The bundled natural photos, (name, HxWx3 uint8 RGB), in a fixed order: scikit-image's
+    (SKIMAGE_PHOTOS), then scikit-learn's two sample photos if scikit-learn is installed.
+    Nothing is downloaded: a photo this installation does not ship is skipped, and so is one
+    whose pixels repeat an earlier one's. Grey photos come as RGB."""
+    seen: set[str] = set()
+    for name, img in itertools.chain(_skimage_photos(), _sklearn_photos()):
         if isinstance(img, tuple):
             img = img[0]
+        img = np.asarray(img)
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=-1)
-        yield name, img[..., :3].astype(np.uint8)
+        img = np.ascontiguousarray(img[..., :3].astype(np.uint8))
+        digest = hashlib.sha256(img.tobytes()).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        yield name, img
 
 
 def write_builtin_photos(out_uri: str, limit: int | None = None) -> list[str]:

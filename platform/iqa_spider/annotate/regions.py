@@ -44,24 +44,38 @@ def superpixel_regions(image: np.ndarray, seed: int, min_regions: int = 3, max_r
 
 
 def _merge_small(image: np.ndarray, labels: np.ndarray, min_area: int, max_regions: int) -> np.ndarray:
-    """Merge the smallest region into its most similar (mean colour) neighbour, repeatedly."""
+    """Merge the smallest region into its most similar (mean colour) neighbour, repeatedly.
+
+    Each region's pixel count and colour sum are kept and updated as regions merge rather
+    than recomputed from the whole image at every step. The sums are of 8-bit values, exact
+    in float64 in any order, so each mean (sum / count) is bit for bit what
+    ``flat[labels == k].mean(axis=0)`` gives, and every merge is the one that gives.
+    """
     labels = labels.copy()
+    lab = labels.reshape(-1)
     flat = image.reshape(-1, image.shape[-1]).astype(np.float64)
+    size = int(lab.max()) + 1
+    counts_all = np.bincount(lab, minlength=size)
+    sums = np.stack([np.bincount(lab, weights=flat[:, c], minlength=size) for c in range(flat.shape[1])], axis=1)
     while True:
-        ids, counts = np.unique(labels, return_counts=True)
+        ids = np.flatnonzero(counts_all)  # the labels present, ascending (as np.unique lists them)
+        counts = counts_all[ids]
         if len(ids) <= 1:
             return labels
         smallest = int(np.argmin(counts))
         if counts[smallest] >= min_area and len(ids) <= max_regions:
             return labels
-        k = ids[smallest]
+        k = int(ids[smallest])
         neighbours = _neighbours(labels, k)
         if not neighbours:
             return labels
-        lab = labels.reshape(-1)
-        mean_k = flat[lab == k].mean(axis=0)
-        best = min(neighbours, key=lambda n: float(np.sum((flat[lab == n].mean(axis=0) - mean_k) ** 2)))
+        mean_k = sums[k] / counts_all[k]
+        best = min(neighbours, key=lambda n: float(np.sum((sums[n] / counts_all[n] - mean_k) ** 2)))
         labels[labels == k] = best
+        sums[best] += sums[k]
+        counts_all[best] += counts_all[k]
+        sums[k] = 0.0
+        counts_all[k] = 0
 
 
 def _neighbours(labels: np.ndarray, k: int) -> set[int]:

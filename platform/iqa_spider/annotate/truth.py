@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -23,29 +24,38 @@ LEVEL_LOWER_BOUNDS = (4.2, 3.4, 2.6, 1.8, 1.0)
 
 @dataclass
 class Region:
+    """One region of a distorted image. `mask` is never changed once the region exists: what
+    follows from it alone (area, bbox, position, RLE) is computed once per region and kept,
+    and a copy (`copy.copy`, how the pipeline reuses one view's regions for every variant)
+    keeps it too, since every sample of every variant writes all of it into its target."""
+
     region_id: str
     mask: np.ndarray  # bool HxW
     label: str | None = None
     distortions: list[Distortion] = field(default_factory=list)  # in the order applied
     grid: int = 2
 
-    @property
+    @cached_property
     def area_fraction(self) -> float:
         return float(self.mask.mean())
 
-    @property
+    @cached_property
     def bbox(self) -> list[float]:
         box = rle.bbox_normalized(self.mask)
         return box if box is not None else [0.0, 0.0, 1.0, 1.0]
 
-    @property
+    @cached_property
     def position(self) -> tuple[str, str]:
         """(vertical, horizontal) words of the bbox centre."""
         return position_words(self.bbox, self.grid)
 
-    @property
+    @cached_property
     def is_whole_image(self) -> bool:
         return bool(self.mask.all())
+
+    @cached_property
+    def mask_rle(self) -> dict:
+        return rle.encode(self.mask)
 
     @property
     def severity(self) -> int:
@@ -106,8 +116,8 @@ def target_struct(truth: Truth, target_ids: list[str], whole_image: bool) -> dic
     return {
         "regions": [{
             "region_id": r.region_id,
-            "mask_rle": rle.encode(r.mask),
-            "bbox": r.bbox,
+            "mask_rle": dict(r.mask_rle),
+            "bbox": list(r.bbox),
             "position": list(r.position),
             "label": r.label,
             "distortions": [{"type": d.type, "subtype": d.subtype, "severity": d.severity} for d in r.distortions],
