@@ -151,6 +151,23 @@ def test_check_gate_directions_tolerances_floors():
     assert [c.passed for c in same] == [True, True, True]
 
 
+def test_check_gate_above_chance_is_a_floor_relative_to_the_reported_chance():
+    """Beat the same samples' chance figure by the margin, with or without a champion; no
+    chance figure reported fails rather than passes."""
+    from iqa_spider.registry.promotion import CHANCE, check_gate
+
+    gate = [GateMetric("referring_short.type_acc", "higher", 0.02, None, above_chance=0.05)]
+    key = "referring_short.type_acc"
+    assert check_gate(gate, {key: 0.26, CHANCE + key: 0.2}, None)[0].passed
+    near = check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, None)[0]
+    assert not near.passed and "does not beat chance 0.2000 by 0.05" in near.reason
+    assert not check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, {key: 0.1})[0].passed  # a champion does not lift it
+    missing = check_gate(gate, {key: 0.9}, None)[0]
+    assert not missing.passed and "no chance figure" in missing.reason
+    with pytest.raises(ValueError, match="higher is better"):
+        GateMetric("loss", "lower", 0.1, None, above_chance=0.1)
+
+
 def test_bad_gate_file_exits_2(tmp_path, capsys):
     from iqa_spider.registry.promotion import main
 

@@ -23,13 +23,17 @@ class GateMetric:
     Against a champion the candidate may be worse by at most `tolerance` (higher: cand >=
     champ - tolerance; lower: cand <= champ + tolerance). `floor` is an absolute bound the
     candidate must always meet (higher: cand >= floor; lower: cand <= floor); it is what
-    decides when there is no champion yet. A missing or non-finite candidate value fails.
+    decides when there is no champion yet. `above_chance` is a floor relative to the chance
+    figure the evaluation reports beside the metric on the same data (majority answer,
+    uniform random point, 0 for a correlation): the candidate must beat it by this margin,
+    always. A missing or non-finite candidate value fails.
     """
 
     name: str = ""
     direction: str = "higher"
     tolerance: float = 0.0
     floor: Optional[float] = None
+    above_chance: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -37,6 +41,8 @@ class GateMetric:
         check_choice(f"gate[{self.name}].direction", self.direction, DIRECTIONS)
         if self.tolerance < 0:
             raise ConfigValueError(f"gate[{self.name}].tolerance", "must be >= 0")
+        if self.above_chance is not None and self.direction != "higher":
+            raise ConfigValueError(f"gate[{self.name}].above_chance", "only for metrics where higher is better")
 
 
 def _default_gate() -> list[GateMetric]:

@@ -45,6 +45,7 @@ PREVIOUS = "previous-champion"
 LOCK_SUFFIX = ".promotion-lock"
 TAG = "promotion."
 SAMPLES = "evaluated_samples"  # how many samples an evaluation scored: equal for candidate and champion
+CHANCE = "chance."  # prefix of the chance figures evaluate_version adds beside the metrics
 
 
 class PromotionError(RuntimeError):
@@ -183,6 +184,11 @@ def check_gate(gate: Sequence[GateMetric], candidate: dict[str, float],
             passed, reason = False, f"{g.name}: candidate value {c} is missing or not finite"
         elif g.floor is not None and sign * (c - g.floor) < 0:
             passed, reason = False, f"{g.name}: candidate {c:.4f} is past the floor {g.floor} ({g.direction} is better)"
+        elif g.above_chance is not None and not _finite(candidate.get(CHANCE + g.name)):
+            passed, reason = False, f"{g.name}: the evaluation reported no chance figure to beat"
+        elif g.above_chance is not None and c < candidate[CHANCE + g.name] + g.above_chance:
+            passed, reason = False, (f"{g.name}: candidate {c:.4f} does not beat chance "
+                                     f"{candidate[CHANCE + g.name]:.4f} by {g.above_chance}")
         elif champion is None:
             floor = f"meets the floor {g.floor}" if g.floor is not None else "no floor set"
             passed, reason = True, f"{g.name}: candidate {c:.4f} {floor} (no champion)"
@@ -232,6 +238,8 @@ def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[st
     log.info("evaluated %s version %s: %d images, %d samples", cfg.registered_model, version,
              report["images"], report["samples"])
     metrics = flatten_metrics(report["metrics"])
+    # The chance figures of the same samples, for gate metrics with above_chance.
+    metrics.update({CHANCE + k: v for k, v in flatten_metrics(report.get("chance") or {}).items()})
     metrics[SAMPLES] = float(report["samples"])  # check_gate compares only like with like
     return metrics
 
