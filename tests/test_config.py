@@ -127,28 +127,22 @@ def test_platform_module_is_the_standard_library():
     assert proc.returncode == 0 and proc.stdout.strip() in ("Linux", "Darwin", "Windows")
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["method=qlora"], "method"),
-    (["optim.content_loss_weight=0"], "optim.content_loss_weight"),
+TRAIN_URIS = ["data.uri=/tmp/dq", "output.uri=/tmp/runs"]
+ANNOTATE_URIS = ["input.uri=/tmp/photos", "output.uri=/tmp/dq"]
+
+
+@pytest.mark.parametrize("config, overrides, key", [
+    ("configs/train/tiny_cpu.yaml", [*TRAIN_URIS, "method=qlora"], "method"),
+    ("configs/train/tiny_cpu.yaml", [*TRAIN_URIS, "optim.content_loss_weight=0"], "optim.content_loss_weight"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.views_per_image=0"], "distort.views_per_image"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.view_min_side=1.5"], "distort.view_min_side"),
+    ("configs/demo.yaml", ["tiny.size=huge"], "tiny.size"),
 ])
-def test_train_recipe_choices_are_checked(tmp_path, overrides, key):
+def test_recipe_and_view_settings_are_checked(config, overrides, key):
     from iqa_spider.config.schemas import load_job_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_job_config(str(REPO / "configs/train/tiny_cpu.yaml"),
-                        [f"data.uri={tmp_path}", f"output.uri={tmp_path}", *overrides])
-
-
-@pytest.mark.parametrize("overrides, key", [
-    (["distort.views_per_image=0"], "distort.views_per_image"),
-    (["distort.view_min_side=1.5"], "distort.view_min_side"),
-])
-def test_annotate_view_settings_are_checked(tmp_path, overrides, key):
-    from iqa_spider.config.schemas import load_job_config
-
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_job_config(str(REPO / "configs/annotate.yaml"),
-                        [f"input.uri={tmp_path}", f"output.uri={tmp_path}", *overrides])
+        load_job_config(str(REPO / config), overrides)
 
 
 def test_promotion_refuses_the_shuffled_image_control(tmp_path):

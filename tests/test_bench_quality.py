@@ -1,0 +1,51 @@
+"""bench/quality.py's decisions, on hand-made reports: which text-to-point mapping becomes the
+default (only one that beats `paper` by more than the seed-to-seed spread), and the shape of
+bench/results/quality.json that readers of the benchmark rely on."""
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import quality  # noqa: E402
+
+
+def _report(point: dict[str, float], miou: dict[str, float], **metrics) -> dict:
+    hyd = {"position_acc": metrics.get("position_acc", 0.5), "point_acc": point["expected_bin_centre"],
+           "miou": miou["expected_bin_centre"],
+           "mapping": {m: {"point_acc": point[m], "miou": miou[m]} for m in point}}
+    return {"metrics": {"referring_short": {"type_acc": metrics.get("type_acc", 0.3)}, "rating": {"srcc": 0.4},
+                        "grounding": {"hyd": hyd}, "global_desc": {"type_f1": 0.2}},
+            "chance": {"referring_short": {"type_acc": 0.2}, "rating": {"srcc": 0.0},
+                       "grounding": {"hyd": {"position_acc": 0.25, "point_acc": 0.3, "miou": 0.3}},
+                       "global_desc": {"type_f1": 0.1}},
+            "chance_basis": {}, "images": 10, "samples": 40}
+
+
+def test_the_default_mapping_must_beat_paper_by_more_than_the_seed_spread():
+    seeds = [_report({"paper": 0.30, "expected_bin_centre": 0.50}, {"paper": 0.20, "expected_bin_centre": 0.35}),
+             _report({"paper": 0.32, "expected_bin_centre": 0.52}, {"paper": 0.21, "expected_bin_centre": 0.36})]
+    name, why = quality.choose_mapping(quality.mapping_figures(seeds))
+    assert name == "expected_bin_centre" and "beats paper" in why
+    noisy = [_report({"paper": 0.30, "expected_bin_centre": 0.50}, {"paper": 0.20, "expected_bin_centre": 0.35}),
+             _report({"paper": 0.55, "expected_bin_centre": 0.40}, {"paper": 0.40, "expected_bin_centre": 0.30})]
+    name, why = quality.choose_mapping(quality.mapping_figures(noisy))
+    assert name == "paper" and "seed spread" in why
+    # one seed has no spread to measure: nothing can beat paper by more than an unknown spread
+    name, _ = quality.choose_mapping(quality.mapping_figures(seeds[:1]))
+    assert name == "paper"
+
+
+def test_summary_has_the_documented_shape():
+    reports = [_report({"paper": 0.3, "expected_bin_centre": 0.5}, {"paper": 0.2, "expected_bin_centre": 0.35},
+                       type_acc=0.45)]
+    control = _report({"paper": 0.3, "expected_bin_centre": 0.3}, {"paper": 0.2, "expected_bin_centre": 0.2},
+                      type_acc=0.21)
+    trains = [{"steps": 100, "global_batch": 16, "wall_s": 600.0}]
+    q = quality.summarise(reports, control, trains, minutes=12.0, params=5_000_000)
+    assert set(q["metrics"]) == {"referring_short.type_acc", "rating.srcc", "grounding.hyd.position_acc",
+                                 "grounding.hyd.point_acc", "grounding.hyd.miou", "global_desc.type_f1"}
+    assert q["metrics"]["referring_short.type_acc"] == 0.45 and q["shuffled"]["referring_short.type_acc"] == 0.21
+    assert q["chance"]["grounding.hyd.position_acc"] == 0.25 and q["chance"]["referring_short.type_acc"] == 0.2
+    assert q["mappings"]["paper"]["seeds"] == [0.3] and q["default_mapping"] == "paper"
+    assert (q["params"], q["steps"], q["minutes"], q["command"]) == (5_000_000, 100, 12.0, "make quality")
+    assert "| referring_short.type_acc | 0.450 |" in quality.markdown(q)
