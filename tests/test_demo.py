@@ -8,8 +8,10 @@ from pathlib import Path
 from conftest import BIN, REPO, check_score_report
 
 
-# The demo at reduced size: a few training steps, two evaluation images.
-SHORT = ["stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
+# The demo at reduced size: the tiny model, one view per photo, a few training steps, two
+# evaluation images, no floors (a 4-step model is at chance).
+SHORT = ["tiny.size=tiny", "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
+         "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
          "stages.promote_overrides=['gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null}]',"
          "data.max_images=2]"]
 

@@ -60,9 +60,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     st = cfg.stages
     out: dict[str, str] = {}
 
-    log.info("demo 1/7: tiny %s model (seed %d)", cfg.tiny.family, cfg.tiny.seed)
-    model = write_tiny_model(cfg.tiny.family, cfg.tiny.seed, storage.join(work, "tiny_model"))
-    out["tiny model"] = model
+    log.info("demo 1/7: %s %s model, random init (seed %d)", cfg.tiny.size, cfg.tiny.family, cfg.tiny.seed)
+    model = write_tiny_model(cfg.tiny.family, cfg.tiny.seed, storage.join(work, "base_model"), cfg.tiny.size)
+    out["base model"] = model
 
     log.info("demo 2/7: scikit-image's bundled photos as the pristine collection")
     photos = storage.join(work, "photos")
@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
                               [f"input.uri={photos}", f"output.uri={dataset}"]))
     out["dataset"] = dataset
 
-    log.info("demo 4/7: train (Ray Train, DeepSpeed ZeRO-3, LoRA) and register in MLflow")
+    log.info("demo 4/7: train (Ray Train, DeepSpeed ZeRO-3) and register in MLflow")
     trained = run_train(stage_config(TrainConfig, st.train, st.train_overrides,
                                      [f"data.uri={dataset}", f"model.path={model}",
                                       f"output.uri={storage.join(work, 'runs')}", f"tracking.uri={mlflow_uri}"]))
@@ -95,7 +95,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
                                             [f"registered_model={trained['registered_model']}",
                                              f"candidate={trained['model_version']}", f"data.uri={dataset}",
                                              f"tracking.uri={mlflow_uri}"]))
-        out["champion"] = f"models:/{trained['registered_model']}@champion -> version {decision['champion_after']}"
+        if decision["champion_after"] is not None:
+            out["champion"] = f"models:/{trained['registered_model']}@champion -> version {decision['champion_after']}"
+        else:  # the gate's floors above chance refused it: say so, and score with the model anyway
+            out["gate"] = f"refused: {'; '.join(decision.get('reasons') or [])}"
+            log.warning("demo: the gate refused version %s (%s); scoring with the trained model itself",
+                        trained["model_version"], out["gate"])
 
     log.info("demo 7/7: batch-score a folder with the champion (Ray Data), broken files included")
     incoming = write_incoming(storage.join(work, "incoming"), photos)
@@ -133,16 +138,16 @@ def workdir_uri(workdir: str) -> str:
     return str(local)
 
 
-def write_tiny_model(family: str, seed: int, uri: str) -> str:
-    """The tiny checkpoint at ``uri``; built locally and copied when ``uri`` is in S3."""
+def write_tiny_model(family: str, seed: int, uri: str, size: str = "tiny") -> str:
+    """The random checkpoint of preset ``size`` at ``uri``; built locally and copied when ``uri`` is in S3."""
     import tempfile
 
     from iqa_spider.model.tiny import init_tiny
 
     if not storage.is_s3(uri):
-        return str(init_tiny(family, uri, seed=seed))
+        return str(init_tiny(family, uri, seed=seed, size=size))
     with tempfile.TemporaryDirectory() as tmp:
-        storage.copy_tree(str(init_tiny(family, Path(tmp) / "model", seed=seed)), uri)
+        storage.copy_tree(str(init_tiny(family, Path(tmp) / "model", seed=seed, size=size)), uri)
     return uri
 
 

@@ -17,6 +17,7 @@ from iqa_spider.config.loader import (ConfigError, ConfigValueError, check_at_le
 
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_SIZES = ("tiny", "small")  # the presets of iqa_spider.model.tiny (kept here: no torch at config load)
 
 
 @dataclass
@@ -47,9 +48,12 @@ class TinyModelConfig:
 
     family: str = "qwen2_5_vl"
     seed: int = 0
+    # tiny: fast tests (learns templates only); small: learns from the image on 2 cores.
+    size: str = "small"
 
     def __post_init__(self) -> None:
         check_choice("tiny.family", self.family, MODEL_FAMILIES)
+        check_choice("tiny.size", self.size, MODEL_SIZES)
 
 
 @dataclass
