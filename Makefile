@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serve.py --record
 
 # Does the trained model learn? The real path (annotate -> train the small model for two seeds
-# -> evaluate held-out, with chance and a shuffled-image control): about 55 minutes on 2 cores.
+# -> evaluate held-out, with chance and a shuffled-image control): 59 minutes on 2 cores (2026-12-01).
 # Writes bench/results/quality.json and a BENCHMARKS.md section.
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py

@@ -14,7 +14,7 @@ means a held-out metric clearly above both its chance figure and the shuffled co
 text-to-point mappings are compared on the same answers over the seeds, and the one the
 project should default to is the best by a margin over the seed-to-seed spread.
 
-    .venv/bin/python bench/quality.py                  # about 55 minutes on 2 cores
+    .venv/bin/python bench/quality.py                  # about 60 minutes on 2 cores
     .venv/bin/python bench/quality.py --steps 60 --seeds 0 --no-record   # a quick look (minutes)
 """
 from __future__ import annotations
