@@ -228,7 +228,7 @@ def main() -> None:
             record(f"Training quality: tiny model, {args.quality_steps} CPU steps, held-out test split", held_out,
                    "Trained with the demo's overrides (configs/demo.yaml: "
                    f"{', '.join(demo_stages().train_overrides)}; max_steps from --quality-steps), "
-                   "evaluated with configs/evaluate.yaml (mapping expected_bin_centre, superpixel segmenter).")
+                   "evaluated with configs/evaluate.yaml (its mapping, superpixel segmenter).")
 
 
 if __name__ == "__main__":

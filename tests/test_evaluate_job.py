@@ -250,7 +250,7 @@ def test_metrics_are_logged_to_mlflow(report, mlflow_server):
     run = MlflowClient().get_run(rep["mlflow_run_id"])
     assert run.data.metrics["grounding.all.n"] == rep["metrics"]["grounding"]["all"]["n"]
     assert "rating.srcc" in run.data.metrics
-    assert run.data.params["mapping"] == "expected_bin_centre"
+    assert run.data.params["mapping"] == "paper"
     names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/report.json" in names and "evaluation/report.html" in names
     # the report's plots, the same PNGs, logged beside it
@@ -292,7 +292,7 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys, caplog):
     assert "evaluate: 1/1 images" in caplog.text  # progress, chunk by chunk
     written = json.loads((tmp_path / "r" / "report.json").read_text())
     assert written["images"] == 1 and written["data_uri"] == dataset and written["split"] == "test"
-    assert written["mapping"] == "expected_bin_centre" and written["model_uri"]
+    assert written["mapping"] == "paper" and written["model_uri"]
     # the samples of the one (first, by image_id) test image
     from iqa_spider.data.io import read_dataset
 

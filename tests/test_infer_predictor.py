@@ -312,7 +312,7 @@ def test_infer_config_is_checked():
         load_config(EvaluateConfig, None, ["model.path=x", "data.uri=y", "infer.mapping=nearest"])
     with pytest.raises(ConfigError, match="infer.tau"):
         load_config(EvaluateConfig, None, ["model.path=x", "data.uri=y", "infer.tau=0"])
-    assert InferConfig().mapping == "expected_bin_centre"
+    assert InferConfig().mapping == "paper"
 
 
 def test_grounding_head_with_the_tiny_sam(predictor, tiny_sam_dir):

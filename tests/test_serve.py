@@ -109,7 +109,7 @@ def test_every_task_answers_with_valid_fields(service):
     row = ok_row(assess_json(service, {
         "image_base64": b64(data), "describe": True, "ground": [HYD_QUESTION, "Which region shows the most severe noise?"],
         "refer": ["the sky in the top left of the image"], "refer_long": True,
-        "describe_regions": ["the car in the bottom right of the image"], "mapping": "paper"}))
+        "describe_regions": ["the car in the bottom right of the image"], "mapping": "expected_bin_centre"}))
     assert (row["width"], row["height"]) == (80, 60) and row["model_version"] == "1"
     assert isinstance(row["description"], str)
     assert {r["query"] for r in row["regions"]} == {HYD_QUESTION, "Which region shows the most severe noise?"}

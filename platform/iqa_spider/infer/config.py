@@ -21,12 +21,12 @@ from iqa_spider.config.schemas import ModelConfig
 MAPPING_NAMES = ("paper", "expected_bin_centre", "bins3x3", "multi_point")
 SEGMENTER_KINDS = ("superpixel", "sam")
 
-# The default mapping. "expected_bin_centre" for now: the paper's mapping puts a confident
-# point on the image border (p(right) = 1 -> x = W), which is outside most regions. Once a
-# trained model exists, the default must become whichever mapping measures best on
-# held-out data: `iqa-spider evaluate` reports point accuracy and mIoU of every mapping on
-# generated and on teacher-forced true answers (grounding.all.mapping.<name>, .forced.<name>).
-DEFAULT_MAPPING = "expected_bin_centre"
+# The default mapping: the paper's. Another becomes the default only when `make quality`
+# measures it better than `paper` on held-out data by more than the seed-to-seed spread
+# (bench/results/quality.json, `default_mapping`); on 2026-12-01 none did (BENCHMARKS.md,
+# "Quality"). `expected_bin_centre` keeps a confident point off the image border (the paper's
+# p(right) = 1 gives x = W), which may pay once a model grounds well: measure it then.
+DEFAULT_MAPPING = "paper"
 
 HYD_QUESTION = "Which is the most degraded region in the image?"
 
