@@ -224,10 +224,12 @@ def test_ground_forced_answer_gives_points_masks_and_the_whole_image_rule(head):
         pt = g.points[0]
         assert 0 <= pt.x <= im.width - 1 and 0 <= pt.y <= im.height - 1
         assert g.mask.shape == (im.height, im.width) and g.mask.any()
-        # the configured mapping (expected bin centre) and the paper's agree on p(right), p(bottom)
+        # the paper's mapping and the expected bin centre read the same p(right), p(bottom)
         (paper,) = g.points_by("paper")
+        (centre,) = g.points_by("expected_bin_centre")
         assert paper.x == pytest.approx(min(pt.p_right * im.width, im.width - 1))
-        assert pt.x == pytest.approx((0.25 + 0.5 * pt.p_right) * im.width)
+        assert centre.p_right == pt.p_right and centre.x == pytest.approx((0.25 + 0.5 * pt.p_right) * im.width)
+        assert (pt.x, pt.y) == (paper.x, paper.y)  # the configured (default) mapping is the paper's
         assert whole.whole_image and whole.points == [] and whole.mask.all()
         rows = R.region_entries(whole)
         assert rows[0]["point_x"] is None and rows[0]["mask_area"] == im.width * im.height
