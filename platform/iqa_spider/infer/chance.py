@@ -82,7 +82,7 @@ def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[
         pos_acc = sum(s.get("truth_position") == pos for s in ss) / len(ss) if pos is not None else 0.0
         whole_share = _mean([float(s["truth_whole"]) for s in ss])
         pm = {"point_acc": cover, "miou": cover}
-        section[sub] = {"point_acc": cover, "miou": cover, "position_acc": pos_acc,
+        section[sub] = {**pm, "position_acc": pos_acc,
                         "whole_image_acc": max(whole_share, 1.0 - whole_share),
                         "mapping": {m: dict(pm) for m in mappings}, "forced": {m: dict(pm) for m in mappings}}
         basis[f"grounding.{sub}.point_acc"] = "a uniform random point: the mean fraction of the image the truth covers"
