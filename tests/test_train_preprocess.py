@@ -151,6 +151,23 @@ def test_batch_and_collate_keep_tasks_and_answer_positions_consistent(tiny_model
     assert out.logits.shape[:2] == (3, longest) and torch.isfinite(out.loss)
 
 
+def test_a_qwen3_batch_trains(tiny_qwen3_model_dir, rows):
+    """Qwen3-VL's multimodal RoPE refuses image inputs without mm_token_type_ids: the batch
+    carries them (1 on image tokens, 0 on text and padding) and the loss back-propagates."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    pre3 = Preprocessor(str(tiny_qwen3_model_dir), 1024, MAX_PIXELS)
+    batch = collate(pre3(numpy_batch([rows["grounding"], rows["rating"]])), pre3.processor.tokenizer.pad_token_id)
+    image_token = pre3.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == image_token).long())
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_qwen3_model_dir))
+    inputs = {k: v for k, v in batch.items() if k not in ("task_id", "answer_pos")}
+    out = model(**inputs)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.lm_head.weight.grad is not None
+
+
 # ---------------------------------------------------------------- the task mix
 
 def test_repeat_factors_reach_the_weighted_shares():

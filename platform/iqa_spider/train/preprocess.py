@@ -4,6 +4,8 @@ A row of the dataset contract becomes one Qwen-VL chat (user: image + question, 
 answer) tokenized by the model's own processor. Labels are the token ids of the assistant's
 answer (and its end-of-turn token); everything before is -100, so the loss teaches answers,
 never prompts. Collation pads text and concatenates the variable number of image patches.
+The processor's ``mm_token_type_ids`` (1 on image tokens) travel with the ids: Qwen3-VL's
+multimodal RoPE refuses image inputs without them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from iqa_spider.images import ImageError, decode_image, prepare_image
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+# Per-sample arrays of varying length, packed as raw bytes for Ray Data (see __call__).
+RAGGED = ("input_ids", "labels", "mm_token_type_ids", "pixel_values")
 
 
 def chat(question: str, answer: str | None = None) -> list[dict]:
@@ -65,20 +69,22 @@ class Preprocessor:
         labels = np.full_like(ids, IGNORE_INDEX)
         end = _find_last(ids, [self.im_end]) + 1  # train up to the end-of-turn token, not the newline after it
         labels[start:end] = ids[start:end]
+        mm_types = enc["mm_token_type_ids"][0].astype(np.int64)
         if len(ids) > self.max_seq_len:
             if start >= self.max_seq_len:  # cutting would remove image tokens or the whole answer
                 return None
-            ids, labels = ids[: self.max_seq_len], labels[: self.max_seq_len]
+            ids, labels, mm_types = ids[: self.max_seq_len], labels[: self.max_seq_len], mm_types[: self.max_seq_len]
         return {
             "input_ids": ids,
             "labels": labels,
+            "mm_token_type_ids": mm_types,
             "pixel_values": enc["pixel_values"].astype(np.float32),
             "image_grid_thw": enc["image_grid_thw"][0].astype(np.int64),
             "task": row["task"],
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "pixel_values", "image_grid_thw", "task")}
+        out: dict[str, list] = {k: [] for k in (*RAGGED, "image_grid_thw", "task")}
         n = len(batch["task"])
         for i in range(n):
             row = {k: batch[k][i] for k in ("image", "image_uri", "question", "answer", "task")}
@@ -96,7 +102,7 @@ class Preprocessor:
         # Ragged arrays travel as raw bytes: Ray Data's tensor columns cannot mix the fixed- and
         # variable-shaped blocks that images of equal and unequal sizes produce.
         packed = {k: np.array([np.ascontiguousarray(a).tobytes() for a in out[k]], dtype=object)
-                  for k in ("input_ids", "labels", "pixel_values")}
+                  for k in RAGGED}
         packed["image_grid_thw"] = np.array(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
         packed["task"] = np.array(out["task"], dtype=object)
         return packed
@@ -116,19 +122,22 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
 
     seqs = [np.frombuffer(b, dtype=np.int64) for b in batch["input_ids"]]
     labs = [np.frombuffer(b, dtype=np.int64) for b in batch["labels"]]
+    kinds = [np.frombuffer(b, dtype=np.int64) for b in batch["mm_token_type_ids"]]
     grids = np.asarray(batch["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labs)):
+    mm_token_type_ids = torch.zeros((len(seqs), length), dtype=torch.long)  # padding is text (0)
+    for i, (s, l, k) in enumerate(zip(seqs, labs, kinds)):
         input_ids[i, : len(s)] = torch.from_numpy(s.copy())
         labels[i, : len(l)] = torch.from_numpy(l.copy())
+        mm_token_type_ids[i, : len(k)] = torch.from_numpy(k.copy())
         attention[i, : len(s)] = 1
     # Each image contributes t*h*w patch rows; their width is the processor's patch size.
     patches = [np.frombuffer(b, dtype=np.float32).reshape(int(np.prod(g)), -1)
                for b, g in zip(batch["pixel_values"], grids)]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "mm_token_type_ids": mm_token_type_ids,
             "pixel_values": torch.from_numpy(np.concatenate(patches)), "image_grid_thw": torch.from_numpy(grids),
             # The loss's bookkeeping, found here on the host so that the loss on the device never
             # has to look: each sample's task as its index in TASK_NAMES, and the (row, column)
