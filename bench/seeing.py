@@ -1,0 +1,201 @@
+"""Can the model see a distortion at all? A held-out check of the vision path, per vision learning rate.
+
+`make quality` trains the whole recipe and showed the small model at chance. This benchmark
+asks the narrower question underneath: given whole-image distortions a CNN separates at a
+glance (blur, noise, compression, brightening at severity 4-5), does the project's small
+Qwen-VL learn to name them from the image? It trains the real model class, through the
+project's own preprocessing and collation, in a plain AdamW loop (no Ray: the question is the
+model and its learning rates, not the platform), for each vision-tower learning rate given,
+and reports held-out accuracy beside chance and a shuffled-image control.
+
+Sources are split by photo: the train crops come from 16 bundled photos, the test ones from
+the other 6. Run from the repo root:
+    .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 3e-3,1e-4
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (sets the offline environment first)
+
+import numpy as np  # noqa: E402
+
+FAMILIES = ("blur", "noise", "compression", "brighten")
+QUESTION = "What is wrong with the quality of the whole image?"
+TRAIN_PHOTOS = 16
+SIDE = 224
+
+
+def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[int, ...], seed: int):
+    """n seeded square crops of the train (or test) photos, each distorted as a whole by one family."""
+    from PIL import Image
+
+    from iqa_spider.annotate import distortions as D
+
+    rng = np.random.default_rng(seed)
+    pool = photos[TRAIN_PHOTOS:] if test else photos[:TRAIN_PHOTOS]
+    out = []
+    for i in range(n):
+        src = pool[i % len(pool)]
+        h, w = src.shape[:2]
+        side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = np.asarray(Image.fromarray(src[y:y + side, x:x + side]).resize((SIDE, SIDE)))
+        k = int(rng.integers(len(FAMILIES)))
+        family = FAMILIES[k]
+        d = D.Distortion(family, D.SUBTYPES[family][0], int(rng.choice(severities)))
+        buf = io.BytesIO()
+        Image.fromarray(D.apply(crop, d, seed=int(rng.integers(1 << 30)))).save(buf, "PNG")
+        out.append((buf.getvalue(), k))
+    return out
+
+
+def encode(pre, items, answers_from=None):
+    """Preprocessed samples; answers_from pairs each image with another sample's answer (the control)."""
+    from iqa_spider.vocab import DISTORTION_TERMS
+
+    rows = []
+    for i, (png, k) in enumerate(items):
+        label = k if answers_from is None else items[answers_from[i]][1]
+        e = pre.encode({"image": png, "image_uri": None, "question": QUESTION, "task": "referring_short",
+                        "answer": f"Severe {DISTORTION_TERMS[FAMILIES[label]]}."})
+        e["k"] = label
+        rows.append(e)
+    return rows
+
+
+def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: float, minutes: float,
+                   batch: int, seed: int, pad_id: int, family_ids: list[int]) -> dict:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from iqa_spider.train.preprocess import RAGGED, collate
+
+    torch.manual_seed(seed)
+    rnd = random.Random(seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    language = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+    opt = torch.optim.AdamW([{"params": language, "lr": lr}, {"params": vision, "lr": vision_lr}], weight_decay=0.0)
+
+    def pack(items):
+        b = {k: np.array([np.ascontiguousarray(x[k]).tobytes() for x in items], dtype=object) for k in RAGGED}
+        b["image_grid_thw"] = np.stack([x["image_grid_thw"] for x in items])
+        b["task"] = np.array(["referring_short"] * len(items), dtype=object)
+        out = collate(b, pad_id)
+        return out.pop("labels"), out.pop("answer_pos"), {k: v for k, v in out.items() if k != "task_id"}
+
+    @torch.no_grad()
+    def accuracy(data):
+        model.eval()
+        hits = 0
+        for i in range(0, len(data), 16):
+            items = data[i:i + 16]
+            labels, _, inputs = pack(items)
+            logits = model(**inputs).logits
+            for j, item in enumerate(items):
+                # the family word: the first answer token that is one of the family terms
+                col = next(c for c in (labels[j] != -100).nonzero().flatten().tolist()
+                           if int(labels[j, c]) in family_ids)
+                hits += int(int(logits[j, col - 1][family_ids].argmax()) == item["k"])
+        model.train()
+        return hits / len(data)
+
+    curve, steps, started = [], 0, time.monotonic()
+    next_eval = 60.0
+    while time.monotonic() - started < minutes * 60:
+        labels, pos, inputs = pack(rnd.sample(train, batch))
+        logits = model(**inputs).logits
+        rows, cols = pos.unbind(1)
+        loss = torch.nn.functional.cross_entropy(logits[rows, cols], labels[rows, cols + 1])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps += 1
+        if time.monotonic() - started >= next_eval:
+            next_eval += 60.0
+            curve.append({"minute": round((time.monotonic() - started) / 60, 1), "step": steps,
+                          "held_out_acc": round(accuracy(test), 3)})
+            print(f"vision lr {vision_lr:g}: {curve[-1]}", flush=True)
+    return {"lr": lr, "vision_lr": vision_lr, "steps": steps, "samples": steps * batch,
+            "held_out_acc": accuracy(test), "shuffled_acc": accuracy(shuffled),
+            "train_acc": accuracy(train[:len(test)]), "curve": curve}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=6.0, help="training time per learning rate")
+    ap.add_argument("--vision-lrs", default="3e-3,1e-4", help="vision-tower learning rates to compare")
+    ap.add_argument("--lr", type=float, default=1e-3, help="language-model learning rate")
+    ap.add_argument("--train-images", type=int, default=600)
+    ap.add_argument("--test-images", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--severities", default="4,5")
+    ap.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(common.REPO / "bench/results/seeing.json"))
+    ap.add_argument("--no-record", action="store_true")
+    a = ap.parse_args()
+
+    import torch
+
+    from iqa_spider.annotate.pipeline import iter_builtin_photos
+    from iqa_spider.model.tiny import init_tiny
+    from iqa_spider.model.tokenizer import word_token_id
+    from iqa_spider.train.preprocess import Preprocessor
+    from iqa_spider.vocab import DISTORTION_TERMS
+
+    torch.set_num_threads(a.threads)
+    severities = tuple(int(s) for s in a.severities.split(","))
+    photos = [img for _, img in iter_builtin_photos()]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(Path(tmp, "small"))
+        init_tiny(a.family, model_dir, seed=0, size="small")
+        pre = Preprocessor(model_dir, 512, 64_000_000)
+        tok = pre.processor.tokenizer
+        family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in FAMILIES]
+        train_items = make_images(photos, a.train_images, False, severities, seed=0)
+        test_items = make_images(photos, a.test_images, True, severities, seed=1)
+        perm = list(range(len(test_items)))
+        random.Random(2).shuffle(perm)
+        train, test = encode(pre, train_items), encode(pre, test_items)
+        shuffled = encode(pre, test_items, answers_from=perm)  # each image asked for another's answer
+        majority = max(np.bincount([k for _, k in test_items], minlength=len(FAMILIES))) / len(test_items)
+        runs = [train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
+                               int(tok.pad_token_id or 0), family_ids) for v in a.vision_lrs.split(",")]
+    result = {"task": f"whole-image {'/'.join(FAMILIES)} at severity {a.severities}", "family": a.family,
+              "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
+              "chance_uniform": 1 / len(FAMILIES), "minutes_per_run": a.minutes, "runs": runs}
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    for r in runs:
+        print(f"vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, "
+              f"train {r['train_acc']:.3f} after {r['steps']} steps")
+    if a.no_record:
+        return
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    lines = ["| vision lr | LM lr | steps | held-out acc | shuffled control | train acc | chance (majority / uniform) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['vision_lr']:g} | {r['lr']:g} | {r['steps']} | {r['held_out_acc']:.3f} | "
+                     f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(FAMILIES):.3f} |")
+    common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
+                  f"({a.minutes:g} min per learning rate)",
+                  "\n".join(lines),
+                  f"{result['task']}; {a.train_images} train crops of {TRAIN_PHOTOS} photos, {a.test_images} held-out "
+                  f"crops of the other {len(photos) - TRAIN_PHOTOS}; the shuffled control asks each held-out image "
+                  f"for another image's answer.")
+
+
+if __name__ == "__main__":
+    main()
