@@ -1,6 +1,7 @@
 """`method: full` (every parameter trained) under ZeRO-3 with 2 Ray Train CPU workers, its
-export, and the content/template split of the answer loss. The 3-step run: about 3 minutes on
-a busy 2-core machine (Ray Train, DeepSpeed and export start-up; the steps are seconds)."""
+export, the content/template split of the answer loss, and the fault drill: one run whose
+worker is killed at step 5 resumes from its step-3 checkpoint. One 8-step run serves all
+of them (Ray Train, DeepSpeed and export start-up cost minutes on 2 cores; the steps, seconds)."""
 import json
 from pathlib import Path
 
@@ -10,27 +11,50 @@ from iqa_spider.config import load_config
 from iqa_spider.config.schemas import TASK_NAMES, TrainConfig
 from iqa_spider.train.export import ADAPTER_DIR, HF_DIR, REFERENCE_FILE, REPORT_FILE
 
-from conftest import REPO
+from iqa_spider.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
+
+from conftest import REPO, env_vars
 
 RECIPE = REPO / "configs/train/tiny_cpu.yaml"
 FULL_7B = REPO / "configs/train/qwen2_5_vl_7b_full_zero3.yaml"
-STEPS = 3
+STEPS = 8
 CONTENT_WEIGHT = 2.0
 
 
 @pytest.fixture(scope="module")
 def full_trained(tmp_path_factory, annotated_dataset, tiny_model_dir, mlflow_server):
+    """The full fine-tuning run, killed once at step 5 (checkpoints every 3 steps)."""
     from mlflow.tracking import MlflowClient
 
     from iqa_spider.train.job import run_train
 
     out = tmp_path_factory.mktemp("train_full")
+    marker = out / "killed-once"
     cfg = load_config(TrainConfig, RECIPE, [
         f"data.uri={annotated_dataset}", f"model.path={tiny_model_dir}", f"output.uri={out / 'runs'}",
-        "method=full", f"optim.max_steps={STEPS}", "checkpoint.every_steps=100", "tracking.register=false",
+        "method=full", f"optim.max_steps={STEPS}", "checkpoint.every_steps=3", "scaling.max_failures=1",
         f"optim.content_loss_weight={CONTENT_WEIGHT}", "tracking.experiment=iqa-spider-train-full",
-        f"tracking.uri={mlflow_server.uri}"])
-    return cfg, run_train(cfg), MlflowClient(mlflow_server.uri)
+        "tracking.registered_model=resume-drill", f"tracking.uri={mlflow_server.uri}"])
+    with env_vars(**{FAIL_AT_STEP_ENV: "5", FAIL_MARKER_ENV: str(marker)}):
+        summary = run_train(cfg)
+    assert marker.exists(), "the fault was never injected"
+    return cfg, summary, MlflowClient(mlflow_server.uri)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(full_trained):
+    cfg, summary, _ = full_trained
+    from iqa_spider.train.job import run_train
+
+    assert summary["metrics"]["step"] == STEPS
+    assert summary["metrics"]["resumed_from_step"] == 3  # from the step-3 checkpoint, not from scratch
+    # Running the same config again finds the finished run in storage: no step is trained
+    # again, the result is the same export, and no new checkpoint appears.
+    runs = Path(cfg.output.uri)
+    before = sorted(p.name for p in runs.rglob("checkpoint_*"))
+    again = run_train(cfg)
+    assert again["checkpoint"] == summary["checkpoint"]
+    assert sorted(p.name for p in runs.rglob("checkpoint_*")) == before
+    assert again["model_version"] == summary["model_version"] == "1"  # not registered twice
 
 
 def test_full_export_matches_training_logits_and_loads_downstream(full_trained, tiny_model_dir):
@@ -71,7 +95,10 @@ def test_full_run_tracks_content_and_template_losses(full_trained):
     assert run.data.params["optim.content_loss_weight"] == str(CONTENT_WEIGHT)
     for key in ("loss", "loss_content", "loss_template", "loss_weighted"):
         history = client.get_metric_history(summary["run_id"], key)
-        assert len(history) == STEPS, key
+        # Every step after the resume is there; steps of the killed attempt are there as far
+        # as rank 0 had sent them (it streams every 2 s) before Ray stopped it.
+        steps = {m.step for m in history}
+        assert set(range(4, STEPS + 1)) <= steps <= set(range(1, STEPS + 1)), key
         assert all(m.value > 0 for m in history), key
 
 

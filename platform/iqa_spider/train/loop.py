@@ -324,6 +324,16 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+    # A finished run (its export is the newest checkpoint) has nothing left to do: found before
+    # the model is built, so re-submitting a finished job returns in seconds.
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_uri"), world)
+    state = None
+    if checkpoint:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:  # not the shards
+            state = json.loads(f.read())
+        if state["kind"] == "export":
+            ray.train.report({"step": state["step"], "done": 1})
+            return
     torch.manual_seed(cfg.optim.seed)
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")  # reuses Ray Train's group
 
@@ -354,15 +364,10 @@ def train_loop_per_worker(config: dict) -> None:
     step_logger = StepLogger(config.get("mlflow"), rank)
 
     step = resumed_from = 0
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), config.get("run_uri"), world)
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = json.loads(Path(d, STATE_FILE).read_text())
-            if state["kind"] == "export":  # the run had finished: nothing left to do
-                ray.train.report({"step": state["step"], "done": 1})
-                return
             engine.load_checkpoint(d, tag=ZERO_TAG)
-            step = resumed_from = int(state["step"])
+        step = resumed_from = int(state["step"])
         log.info("worker %d resumed at step %d", rank, step)
 
     shard = ray.train.get_dataset_shard("train")
