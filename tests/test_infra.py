@@ -144,3 +144,25 @@ def test_rayservice_serve_config_validates_and_fits(tmp_path):
         replicas = model.autoscaling.max_replicas if model.autoscaling.enabled else model.num_replicas
         assert model.num_gpus >= 1  # a GPU service
         assert replicas * model.num_gpus <= g["max_nodes"] * g["gpus"]
+
+
+def test_local_serve_config_fits_two_cores_and_binds_this_machine(tmp_path):
+    """`serve run serving/config.yaml` on a 2-core machine: the deployments' CPU shares (and the
+    schema's defaults) fit in 2 CPUs, or the ingress waits for a CPU for ever; the API, which has
+    no authentication unless a token is set, listens on 127.0.0.1 only. The cluster manifest
+    binds every interface (its network policy guards it)."""
+    from iqa_spider.config.loader import load_config
+    from iqa_spider.config.schemas import job_schema
+
+    local = yaml.safe_load((REPO / "serving/config.yaml").read_text())
+    assert local["http_options"]["host"] == "127.0.0.1"
+    service = manifests()["rayservice.yaml"]["spec"]
+    assert yaml.safe_load(service["serveConfigV2"])["http_options"]["host"] == "0.0.0.0"
+    schema = job_schema("serve")
+    args = tmp_path / "args.yaml"
+    args.write_text(yaml.safe_dump(local["applications"][0]["args"]))
+    for cfg in (load_config(schema, args), schema()):
+        d = cfg.deployments
+        shares = (d.model.num_cpus * d.model.num_replicas + d.grounding.num_cpus * d.grounding.num_replicas
+                  + d.ingress.num_cpus * d.ingress.num_replicas)
+        assert shares <= 2.0, f"{shares} CPUs asked on a 2-core machine"

@@ -309,6 +309,41 @@ class FakeBackend:
         return {}
 
 
+def test_bearer_token_guards_every_route_but_the_probe_and_docs():
+    """With IQA_SPIDER_API_TOKEN set where the ingress runs, /v1/ routes answer a JSON 401
+    without that exact bearer token; /healthz and the docs stay open."""
+    import threading
+
+    import uvicorn
+
+    from iqa_spider.serve.api import build_api
+    from iqa_spider.serve.config import LimitsConfig
+
+    app = build_api(FakeBackend(), LimitsConfig(), api_token="s3cret")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/healthz", 30)
+        body = {"image_base64": b64(png(photo(1)))}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                        {"Authorization": "Bearer s3cret "}):
+            r = requests.post(url + "/v1/assess", json=body, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", (headers, r.text)
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert requests.get(url + "/v1/model", timeout=10).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert ok_row(requests.post(url + "/v1/assess", json=body, headers=ok, timeout=30))["model_version"] == "7"
+        assert requests.get(url + "/v1/model", headers=ok, timeout=10).status_code == 200
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+        assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def test_api_timeout_and_backend_failures_without_ray():
     """The refusals a healthy tiny model cannot provoke: timeout, failed inference, a gone or
     overloaded model deployment. The FastAPI app of the ingress, served by uvicorn."""

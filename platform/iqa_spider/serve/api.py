@@ -27,6 +27,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import time
@@ -159,9 +160,17 @@ _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
     413: "body larger than limits.max_body_bytes, or image with more than limits.max_pixels pixels",
     415: "content type not allowed, or the bytes are not an allowed image type",
     422: "invalid fields, truncated/corrupt image, or an image the model cannot take",
+    401: "IQA_SPIDER_API_TOKEN is set and the request has no or another bearer token",
     429: "the service is overloaded: retry later",
     503: "the model is not available (replica starting or gone)",
 }.items()}
+
+
+# Optional authentication: a bearer token read from this variable where the ingress runs.
+API_TOKEN_ENV = "IQA_SPIDER_API_TOKEN"
+# Open without the token: the readiness probe (load balancers carry no credentials) and the
+# API's own description.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 # ---------------------------------------------------------------------------- body size limit
@@ -421,7 +430,24 @@ def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[di
     }
 
 
-def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
+def bearer_auth(token: str):
+    """HTTP middleware: every route but the probe and the docs needs "Authorization: Bearer <token>"."""
+    expected = f"Bearer {token}".encode()
+
+    async def check(request: Request, call_next):
+        if request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time: no token guessing by timing
+                return error_response(401, "unauthorized", "send Authorization: Bearer <the server's token>",
+                                      {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    return check
+
+
+def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = None) -> FastAPI:
+    """The ingress app. With ``api_token`` (the ingress passes $IQA_SPIDER_API_TOKEN), every
+    route but OPEN_PATHS answers 401 without that bearer token."""
     app = FastAPI(
         title="IQA-Spider",
         version=API_VERSION,
@@ -452,6 +478,8 @@ def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
         return error_response(exc.status, exc.error, exc.detail, {"Retry-After": "5"})
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    if api_token:
+        app.middleware("http")(bearer_auth(api_token))  # outermost: refused before the body is read
 
     json_schema = AssessJSON.model_json_schema(ref_template="#/components/schemas/{model}")
     multipart_schema = {
@@ -527,6 +555,6 @@ def build_api(backend: Backend, limits: LimitsConfig) -> FastAPI:
     return app
 
 
-__all__ = ["build_api", "ApiError", "BackendUnavailable", "AssessOptions", "AssessJSON", "AssessResponse",
+__all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable", "AssessOptions", "AssessJSON", "AssessResponse",
            "ErrorBody", "BodyLimitMiddleware", "parse_request", "decode_checked", "fetch_uri",
            "IMAGE_ERROR_STATUS"]

@@ -74,6 +74,9 @@ class ModelDeploymentSettings:
 
     num_replicas: int = 1
     num_gpus: float = 0.0            # per replica: 1 on a GPU node (the model goes to cuda with model.device=auto)
+    # CPU shares are Ray scheduling units. The defaults add up to 1.75 (model 1, grounding 0.5,
+    # ingress 0.25) so the app starts on a 2-core machine; at 2.5 the ingress waited for a CPU
+    # for ever. A GPU cluster sets its own (infra/k8s/rayservice.yaml).
     num_cpus: float = 1.0
     max_ongoing_requests: int = 64   # must exceed max_batch_size, or batches never fill
     max_queued_requests: int = -1    # -1: unbounded (the ingress queue bounds the load)
@@ -88,7 +91,7 @@ class GroundingDeploymentSettings:
 
     num_replicas: int = 1
     num_gpus: float = 0.0
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
     max_ongoing_requests: int = 16
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)
 
@@ -98,7 +101,7 @@ class IngressSettings:
     """The FastAPI ingress: parsing, limits, decoding, fan-out."""
 
     num_replicas: int = 1
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
     max_ongoing_requests: int = 256
     max_queued_requests: int = 512   # beyond this Serve answers 503 at once instead of queueing
     autoscaling: AutoscalingSettings = field(default_factory=AutoscalingSettings)

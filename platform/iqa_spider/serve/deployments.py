@@ -192,9 +192,10 @@ class IQAIngress:
         self._segmenter: dict | None = None
 
     def __serve_build_asgi_app__(self):
-        from iqa_spider.serve.api import build_api
+        from iqa_spider.serve.api import API_TOKEN_ENV, build_api
 
-        return build_api(self, self.cfg.limits)
+        # the replica's own environment (the node's, or the pod's secret), never the Serve config
+        return build_api(self, self.cfg.limits, os.environ.get(API_TOKEN_ENV) or None)
 
     # the api.Backend protocol -------------------------------------------------
 
