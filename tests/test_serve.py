@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -309,9 +310,9 @@ class FakeBackend:
         return {}
 
 
-def test_bearer_token_guards_every_route_but_the_probe_and_docs():
-    """With IQA_SPIDER_API_TOKEN set where the ingress runs, /v1/ routes answer a JSON 401
-    without that exact bearer token; /healthz and the docs stay open."""
+@contextlib.contextmanager
+def fake_api(backend: FakeBackend, limits=None, api_token: str | None = None):
+    """The ingress's FastAPI app over `backend`, served by uvicorn on a free port; yields its URL."""
     import threading
 
     import uvicorn
@@ -319,7 +320,7 @@ def test_bearer_token_guards_every_route_but_the_probe_and_docs():
     from iqa_spider.serve.api import build_api
     from iqa_spider.serve.config import LimitsConfig
 
-    app = build_api(FakeBackend(), LimitsConfig(), api_token="s3cret")
+    app = build_api(backend, limits or LimitsConfig(), api_token=api_token)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -327,6 +328,16 @@ def test_bearer_token_guards_every_route_but_the_probe_and_docs():
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz", 30)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_bearer_token_guards_every_route_but_the_probe_and_docs():
+    """With IQA_SPIDER_API_TOKEN set where the ingress runs, /v1/ routes answer a JSON 401
+    without that exact bearer token; /healthz and the docs stay open."""
+    with fake_api(FakeBackend(), api_token="s3cret") as url:
         body = {"image_base64": b64(png(photo(1)))}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
                         {"Authorization": "Bearer s3cret "}):
@@ -339,30 +350,33 @@ def test_bearer_token_guards_every_route_but_the_probe_and_docs():
         assert requests.get(url + "/v1/model", headers=ok, timeout=10).status_code == 200
         assert requests.get(url + "/healthz", timeout=10).status_code == 200
         assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_booleans_are_booleans():
+    """JSON takes true/false only, a form field true/false/1/0 only: anything else is a 422
+    naming the field, never a silent true."""
+    with fake_api(FakeBackend()) as url:
+        image = b64(png(photo(1)))
+        for field, value in (("ground", 1), ("describe", "yes"), ("refer_long", "true"), ("describe", 0)):
+            r = assess_json(url, {"image_base64": image, field: value})
+            assert r.status_code == 422 and r.json()["error"] == "invalid_request", (field, value, r.text)
+        ok_row(assess_json(url, {"image_base64": image, "describe": True, "ground": False}))
+        files = {"image": ("x.png", png(photo(1)), "image/png")}
+        for field, value in (("describe", "yes"), ("describe", "maybe"), ("refer_long", "on"), ("describe", "")):
+            r = requests.post(url + "/v1/assess", files=files, data={field: value}, timeout=30)
+            assert r.status_code == 422 and field in r.json()["detail"], (field, value, r.text)
+        for value in ("true", "1", "FALSE", "0"):
+            ok_row(requests.post(url + "/v1/assess", files=files, data={"describe": value, "ground": value},
+                                 timeout=30))
 
 
 def test_api_timeout_and_backend_failures_without_ray():
     """The refusals a healthy tiny model cannot provoke: timeout, failed inference, a gone or
     overloaded model deployment. The FastAPI app of the ingress, served by uvicorn."""
-    import threading
-
-    import uvicorn
-
-    from iqa_spider.serve.api import build_api
     from iqa_spider.serve.config import LimitsConfig
 
     backend = FakeBackend()
-    app = build_api(backend, LimitsConfig(request_timeout_s=0.5))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", 30)
+    with fake_api(backend, LimitsConfig(request_timeout_s=0.5)) as url:
         body = {"image_base64": b64(png(photo(1)))}
         assert ok_row(assess_json(url, body))["model_version"] == "7"
         for mode, status, error in (("slow", 408, "timeout"), ("fails", 422, "inference_failed"),
@@ -375,6 +389,3 @@ def test_api_timeout_and_backend_failures_without_ray():
         backend.mode = "ok"
         ok_row(assess_json(url, body))
         assert requests.get(url + "/nowhere", timeout=10).json()["error"] == "not_found"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -37,7 +37,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -79,14 +79,15 @@ class AssessOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    describe: bool = Field(False, description="global quality description")
-    ground: Union[bool, list[str]] = Field(
+    # Strict: `ground: 1` or `describe: "yes"` is a client bug to report (422), not a true.
+    describe: StrictBool = Field(False, description="global quality description")
+    ground: Union[StrictBool, list[StrictStr]] = Field(
         False, description=f"grounding: true asks the HyD-G question ({HYD_QUESTION!r}); or a list of "
                            "grounding questions (HyD-G, SiD-G, DAO-G). Each answer gets point(s) and a mask.")
     refer: list[str] = Field(default_factory=list,
                              description="region texts to ask the distortions of, e.g. 'the sky in the top left "
                                          "of the image' (answers in `referring`)")
-    refer_long: bool = Field(False, description="long referring answers (distortions and their effects)")
+    refer_long: StrictBool = Field(False, description="long referring answers (distortions and their effects)")
     describe_regions: list[str] = Field(default_factory=list,
                                         description="region texts to describe locally (answers in `local_descriptions`)")
     mapping: Optional[MappingName] = Field(None, description="text-to-point mapping for this request "
@@ -216,13 +217,15 @@ class BodyLimitMiddleware:
 
 # ---------------------------------------------------------------------------- parsing
 
-def _flag(value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ApiError(422, "invalid_request", f"expected a boolean, got {value!r}")
+# The one spelling of a boolean in a form field (JSON bodies take JSON's true/false only).
+FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _flag(value: str, key: str) -> bool:
+    try:
+        return FORM_BOOLEANS[value.strip().lower()]
+    except KeyError:
+        raise ApiError(422, "invalid_request", f"{key}: expected true, false, 1 or 0, got {value[:40]!r}") from None
 
 
 def _validation_detail(exc: PydanticValidationError) -> str:
@@ -289,12 +292,11 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
             opts: dict[str, Any] = {}
             for key in ("describe", "refer_long"):
                 if key in form:
-                    opts[key] = _flag(str(form[key]))
+                    opts[key] = _flag(str(form[key]), key)
             grounds = [str(v) for v in form.getlist("ground")]
-            if len(grounds) == 1 and grounds[0].strip().lower() in ("1", "true", "yes", "on", "0", "false", "no",
-                                                                     "off", ""):
-                opts["ground"] = _flag(grounds[0])
-            elif grounds:
+            if len(grounds) == 1 and grounds[0].strip().lower() in FORM_BOOLEANS:
+                opts["ground"] = _flag(grounds[0], "ground")
+            elif grounds:  # one field per grounding question
                 opts["ground"] = grounds
             for key in ("refer", "describe_regions"):
                 if key in form:
