@@ -370,6 +370,14 @@ def test_booleans_are_booleans():
                                  timeout=30))
 
 
+def test_deeply_nested_json_is_a_json_400():
+    with fake_api(FakeBackend()) as url:
+        for body in ("[" * 5000 + "]" * 5000, '{"a":' * 3000 + "1" + "}" * 3000):
+            r = requests.post(url + "/v1/assess", data=body, headers={"Content-Type": "application/json"},
+                              timeout=30)
+            assert r.status_code == 400 and r.json()["error"] == "malformed_json", r.text[:300]
+
+
 def test_api_timeout_and_backend_failures_without_ray():
     """The refusals a healthy tiny model cannot provoke: timeout, failed inference, a gone or
     overloaded model deployment. The FastAPI app of the ingress, served by uvicorn."""

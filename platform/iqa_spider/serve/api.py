@@ -262,6 +262,8 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
+        except RecursionError:  # a few KB of brackets nest deeper than Python's parser recurses
+            raise ApiError(400, "malformed_json", "the JSON body is nested too deeply") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "malformed_json", "the JSON body must be an object")
         try:
