@@ -155,13 +155,13 @@ class ErrorBody(BaseModel):
 
 _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
     400: "malformed JSON, multipart or base64",
+    401: "IQA_SPIDER_API_TOKEN is set and the request has no or another bearer token",
     403: "image_uri in a bucket that is not allowed (or S3 inputs are off)",
     404: "image_uri does not exist",
     408: "the request took longer than limits.request_timeout_s",
     413: "body larger than limits.max_body_bytes, or image with more than limits.max_pixels pixels",
     415: "content type not allowed, or the bytes are not an allowed image type",
     422: "invalid fields, truncated/corrupt image, or an image the model cannot take",
-    401: "IQA_SPIDER_API_TOKEN is set and the request has no or another bearer token",
     429: "the service is overloaded: retry later",
     503: "the model is not available (replica starting or gone)",
 }.items()}
@@ -559,6 +559,6 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
     return app
 
 
-__all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable", "AssessOptions", "AssessJSON", "AssessResponse",
-           "ErrorBody", "BodyLimitMiddleware", "parse_request", "decode_checked", "fetch_uri",
-           "IMAGE_ERROR_STATUS"]
+__all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable",
+           "AssessOptions", "AssessJSON", "AssessResponse", "ErrorBody", "BodyLimitMiddleware", "parse_request",
+           "decode_checked", "fetch_uri", "IMAGE_ERROR_STATUS"]
