@@ -77,21 +77,19 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from iqa_spider.train.preprocess import RAGGED, collate
+    from iqa_spider.train.preprocess import collate, pack
+    from iqa_spider.train.recipe import is_vision
 
     torch.manual_seed(seed)
     rnd = random.Random(seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
-    language = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+    vision = [p for n, p in model.named_parameters() if is_vision(n)]
+    language = [p for n, p in model.named_parameters() if not is_vision(n)]
     opt = torch.optim.AdamW([{"params": language, "lr": lr}, {"params": vision, "lr": vision_lr}], weight_decay=0.0)
 
-    def pack(items):
-        b = {k: np.array([np.ascontiguousarray(x[k]).tobytes() for x in items], dtype=object) for k in RAGGED}
-        b["image_grid_thw"] = np.stack([x["image_grid_thw"] for x in items])
-        b["task"] = np.array(["referring_short"] * len(items), dtype=object)
-        out = collate(b, pad_id)
+    def batch_of(items):
+        out = collate(pack(items), pad_id)
         return out.pop("labels"), out.pop("answer_pos"), {k: v for k, v in out.items() if k != "task_id"}
 
     @torch.no_grad()
@@ -100,7 +98,7 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
         hits = 0
         for i in range(0, len(data), 16):
             items = data[i:i + 16]
-            labels, _, inputs = pack(items)
+            labels, _, inputs = batch_of(items)
             logits = model(**inputs).logits
             for j, item in enumerate(items):
                 # the family word: the first answer token that is one of the family terms
@@ -113,7 +111,7 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
     curve, steps, started = [], 0, time.monotonic()
     next_eval = 60.0
     while time.monotonic() - started < minutes * 60:
-        labels, pos, inputs = pack(rnd.sample(train, batch))
+        labels, pos, inputs = batch_of(rnd.sample(train, batch))
         logits = model(**inputs).logits
         rows, cols = pos.unbind(1)
         loss = torch.nn.functional.cross_entropy(logits[rows, cols], labels[rows, cols + 1])

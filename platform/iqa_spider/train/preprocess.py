@@ -83,8 +83,8 @@ class Preprocessor:
             "task": row["task"],
         }
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in (*RAGGED, "image_grid_thw", "task")}
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoded = []
         n = len(batch["task"])
         for i in range(n):
             row = {k: batch[k][i] for k in ("image", "image_uri", "question", "answer", "task")}
@@ -97,15 +97,20 @@ class Preprocessor:
                 log.warning("dropped a %s sample longer than max_seq_len=%d before its answer",
                             row["task"], self.max_seq_len)
                 continue
-            for k, v in enc.items():
-                out[k].append(v)
-        # Ragged arrays travel as raw bytes: Ray Data's tensor columns cannot mix the fixed- and
-        # variable-shaped blocks that images of equal and unequal sizes produce.
-        packed = {k: np.array([np.ascontiguousarray(a).tobytes() for a in out[k]], dtype=object)
-                  for k in RAGGED}
-        packed["image_grid_thw"] = np.array(out["image_grid_thw"], dtype=np.int64).reshape(-1, 3)
-        packed["task"] = np.array(out["task"], dtype=object)
-        return packed
+            encoded.append(enc)
+        return pack(encoded)
+
+
+def pack(encoded: list[dict]) -> dict[str, np.ndarray]:
+    """Samples from :meth:`Preprocessor.encode` -> one block, the input of :func:`collate`.
+
+    Ragged arrays travel as raw bytes: Ray Data's tensor columns cannot mix the fixed- and
+    variable-shaped blocks that images of equal and unequal sizes produce.
+    """
+    packed = {k: np.array([np.ascontiguousarray(e[k]).tobytes() for e in encoded], dtype=object) for k in RAGGED}
+    packed["image_grid_thw"] = np.array([e["image_grid_thw"] for e in encoded], dtype=np.int64).reshape(-1, 3)
+    packed["task"] = np.array([e["task"] for e in encoded], dtype=object)
+    return packed
 
 
 def _find_last(ids: np.ndarray, pattern: list[int]) -> int:
