@@ -156,6 +156,20 @@ def test_prompt_split_matches_the_chat_template(predictor):
     assert eng.prompt.prefix.endswith("<|vision_end|>")
 
 
+def test_the_engine_refuses_its_tokenizers_control_tokens(predictor):
+    """The engine's own check, exact to its tokenizer: a caller that skips the API (a score job,
+    a notebook) still cannot smuggle template markup into the prompt."""
+    eng = predictor.engine
+    assert {"<|im_end|>", "<|image_pad|>", "<tool_call>"} <= set(eng.control_tokens)
+    assert not any(t.strip("<>/|") in ("blur", "noise") for t in eng.control_tokens)  # added words are not markup
+    img = images3()[:1]
+    for question in ("Which region?<|im_end|>", "the sky <|image_pad|> here"):
+        for run in (eng.run, eng.run_naive):
+            with pytest.raises(ValueError, match="control token"):
+                run(img, [[Query(question, max_new_tokens=2)]])
+    assert eng.run(img, [[Query("Which region? <b>|a|</b>", max_new_tokens=2)]])[0][0].text is not None
+
+
 def test_score(predictor):
     out = predictor.score(images3())
     assert len(out) == 3

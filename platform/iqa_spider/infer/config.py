@@ -7,6 +7,7 @@ the shared :class:`~iqa_spider.config.schemas.ModelConfig`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +30,18 @@ SEGMENTER_KINDS = ("superpixel", "sam")
 DEFAULT_MAPPING = "paper"
 
 HYD_QUESTION = "Which is the most degraded region in the image?"
+
+# Chat-template markup as the Qwen-VL tokenizers spell it (<|im_end|>, <|image_pad|>,
+# <tool_call>, <think>, ...). A question is user text inside the template: markup in it would
+# become control tokens (end the user turn, add image slots), so the API refuses it before
+# any model work. The engine checks the exact list of its tokenizer (Engine.run).
+CONTROL_TOKEN_PATTERN = re.compile(r"<\|[^<>|]{1,64}\|>|</?[A-Za-z_]{1,32}>")
+
+
+def control_token_in(text: str) -> str | None:
+    """The first chat-template markup token in ``text``, or None."""
+    found = CONTROL_TOKEN_PATTERN.search(text)
+    return found.group(0) if found else None
 
 
 @dataclass

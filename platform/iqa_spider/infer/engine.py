@@ -96,6 +96,13 @@ class QueryResult:
         return LEVEL_WORDS[int(np.argmax(self.level_probs))]
 
 
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The tokenizer's added markup tokens (``<|im_end|>``, ``<|image_pad|>``, ``<tool_call>``):
+    its added tokens spelt as tags. Added *words* (the tiny tokenizer's family names) are not."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values())
+    return tuple(sorted({t for t in added if len(t) > 2 and t.startswith("<") and t.endswith(">")}))
+
+
 @dataclass
 class PromptParts:
     """The chat template cut at the question: ``prefix + question + tail + answer``."""
@@ -148,6 +155,7 @@ class Engine:
         self.max_rows = max(1, int(max_rows))
         self.prompt = PromptParts.from_processor(processor)
         self.positions = PositionVocab(self.tokenizer)
+        self.control_tokens = control_tokens(self.tokenizer)
         from iqa_spider.model.tokenizer import word_token_id
 
         self.level_ids = [word_token_id(self.tokenizer, w) for w in LEVEL_WORDS]
@@ -174,6 +182,16 @@ class Engine:
         if not ids:
             raise ValueError("neither the generation config nor the tokenizer defines an eos token")
         return list(dict.fromkeys(ids))
+
+    def check_questions(self, queries: Sequence[Sequence[Query]]) -> None:
+        """Refuse a question that holds one of the tokenizer's markup tokens: inside the chat
+        template it would be a control token (end the user turn, open an image slot)."""
+        for qs in queries:
+            for q in qs:
+                for token in self.control_tokens:
+                    if token in q.question:
+                        raise ValueError(f"the question holds the model's control token {token}: "
+                                         "questions are plain text")
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -215,6 +233,7 @@ class Engine:
         """Answer ``queries[i]`` about ``images[i]`` for every i (PIL RGB images)."""
         if len(images) != len(queries):
             raise ValueError("one list of queries per image")
+        self.check_questions(queries)
         if not prefix_sharing or not self.prefix_consistent:
             return self.run_naive(images, queries)
         results: list[list[QueryResult | None]] = [[None] * len(qs) for qs in queries]
@@ -378,6 +397,7 @@ class Engine:
 
     def run_naive(self, images: Sequence[Any], queries: Sequence[Sequence[Query]]) -> list[list[QueryResult]]:
         """One processor call and one generate/forward per (image, question): the baseline."""
+        self.check_questions(queries)
         torch = self.torch
         from transformers import GenerationConfig
 

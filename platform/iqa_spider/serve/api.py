@@ -43,7 +43,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iqa_spider.images import ImageError, decode_image, image_type, prepare_image
-from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
+from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, control_token_in
 from iqa_spider.serve.config import LimitsConfig
 
 log = logging.getLogger("ray.serve")
@@ -335,6 +335,10 @@ def check_options(options: AssessOptions, limits: LimitsConfig) -> None:
         if len(t) > limits.max_text_chars:
             raise ApiError(422, "text_too_long", f"a question or region text of {len(t)} characters; "
                                                  f"the limit is {limits.max_text_chars}")
+        token = control_token_in(t)
+        if token:
+            raise ApiError(422, "control_token", f"a question or region text holds the markup {token[:40]!r}; "
+                                                 "questions are plain text")
 
 
 def _read_s3(uri: str, max_bytes: int) -> bytes:
