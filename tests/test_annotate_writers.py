@@ -104,6 +104,10 @@ def test_answers_agree_with_the_truth(seed):
             words = truth_words(s.answer)
             expected = {DISTORTION_TERMS[d.type] for d in by_id[rid].distortions}
             assert {w for w in words if w in DISTORTION_TERMS.values()} == expected
+            # the long task asks for the effects its answers give; the short one for names only
+            pool = templates.REFER_LONG_QUESTIONS if s.task == "referring_long" else templates.REFER_QUESTIONS
+            assert any(re.fullmatch(re.escape(q).replace(re.escape("{region}"), ".+"), s.question)
+                       for q in pool), (s.task, s.question)
 
 
 def test_every_grounding_subtask_and_sid_family_occurs_across_the_seeds():

@@ -194,7 +194,8 @@ def test_describe_and_refer_ask_the_expected_questions(predictor):
     want = {"global": naive("Assess the quality of the image with a detailed explanation.", 12),
             "local": naive("Provide a careful evaluation of the sky in the top left of the image.", 12),
             "short": naive("What distortions affect the curtain on the right side of the image?", 10),
-            "long": naive("What distortions affect the curtain on the right side of the image?", 12)}
+            "long": naive("What distortions affect the curtain on the right side of the image, and how do they "
+                          "change its appearance?", 12)}
     assert predictor.describe(imgs) == want["global"]
     assert predictor.describe(imgs, sky) == want["local"]
     assert predictor.describe(imgs, [sky, None]) == [want["local"][0], want["global"][1]]  # None: global

@@ -72,6 +72,14 @@ REFER_QUESTIONS = (
     "List the distortions in {region}.",
 )
 
+# referring_long asks for the effects too: its answers (writers.long_list) say what each
+# distortion does to the region, so the question must ask for that, not only for names.
+REFER_LONG_QUESTIONS = (
+    "What distortions affect {region}, and how do they change its appearance?",
+    "Describe the distortions in {region} and their effect on it.",
+    "Which distortions can be seen in {region}, and what do they do to it?",
+)
+
 GROUND_ANSWERS = (
     "The {what} is {region}.",
     "The {what} is located at {region}.",

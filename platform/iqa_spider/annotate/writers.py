@@ -144,7 +144,7 @@ def grounding_dao(rng: np.random.Generator, truth: Truth, region: Region) -> Sam
 
 
 def referring(rng: np.random.Generator, region: Region, long: bool) -> Sample:
-    question = _pick(rng, T.REFER_QUESTIONS).format(region=region_phrase(region))
+    question = _pick(rng, T.REFER_LONG_QUESTIONS if long else T.REFER_QUESTIONS).format(region=region_phrase(region))
     answer = long_list(region) if long else short_list(region)
     return Sample("referring_long" if long else "referring_short", None, question, answer, [region.region_id])
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 GLOBAL_DESC_QUESTION = T.GLOBAL_QUESTIONS[0]
 LOCAL_DESC_QUESTION = T.LOCAL_QUESTIONS[0]   # "... {region}."
 REFER_QUESTION = T.REFER_QUESTIONS[0]        # "... {region}?"
+REFER_LONG_QUESTION = T.REFER_LONG_QUESTIONS[0]  # "... {region}, and how do they change its appearance?"
 
 
 @dataclass
@@ -98,8 +99,9 @@ def plan_queries(cfg: InferConfig, describe: bool = False, ground_questions: Seq
         queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
         kinds.append(("local", region))
     cap = cfg.describe_max_new_tokens if refer_long else cfg.max_new_tokens
+    template = REFER_LONG_QUESTION if refer_long else REFER_QUESTION
     for region in refer:
-        queries.append(Query(REFER_QUESTION.format(region=region), max_new_tokens=cap))
+        queries.append(Query(template.format(region=region), max_new_tokens=cap))
         kinds.append(("refer", region))
     for q in ground_questions:
         queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
@@ -176,7 +178,8 @@ class Predictor:
         """Distortions of a region named in text; ``long`` allows the longer answer (effects)."""
         regions = _as_list(region, len(images))
         cap = self.cfg.describe_max_new_tokens if long else self.cfg.max_new_tokens
-        queries = [[Query(REFER_QUESTION.format(region=r), max_new_tokens=cap)] for r in regions]
+        template = REFER_LONG_QUESTION if long else REFER_QUESTION
+        queries = [[Query(template.format(region=r), max_new_tokens=cap)] for r in regions]
         return [r[0].text or "" for r in self.run(images, queries)]
 
     def ground(self, images: Sequence[Image.Image], questions: str | Sequence[str] | None = None,
@@ -320,4 +323,5 @@ def isolate_failures(run, items: list) -> list:
 
 
 __all__ = ["Predictor", "plan_queries", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult",
-           "prepare_image", "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION"]
+           "prepare_image", "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION",
+           "REFER_LONG_QUESTION"]
