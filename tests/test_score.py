@@ -309,6 +309,10 @@ def test_one_row_per_key_with_reasons_despite_an_actor_crash(first_run, s3_input
         else:
             assert row["error"] is not None and row["error"].split(":")[0] == why, (key, row["error"])
             assert row["score"] is None
+            assert " at 0x" not in row["error"], row["error"]   # deterministic: no object reprs
+        if why == "too_many_pixels":  # refused from the header, which still gave the size
+            assert (row["width"], row["height"]) == {"huge.png": (300, 300), "bomb.png": (12000, 12000)}[
+                key.rsplit("/", 1)[-1]], (key, row)
         assert row["image_sha256"] and row["model_uri"] and row["scored_at"] is not None
     assert summary["rows"] == len(expect) and summary["ignored_files"] == 3
     assert summary["errors"] == {"empty": 1, "corrupt": 2, "not_an_image": 1, "too_many_pixels": 2,

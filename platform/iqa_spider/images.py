@@ -9,12 +9,17 @@ palette, alpha, greyscale) into 8-bit RGB.
 from __future__ import annotations
 
 import io
-import warnings
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; huge scans beyond this are refused, not decoded
+# decode_image is the door for untrusted bytes and checks the *configured* limit itself, from
+# the header, before any pixel is decoded. Pillow's own process-wide limit (89.5 MP, an error at
+# twice that) would otherwise decide first and quote its own number, so a user who raises
+# infer.max_pixels above it could not get past it.
+Image.MAX_IMAGE_PIXELS = None
 MAX_ASPECT = 150.0  # the Qwen-VL image processors refuse aspect ratios above 200 (a ValueError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -24,12 +29,25 @@ _MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), 
           (b"GIF89a", "image/gif"), (b"BM", "image/bmp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff"))
 
 
-class ImageError(ValueError):
-    """An input that is not a usable image. `reason` is short and stable (for counting)."""
+# Pillow names the file object in some messages ("<_io.BytesIO object at 0x7f...>"): the
+# address changes every run, so it never reaches an error message (rows, reports, logs).
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+_PIL_FORMAT = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/bmp": "BMP",
+               "image/tiff": "TIFF", "image/webp": "WEBP"}
 
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+def deterministic(text: str) -> str:
+    """An exception's text without object reprs: the same input gives the same message."""
+    return _OBJECT_REPR.sub("", text).strip()
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. `reason` is short and stable (for counting);
+    `size` is (width, height) where the header was read."""
+
+    def __init__(self, reason: str, detail: str = "", size: tuple[int, int] | None = None):
+        self.reason, self.detail, self.size = reason, deterministic(detail), size
+        super().__init__(f"{reason}: {self.detail}" if self.detail else reason)
 
 
 def image_type(head: bytes) -> str | None:
@@ -50,24 +68,36 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageError("empty", "zero bytes")
     if not looks_like_image(data[:16]):
         raise ImageError("not_an_image", "unknown file signature")
+    mime, size = image_type(data[:16]), None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size  # header only: nothing decoded yet
-            if w * h > max_pixels:
-                raise ImageError("too_many_pixels", f"{w}x{h} exceeds the limit of {max_pixels} pixels")
-            img.load()
+        img = Image.open(io.BytesIO(data))
+        size = w, h = img.size  # header only: nothing decoded yet
+        if w * h > max_pixels:
+            raise ImageError("too_many_pixels", f"{w}x{h} exceeds the limit of {max_pixels} pixels", size)
+        img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("too_many_pixels", str(exc)) from None
-    except UnidentifiedImageError as exc:
-        raise ImageError("not_an_image", str(exc)) from None
+    except UnidentifiedImageError:
+        # The signature is one we accept, so the file is that format's, damaged (a bad
+        # checksum, a cut header): corrupt, in the format reader's own words.
+        raise ImageError("corrupt", _why_unreadable(data, mime)) from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise ImageError("corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise ImageError("corrupt", str(exc).splitlines()[0] if str(exc) else type(exc).__name__, size) from None
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def _why_unreadable(data: bytes, mime: str | None) -> str:
+    """What the reader of the sniffed format says about bytes Pillow could not identify."""
+    Image.init()
+    factory = Image.OPEN.get(_PIL_FORMAT.get(mime or "", ""), (None, None))[0]
+    if factory is not None:
+        try:
+            factory(io.BytesIO(data))
+        except Exception as exc:  # noqa: BLE001 - any reader error is the reason we want
+            if str(exc):
+                return str(exc).splitlines()[0]
+    return f"the {mime or 'image'} header cannot be read"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from iqa_spider.annotate import templates as T
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.images import ImageError, decode_image, prepare_image
+from iqa_spider.images import ImageError, decode_image, deterministic, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
@@ -288,7 +288,8 @@ class GroundingHead:
             try:
                 img = prepare_image(decode_image(data, self.cfg.max_pixels))
             except ImageError as exc:
-                rows[i] = R.error_row(uri, sha, str(exc), **meta)
+                width, height = exc.size or (None, None)
+                rows[i] = R.error_row(uri, sha, str(exc), width, height, **meta)
                 continue
             good.append((i, img, sha))
         bs = self.cfg.batch_size
@@ -299,7 +300,7 @@ class GroundingHead:
             for (i, img, sha), a in zip(batch, analyses):
                 uri = items[i][0]
                 if isinstance(a, Exception):
-                    rows[i] = R.error_row(uri, sha, f"inference_failed: {type(a).__name__}: {a}"[:500],
+                    rows[i] = R.error_row(uri, sha, deterministic(f"inference_failed: {type(a).__name__}: {a}")[:500],
                                           width=img.width, height=img.height, **meta)
                 else:
                     rows[i] = R.analysis_row(a, uri, sha, **meta)

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from iqa_spider.images import ImageError, decode_image, prepare_image
+from iqa_spider.images import ImageError, decode_image, deterministic, prepare_image
 from iqa_spider.storage import read_with_retry
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
         try:
             data = read_with_retry(key, attempts, backoff_s)
         except Exception as exc:  # noqa: BLE001 - missing, denied, S3 errors left after every retry
-            item["error"] = f"unreadable: {type(exc).__name__}: {exc}"[:500]
+            item["error"] = deterministic(f"unreadable: {type(exc).__name__}: {exc}")[:500]
             items.append(item)
             t_read += time.perf_counter() - t0
             continue
@@ -69,8 +69,10 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
             item["height"], item["width"] = item["image"].shape[:2]
         except ImageError as exc:
             item["error"] = str(exc)[:500]
+            if exc.size:  # read from the header: a refused image still says how big it was
+                item["width"], item["height"] = exc.size
         except Exception as exc:  # noqa: BLE001 - one odd file must not stop a million-image job
-            item["error"] = f"corrupt: {type(exc).__name__}: {exc}"[:500]
+            item["error"] = deterministic(f"corrupt: {type(exc).__name__}: {exc}")[:500]
         t_decode += time.perf_counter() - t1
         items.append(item)
     block["items"] = items
@@ -159,7 +161,7 @@ class Scorer(_ScorerBase):
                                         images)
             for it, a in zip(batch, analyses):
                 if isinstance(a, Exception):
-                    rows.append(R.error_row(it["key"], it["sha"], f"inference_failed: {type(a).__name__}: {a}"[:500],
+                    rows.append(R.error_row(it["key"], it["sha"], deterministic(f"inference_failed: {type(a).__name__}: {a}")[:500],
                                             width=it["width"], height=it["height"], **meta))
                 else:
                     rows.append(R.analysis_row(a, it["key"], it["sha"], **meta))
