@@ -264,6 +264,27 @@ def test_metrics_are_logged_to_mlflow(report, mlflow_server):
     assert run.data.metrics["chance.rating.srcc"] == 0.0 and "chance.grounding.hyd.point_acc" in run.data.metrics
 
 
+def test_a_registered_versions_evaluation_run_is_named_and_tagged_after_it(dataset, tiny_model_dir, mlflow_server,
+                                                                         tmp_path):
+    """So MLflow's run list shows which version was measured (and the shuffled control apart)."""
+    from mlflow import MlflowClient
+
+    from conftest import register_model
+    from iqa_spider.infer.evaluate import evaluate
+
+    client = MlflowClient(mlflow_server.uri)
+    version = register_model(client, "eval-naming", tiny_model_dir, "eval-naming-train")
+    base = ("data.tasks=[rating]", "data.max_images=2", "mlflow.enabled=true", "mlflow.experiment=eval-naming",
+            f"infer.cache_dir={tmp_path / 'cache'}", f"output.uri={tmp_path / 'out'}")
+    rep = evaluate(eval_config(f"models:/eval-naming/{version}", dataset, *base, "data.shuffle_images=true"))
+    run = client.get_run(rep["mlflow_run_id"])
+    assert run.info.run_name == f"eval-eval-naming-v{version}-shuffled"  # the control, named apart
+    assert (run.data.tags["registered_model"], run.data.tags["model_version"]) == ("eval-naming", str(version))
+    # a folder is not a registered version: no such tags, and MLflow's own name
+    run = client.get_run(evaluate(eval_config(tiny_model_dir, dataset, *base))["mlflow_run_id"])
+    assert "registered_model" not in run.data.tags and not run.info.run_name.startswith("eval-eval-naming")
+
+
 def test_rating_only_dataset(dataset, tiny_model_dir):
     """A MOS table imported as rating samples gets rating metrics only."""
     from iqa_spider.infer.evaluate import evaluate

@@ -28,11 +28,16 @@ def train_config(data, model, out, *overrides) -> TrainConfig:
                                              *overrides])
 
 
+SECRET = "pa55-w0rd"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, annotated_dataset, tiny_model_dir, mlflow_server):
     out = tmp_path_factory.mktemp("train")
+    # Credentials in the tracking URI (the server ignores them): none may reach MLflow.
+    secret_uri = mlflow_server.uri.replace("http://", f"http://iqa:{SECRET}@")
     cfg = train_config(annotated_dataset, tiny_model_dir, out / "runs", f"optim.max_steps={STEPS}",
-                       "checkpoint.every_steps=12", f"tracking.uri={mlflow_server.uri}",
+                       "checkpoint.every_steps=12", f"tracking.uri={secret_uri}",
                        f"model.min_pixels={TRAIN_PIXELS[0]}", f"model.max_pixels={TRAIN_PIXELS[1]}")
     summary = run_train(cfg)
     from mlflow.tracking import MlflowClient
@@ -70,6 +75,25 @@ def test_per_task_losses_rates_and_params_are_tracked(trained):
     assert run.data.tags["data_uri"] == cfg.data.uri
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"config", "system_info.json", "export", "data_counts.json"} <= artifacts
+    # the tracking URI had a password: params and the config artifact show it redacted
+    assert run.data.params["tracking.uri"].startswith("http://***@127.0.0.1:"), run.data.params["tracking.uri"]
+    assert not any(SECRET in str(v) for v in (*run.data.params.values(), *run.data.tags.values()))
+    import mlflow
+
+    config_text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config/train.yaml")
+    assert "tracking" in config_text and SECRET not in config_text and "***@127.0.0.1" in config_text
+
+
+def test_credentials_are_redacted_from_uris():
+    from iqa_spider.registry.tracking import redact
+
+    assert redact("http://user:pw@host:5000/x") == "http://***@host:5000/x"
+    assert redact("https://token@mlflow.example.com") == "https://***@mlflow.example.com"
+    assert redact("s3://bucket/key?X-Amz-Signature=abc&x=1&token=t0k") == \
+        "s3://bucket/key?X-Amz-Signature=***&x=1&token=***"
+    assert redact("uri: postgresql://me:pw@db/mlflow\nother: 1") == "uri: postgresql://***@db/mlflow\nother: 1"
+    for clean in ("http://127.0.0.1:5000", "s3://bucket/a@b.png", "models:/iqa-spider@champion", "/data/x@2x.png"):
+        assert redact(clean) == clean
 
 
 def test_registered_version_with_provenance_tags(trained):

@@ -35,6 +35,12 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<re
 _RUNS_URI = re.compile(r"^runs:/(?P<run>[^/]+)(?:/(?P<path>.*))?$")
 
 
+def registered_name(uri: str) -> str | None:
+    """The registered model a ``models:/name...`` URI names, else None."""
+    found = _MODELS_URI.match(uri)
+    return found["name"] if found else None
+
+
 def default_cache_dir() -> str:
     return os.environ.get("IQA_SPIDER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iqa-spider", "models"))
 

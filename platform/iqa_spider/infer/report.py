@@ -213,20 +213,27 @@ def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from iqa_spider.registry.tracking import experiment_id, tracking_uri
+    from iqa_spider.infer.loading import registered_name
+    from iqa_spider.registry.tracking import experiment_id, redact_values, tracking_uri
 
     # The client API, not mlflow.set_experiment/start_run: those change process-wide state
     # that later runs of other jobs in the same process (promotion, training) trip over.
     client = MlflowClient(tracking_uri())
     parent = mlflow.active_run()
     tags = {"mlflow.parentRunId": parent.info.run_id} if parent else {}
-    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=cfg.mlflow.run_name,
-                               tags=tags).info.run_id
     control = report.get("control") or {}
-    params = {"model_uri": report["model_uri"], "model_version": report["model_version"],
-              "data_uri": report["data_uri"], "split": report["split"], "mapping": report["mapping"],
-              "tau": report["tau"], "segmenter": report["segmenter"],
-              "shuffle_images": bool(control.get("shuffle_images"))}
+    # A registered version is named and tagged after itself, so MLflow shows which one was measured.
+    registered, version = registered_name(report["model_uri"] or ""), report["model_version"]
+    run_name = cfg.mlflow.run_name
+    if registered and version is not None:
+        tags.update({"registered_model": registered, "model_version": str(version)})
+        run_name = run_name or f"eval-{registered}-v{version}" + ("-shuffled" if control.get("shuffle_images") else "")
+    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment), run_name=run_name,
+                               tags=tags).info.run_id
+    params = redact_values({"model_uri": report["model_uri"], "model_version": report["model_version"],
+                            "data_uri": report["data_uri"], "split": report["split"], "mapping": report["mapping"],
+                            "tau": report["tau"], "segmenter": report["segmenter"],
+                            "shuffle_images": bool(control.get("shuffle_images"))})
     metrics = {**flatten_metrics(report["metrics"]), **flatten_metrics(report.get("chance") or {}, "chance."),
                "eval.images": float(report["images"]), "eval.samples": float(report["samples"])}
     now = int(time.time() * 1000)

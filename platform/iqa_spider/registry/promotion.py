@@ -278,7 +278,7 @@ def _record_run(client, cfg: PromoteConfig, decision: dict[str, Any]) -> str:
     """An MLflow run in the promotion experiment: params, both metric sets, decision.json."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from iqa_spider.registry.tracking import experiment_id, git_commit
+    from iqa_spider.registry.tracking import experiment_id, git_commit, redact
 
     exp_id = experiment_id(client, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{decision['action']}-{cfg.registered_model}-v{decision['candidate']}",
@@ -290,12 +290,12 @@ def _record_run(client, cfg: PromoteConfig, decision: dict[str, Any]) -> str:
     metrics = [Metric(f"{who}.{k}", float(v), ts, 0)
                for who in ("candidate", "champion") for k, v in (decision.get(f"{who}_metrics") or {}).items()
                if _finite(v)]
-    params = [Param(k, str(decision.get(k))) for k in ("registered_model", "candidate", "champion_before",
+    params = [Param(k, redact(str(decision.get(k)))) for k in ("registered_model", "candidate", "champion_before",
                                                       "previous_champion_before", "data_uri")]
     for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i:i + 900])
     client.log_batch(run_id, params=params, tags=[RunTag("decision_reasons", "; ".join(decision["reasons"])[:4900])])
-    client.log_text(run_id, json.dumps(decision, indent=2, default=str), "decision.json")
+    client.log_text(run_id, redact(json.dumps(decision, indent=2, default=str)), "decision.json")
     client.set_terminated(run_id, "FINISHED")
     return run_id
 

@@ -105,14 +105,14 @@ def run_train(cfg: TrainConfig) -> dict:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = tracking.experiment_id(client, cfg.tracking.experiment)
-    tags = {"data_uri": cfg.data.uri, "git_commit": tracking.git_commit(),
-            "config_hash": tracking.config_hash(cfg_yaml), "ray_run_name": name}
+    tags = tracking.redact_values({"data_uri": cfg.data.uri, "git_commit": tracking.git_commit(),
+                                   "config_hash": tracking.config_hash(cfg_yaml), "ray_run_name": name})
     run = client.create_run(experiment, run_name=name, tags=tags)
     run_id = run.info.run_id
     try:
-        params = {k: str(v)[:500] for k, v in config_to_flat_dict(cfg).items()}
+        params = {k: tracking.redact(str(v))[:500] for k, v in config_to_flat_dict(cfg).items()}
         mlflow.log_params(params, run_id=run_id)  # batches past MLflow's per-call limit
-        client.log_text(run_id, cfg_yaml, "config/train.yaml")
+        client.log_text(run_id, tracking.redact(cfg_yaml), "config/train.yaml")
         tracking.log_dict_artifact(client, run_id, tracking.system_info(), "system_info.json")
         tracking.log_dict_artifact(client, run_id, counts, "data_counts.json")
 
