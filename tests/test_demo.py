@@ -43,6 +43,8 @@ def test_demo_runs_every_stage(tmp_path):
     assert report["images"] == 2 and report["samples"] > 0
     assert (work / "evaluate" / "report.html").stat().st_size > 1000
     assert Path(work / "mlflow.db").is_file()
+    # the artifacts beside the database, none in the directory the demo was started from
+    assert not (tmp_path / "mlruns").exists() and any((work / "mlartifacts").rglob("MLmodel"))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")

@@ -129,7 +129,8 @@ class EvalOutput:
 
 @dataclass
 class EvalMlflow:
-    # auto: log when MLFLOW_TRACKING_URI is set; true: always (local ./mlruns if unset); false: never
+    # auto: log when MLFLOW_TRACKING_URI is set; true: always (./mlflow.db if unset, artifacts
+    # beside it in ./mlartifacts); false: never
     enabled: str = "auto"
     experiment: str = "iqa-spider-evaluate"
     run_name: Optional[str] = None

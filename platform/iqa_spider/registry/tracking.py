@@ -43,6 +43,18 @@ def redact_values(values: dict[str, Any]) -> dict[str, Any]:
     return {k: redact(v) if isinstance(v, str) else v for k, v in values.items()}
 
 
+def local_artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a local sqlite store keeps an experiment's artifacts: beside the database.
+
+    MLflow's default for a store without a server is ``./mlruns`` under the *working
+    directory*, so a job run from the repository root would scatter artifacts there instead of
+    keeping them with the database it names. None for a server (it has its own root).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 def experiment_id(client: Any, name: str) -> str:
     """Get or create an experiment by name through the client (no process-wide active experiment)."""
     from mlflow.exceptions import MlflowException
@@ -51,7 +63,7 @@ def experiment_id(client: Any, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=local_artifact_location(client.tracking_uri, name))
     except MlflowException:  # another job created it between the two calls
         return client.get_experiment_by_name(name).experiment_id
 
