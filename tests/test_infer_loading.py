@@ -229,3 +229,14 @@ print(json.load(open(os.path.join(resolve_model_path("models:/m/1", sys.argv[2])
         shutil.rmtree(tmp_path / "mlruns")
         os.remove(tmp_path / "mlflow.db")
     assert seen == [str(tmp_path / "first"), str(tmp_path / "second")]
+
+
+def test_a_served_model_is_named_not_located():
+    """What a service shows of model.path: registry, run and bucket URIs as given; a local
+    folder by its name only (its path names the server's user and disks)."""
+    from iqa_spider.infer.loading import public_model_uri
+
+    for shown in ("models:/iqa-spider@champion", "models:/iqa-spider/3", "runs:/0a1b/export", "s3://models/iqa/v3"):
+        assert public_model_uri(shown) == shown
+    assert public_model_uri("/home/alice/.cache/iqa-spider/models/ab12/export/") == "local:export"
+    assert public_model_uri("file:///srv/models/small-qwen") == "local:small-qwen"

@@ -152,6 +152,26 @@ def test_s3_inputs_only_from_allowed_buckets(service, moto_s3):
     assert local.status_code == 422 and local.json()["error"] == "unsupported_uri"
     missing = assess_json(service, {"image_uri": moto_s3.uri("serve", "missing.png")})
     assert missing.status_code == 404, missing.text
+    # keys the filesystem layer would read as syntax (a URL chain, a version, a fragment), and
+    # no bucket name at all: the client's mistake (422), never an "outage" 502
+    for bad in (f"{uri}::file:///etc/passwd", f"{uri}?versionId=1", f"{uri}#x", f"{uri}\n",
+                "s3://Not_A_Bucket/a.png", f"s3://{moto_s3.bucket}/"):
+        r = assess_json(service, {"image_uri": bad})
+        assert (r.status_code, r.json()["error"]) == (422, "unsupported_uri"), (bad, r.text)
+        assert "Retry-After" not in r.headers and "Error" not in r.json()["detail"], r.text
+
+
+def test_the_service_shows_names_and_versions_not_paths(service, tmp_path_factory):
+    """/v1/model, /healthz and a result row name the model by URI and version; nothing shows the
+    server's directories (its cache, the segmenter's folder, the user's home)."""
+    import os
+
+    shown = json.dumps([requests.get(service + path, timeout=10).json() for path in ("/v1/model", "/healthz")]
+                       + [ok_row(assess_json(service, {"image_base64": b64(png(photo(2)))}))])
+    for private in (str(tmp_path_factory.getbasetemp()), os.path.expanduser("~"), "/tmp/", "cache"):
+        assert private not in shown, (private, shown)
+    info = requests.get(service + "/v1/model", timeout=10).json()
+    assert "local_dir" not in info and info["segmenter"] == {"kind": "sam", "name": "sam"}
 
 
 def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
@@ -166,6 +186,7 @@ def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
             asyncio.run(fetch_uri("s3://photos/a.png", LimitsConfig(allowed_s3_buckets=["photos"])))
     assert (err.value.status, err.value.error, err.value.headers) == (502, "s3_unavailable", {"Retry-After": "5"})
     assert "s3://photos/a.png" in err.value.detail and "EndpointConnectionError" in err.value.detail
+    assert "127.0.0.1" not in err.value.detail and "http" not in err.value.detail  # not the internal endpoint
 
 
 def test_concurrent_requests_are_batched(service):

@@ -41,6 +41,16 @@ def registered_name(uri: str) -> str | None:
     return found["name"] if found else None
 
 
+def public_model_uri(uri: str) -> str:
+    """The model's name as a service may show it to clients: registry, run and bucket URIs as
+    they are; a local folder as ``local:<folder name>``, never the server's path (which names
+    its user, its disks and its cache)."""
+    if is_mlflow_uri(uri) or uri.startswith(("s3://", "s3a://")):
+        return uri
+    name = Path(uri.removeprefix("file://").rstrip("/")).name
+    return f"local:{name or 'model'}"
+
+
 def default_cache_dir() -> str:
     return os.environ.get("IQA_SPIDER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "iqa-spider", "models"))
 

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from typing import Any, Literal, Optional, Protocol, Union
 
@@ -355,28 +356,49 @@ def _read_s3(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
-    """The bytes of an ``s3://`` image in an allowed bucket (never a local path)."""
+# S3's bucket naming rule (3-63 characters of lower-case letters, digits, dots and hyphens).
+S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# Key characters that the filesystem layer reads as syntax, not as part of the name: fsspec
+# chains URLs at "::" (x.jpg::file:///etc/passwd), s3fs takes "?versionId=" as a version.
+S3_KEY_SYNTAX = ("::", "?", "#")
+
+
+def check_s3_uri(uri: str) -> None:
+    """A client's image_uri names one S3 object and nothing else (else 422)."""
     if not uri.startswith(("s3://", "s3a://")):
         raise ApiError(422, "unsupported_uri", "image_uri must be s3://bucket/key")
     bucket, _, key = uri.split("://", 1)[1].partition("/")
+    if not S3_BUCKET_NAME.fullmatch(bucket):
+        raise ApiError(422, "unsupported_uri", f"{bucket[:64]!r} is not an S3 bucket name")
+    if not key or key.endswith("/") or ".." in key.split("/"):
+        raise ApiError(422, "unsupported_uri", "image_uri does not name an object")
+    if any(s in key for s in S3_KEY_SYNTAX) or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ApiError(422, "unsupported_uri", "image_uri may not hold '::', '?', '#' or control characters "
+                                               "(they would be read as a URL chain, a version or a fragment)")
+
+
+async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
+    """The bytes of an ``s3://`` image in an allowed bucket (never a local path)."""
+    check_s3_uri(uri)
+    bucket = uri.split("://", 1)[1].partition("/")[0]
     if not limits.allowed_s3_buckets:
         raise ApiError(403, "s3_not_allowed", "this service reads no S3 buckets (limits.allowed_s3_buckets is empty)")
     if bucket not in limits.allowed_s3_buckets:
         raise ApiError(403, "s3_bucket_not_allowed", f"bucket {bucket!r} is not one this service may read")
-    if not key or key.endswith("/") or ".." in key.split("/"):
-        raise ApiError(422, "unsupported_uri", f"{uri} does not name an object")
     try:
         return await asyncio.to_thread(_read_s3, uri, limits.max_body_bytes)
     except ApiError:
         raise
     except FileNotFoundError:
         raise ApiError(404, "not_found", f"{uri} does not exist") from None
-    except PermissionError as exc:
-        raise ApiError(403, "s3_forbidden", f"{uri}: {exc}") from None
+    except PermissionError:
+        raise ApiError(403, "s3_forbidden", f"access to {uri} is denied") from None
     except Exception as exc:  # noqa: BLE001 - S3 itself failed (endpoint down, throttled, 5xx)
         # Not the request's fault: 502 with Retry-After, so clients retry instead of dropping it.
-        raise ApiError(502, "s3_unavailable", f"{uri}: {type(exc).__name__}: {exc}"[:300],
+        # The client learns the kind of failure; the endpoint and the exception text (which
+        # name the internal S3 host) stay in the server's log.
+        log.warning("reading %s failed: %s: %s", uri, type(exc).__name__, exc)
+        raise ApiError(502, "s3_unavailable", f"S3 did not answer for {uri} ({type(exc).__name__}); retry later",
                        {"Retry-After": "5"}) from None
 
 
@@ -565,4 +587,4 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
 
 __all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable",
            "AssessOptions", "AssessJSON", "AssessResponse", "ErrorBody", "BodyLimitMiddleware", "parse_request",
-           "decode_checked", "fetch_uri", "IMAGE_ERROR_STATUS"]
+           "decode_checked", "fetch_uri", "check_s3_uri", "IMAGE_ERROR_STATUS"]

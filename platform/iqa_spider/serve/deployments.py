@@ -46,15 +46,17 @@ def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
 @serve.deployment(name="IQAModel")
 class IQAModel:
     def __init__(self, cfg: dict):
-        from iqa_spider.infer.loading import load_model
+        from iqa_spider.infer.loading import load_model, public_model_uri
         from iqa_spider.infer.predictor import Predictor
 
         self.cfg: ServeAppConfig = config_from_args(cfg)
         t0 = time.perf_counter()
         loaded = load_model(self.cfg.model, self.cfg.infer.cache_dir)
-        self.predictor = Predictor(loaded.model, loaded.processor, self.cfg.infer, loaded.uri, loaded.version)
+        # Clients see names and versions, never the server's paths (model folder, cache).
+        model_uri = public_model_uri(loaded.uri)
+        self.predictor = Predictor(loaded.model, loaded.processor, self.cfg.infer, model_uri, loaded.version)
         self.info_ = {
-            "model_uri": loaded.uri, "model_version": loaded.version, "local_dir": loaded.local_dir,
+            "model_uri": model_uri, "model_version": loaded.version,
             "family": getattr(loaded.model.config, "model_type", None), "device": str(loaded.device),
             "dtype": str(loaded.dtype).replace("torch.", ""), "mapping": self.cfg.infer.mapping,
             "tau": self.cfg.infer.tau, "prefix_sharing": self.cfg.infer.prefix_sharing,
@@ -76,7 +78,8 @@ class IQAModel:
             self.m_images = Counter("iqa_spider_model_images", description="images answered by the model")
         except Exception:  # noqa: BLE001 - metrics are best effort (no metrics agent in some setups)
             self.m_batch = self.m_images = None
-        log.info("IQAModel ready: %s version %s on %s", loaded.uri, loaded.version, loaded.device)
+        log.info("IQAModel ready: %s version %s on %s (from %s)", loaded.uri, loaded.version, loaded.device,
+                 loaded.local_dir)
 
     def model_info(self) -> dict:
         return dict(self.info_)
@@ -162,7 +165,8 @@ class IQAGrounding:
         log.info("IQAGrounding ready: segmenter %s", self.kind)
 
     def info(self) -> dict:
-        return {"kind": self.kind, "path": self.cfg.segmenter.path}
+        path = self.cfg.segmenter.path
+        return {"kind": self.kind, "name": path.rstrip("/").rsplit("/", 1)[-1] if path else None}  # no server path
 
     async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
         return await asyncio.to_thread(self._segment, image, groundings)
@@ -212,8 +216,9 @@ class IQAIngress:
             response.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - a crashed or missing replica is "unavailable", not a 500
-            log.exception("%s call failed", what)
-            raise BackendUnavailable(503, f"{what}_unavailable", f"{type(exc).__name__}: {exc}"[:300]) from None
+            log.exception("%s call failed", what)  # the whole story here; the client gets the kind only
+            raise BackendUnavailable(503, f"{what}_unavailable",
+                                     f"the {what} deployment did not answer ({type(exc).__name__})") from None
 
     async def analyze(self, image: np.ndarray, spec: dict) -> dict:
         return await self._call(self.model.analyze.remote(image, spec), "model")
