@@ -371,6 +371,23 @@ def test_bearer_token_guards_every_route_but_the_probe_and_docs():
         assert requests.get(url + "/v1/model", headers=ok, timeout=10).status_code == 200
         assert requests.get(url + "/healthz", timeout=10).status_code == 200
         assert requests.get(url + "/openapi.json", timeout=10).status_code == 200
+        assert requests.get(url + "/docs/assets/swagger-ui.css", timeout=10).status_code == 200
+
+
+def test_the_docs_page_needs_no_internet():
+    """/docs loads Swagger UI from this server, never from a CDN (an offline cluster has none)."""
+    import re
+
+    with fake_api(FakeBackend()) as url:
+        page = requests.get(url + "/docs", timeout=10)
+        assert page.status_code == 200 and "swagger-ui" in page.text
+        links = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+        assert links and all(link.startswith("/") for link in links), links   # no https:// anywhere
+        for link in links:
+            asset = requests.get(url + link, timeout=10)
+            assert asset.status_code == 200 and len(asset.content) > 500, link
+        assert "'/openapi.json'" in page.text or '"/openapi.json"' in page.text
+        assert requests.get(url + "/redoc", timeout=10).status_code == 404   # CDN-only page: off
 
 
 def test_booleans_are_booleans():

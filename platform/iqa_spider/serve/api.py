@@ -171,8 +171,13 @@ _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
 # Optional authentication: a bearer token read from this variable where the ingress runs.
 API_TOKEN_ENV = "IQA_SPIDER_API_TOKEN"
 # Open without the token: the readiness probe (load balancers carry no credentials) and the
-# API's own description.
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# API's own description (the Swagger page, its assets and the schema).
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/openapi.json"})
+DOCS_ASSETS = "/docs/assets"
+
+
+def is_open_path(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
 
 
 # ---------------------------------------------------------------------------- body size limit
@@ -460,12 +465,29 @@ def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[di
     }
 
 
+def add_offline_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the assets the swagger-ui-bundle package ships (FastAPI's
+    offline recipe), so the page works on a cluster with no internet."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
 def bearer_auth(token: str):
     """HTTP middleware: every route but the probe and the docs needs "Authorization: Bearer <token>"."""
     expected = f"Bearer {token}".encode()
 
     async def check(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
+        if not is_open_path(request.url.path):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time: no token guessing by timing
                 return error_response(401, "unauthorized", "send Authorization: Bearer <the server's token>",
@@ -481,6 +503,8 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
     app = FastAPI(
         title="IQA-Spider",
         version=API_VERSION,
+        docs_url=None,   # served below from local assets: FastAPI's default page loads them from a CDN,
+        redoc_url=None,  # which an offline cluster cannot reach (and ReDoc has no packaged assets)
         description="Explainable image quality assessment: a Q-Align score, descriptions, referring answers and "
                     "pixel-level grounding (point + mask) from one multimodal model. Every refusal is a 4xx "
                     "JSON error `{error, detail, status}`.",
@@ -564,6 +588,8 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
             return await asyncio.wait_for(_assess(request), timeout=limits.request_timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
             raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
+
+    add_offline_docs(app)
 
     @app.get("/healthz", summary="Liveness and readiness")
     async def healthz():
