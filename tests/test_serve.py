@@ -433,6 +433,40 @@ def test_questions_with_the_models_control_tokens_are_refused():
         ok_row(assess_json(url, {"image_base64": image, "refer": ["the sky | top left (<- the bright part)"]}))
 
 
+def test_the_documented_schema_agrees_with_the_server():
+    """A body valid under /openapi.json's schema is never refused for its form (400/422), and
+    the bodies the schema rules out are the ones the server refuses: what a schema fuzzer
+    checks. The 502 and the probe's 503 are documented too."""
+    import jsonschema
+    from openapi_spec_validator import validate
+
+    image = b64(png(photo(1)))
+    bodies = [({"image_base64": image}, True), ({"image_base64": image, "image_uri": ""}, False),
+              ({"image_base64": image, "image_uri": "s3://photos/a.png"}, False), ({}, False),
+              ({"image_uri": "s3://photos/a.png::file:///etc/passwd"}, False),
+              ({"image_uri": "s3://photos/a.png?versionId=1"}, False), ({"image_uri": "s3://photos/a/../b.png"}, False),
+              ({"image_uri": "s3://Bad_Bucket/a.png"}, False), ({"image_uri": "s3://photos/dir/"}, False),
+              ({"image_uri": "s3://photos/some dir/ünï.png"}, True),   # valid: a 403 (bucket not allowed), not a 422
+              ({"image_base64": image, "refer": [""]}, False), ({"image_base64": image, "refer": ["  "]}, False),
+              ({"image_base64": image, "refer": ["x" * 501]}, False), ({"image_base64": image, "refer": ["a"] * 9}, False),
+              ({"image_base64": image, "ground": ["Where is the blur?"], "refer": ["the sky"], "describe": True}, True),
+              ({"image_base64": image, "ground": 1}, False), ({"image_base64": image, "grond": True}, False)]
+    with fake_api(FakeBackend()) as url:
+        spec = requests.get(url + "/openapi.json", timeout=10).json()
+        validate(spec)   # a well-formed OpenAPI document
+        post = spec["paths"]["/v1/assess"]["post"]
+        assert {"400", "401", "403", "404", "408", "413", "415", "422", "429", "502", "503"} <= set(post["responses"])
+        assert "503" in spec["paths"]["/healthz"]["get"]["responses"]
+        schema = {**post["requestBody"]["content"]["application/json"]["schema"], "components": spec["components"]}
+        for body, valid in bodies:
+            ok = jsonschema.Draft202012Validator(schema).is_valid(body)
+            assert ok == valid, (body, ok)
+            r = assess_json(url, body)
+            assert (r.status_code not in (400, 422)) == valid, (body, r.status_code, r.text)
+        form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert form["additionalProperties"] is False and len(form["oneOf"]) == 2
+
+
 def test_api_timeout_and_backend_failures_without_ray():
     """The refusals a healthy tiny model cannot provoke: timeout, failed inference, a gone or
     overloaded model deployment. The FastAPI app of the ingress, served by uvicorn."""

@@ -164,6 +164,7 @@ _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
     415: "content type not allowed, or the bytes are not an allowed image type",
     422: "invalid fields, truncated/corrupt image, or an image the model cannot take",
     429: "the service is overloaded: retry later",
+    502: "S3 failed to serve image_uri (endpoint down, throttled, 5xx): retry later (Retry-After)",
     503: "the model is not available (replica starting or gone)",
 }.items()}
 
@@ -465,6 +466,57 @@ def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[di
     }
 
 
+# An image_uri as check_s3_uri takes it: a bucket name, then a key without "::", "?", "#",
+# control characters or a trailing "/" (ECMA regex, as OpenAPI reads it).
+S3_URI_PATTERN = r"^s3a?://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?!.*::)(?!(.*/)?\.\.(/|$))[^?#\x00-\x1f\x7f]*[^/?#\x00-\x1f\x7f]$"
+
+
+def _exactly_one(a: str, b: str) -> list[dict]:
+    return [{"required": [a], "not": {"required": [b]}}, {"required": [b], "not": {"required": [a]}}]
+
+
+def request_schemas(limits: LimitsConfig) -> tuple[dict, dict]:
+    """The documented JSON and multipart bodies of /v1/assess, with this deployment's limits.
+
+    As tight as a schema can say it, so a request a schema fuzzer builds from them is not
+    refused for its form: exactly one image source, non-empty texts within
+    ``limits.max_text_chars``, at most ``limits.max_questions`` per list. What a schema cannot
+    say (the question count summed over the lists, chat-template markup, the image's own
+    bytes) is in the descriptions and the 4xx responses.
+    """
+    text = {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars, "pattern": r"\S",
+            "description": "plain text (no chat-template markup such as <|im_end|>)"}
+    texts = {"type": "array", "items": text, "maxItems": limits.max_questions}
+    uri = {"type": "string", "pattern": S3_URI_PATTERN, "description": "s3://bucket/key in one of the configured buckets"}
+    json_schema = AssessJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    props = json_schema["properties"]
+    props["image_base64"] = {"type": "string", "minLength": 1, "description": props["image_base64"]["description"]}
+    props["image_uri"] = uri
+    props["ground"]["anyOf"] = [{"type": "boolean"}, texts]
+    for key in ("refer", "describe_regions"):
+        props[key] = {**texts, "description": props[key]["description"]}
+    json_schema["oneOf"] = _exactly_one("image_base64", "image_uri")
+    json_schema["description"] += (f" At most {limits.max_questions} texts in ground, refer and describe_regions "
+                                   "together.")
+    multipart_schema = {
+        "type": "object",
+        "properties": {
+            "image": {"type": "string", "format": "binary", "description": "the image file"},
+            "image_uri": {**uri, "description": "s3://bucket/key (instead of a file)"},
+            "describe": {"type": "boolean"},
+            "ground": {"anyOf": [{"type": "boolean"}, texts],
+                       "description": "true for the HyD-G question, or one field per grounding question"},
+            "refer": {**texts, "description": "one field per region text"},
+            "refer_long": {"type": "boolean"},
+            "describe_regions": texts,
+            "mapping": {"type": "string", "enum": list(MAPPING_NAMES)},
+        },
+        "additionalProperties": False,
+        "oneOf": _exactly_one("image", "image_uri"),
+    }
+    return json_schema, multipart_schema
+
+
 def add_offline_docs(app: FastAPI) -> None:
     """Swagger UI at /docs from the assets the swagger-ui-bundle package ships (FastAPI's
     offline recipe), so the page works on a cluster with no internet."""
@@ -535,21 +587,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
     if api_token:
         app.middleware("http")(bearer_auth(api_token))  # outermost: refused before the body is read
 
-    json_schema = AssessJSON.model_json_schema(ref_template="#/components/schemas/{model}")
-    multipart_schema = {
-        "type": "object",
-        "properties": {
-            "image": {"type": "string", "format": "binary", "description": "the image file"},
-            "image_uri": {"type": "string", "description": "s3://bucket/key (instead of a file)"},
-            "describe": {"type": "boolean"},
-            "ground": {"type": "array", "items": {"type": "string"},
-                       "description": "'true' for the HyD-G question, or one field per grounding question"},
-            "refer": {"type": "array", "items": {"type": "string"}, "description": "one field per region text"},
-            "refer_long": {"type": "boolean"},
-            "describe_regions": {"type": "array", "items": {"type": "string"}},
-            "mapping": {"type": "string", "enum": list(MAPPING_NAMES)},
-        },
-    }
+    json_schema, multipart_schema = request_schemas(limits)
 
     async def _assess(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -591,7 +629,10 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
 
     add_offline_docs(app)
 
-    @app.get("/healthz", summary="Liveness and readiness")
+    @app.get("/healthz", summary="Liveness and readiness",
+             responses={200: {"description": "ready: the model deployment answers"},
+                        503: {"model": ErrorBody, "description": "not_ready: the model deployment does not "
+                                                                  "answer within 10 s (starting or gone)"}})
     async def healthz():
         try:
             info = await asyncio.wait_for(backend.model_info(), timeout=10)
