@@ -153,11 +153,18 @@ def test_load_from_the_registry_reports_the_version(registered, local_probs, tmp
     np.testing.assert_allclose(v1.score([fixed_image()])[0].level_probs, local_probs[::-1], atol=1e-6)
 
 
-def test_unknown_mlflow_uri_fails_clearly(mlflow_server):
-    from mlflow.exceptions import MlflowException
-
-    with pytest.raises(MlflowException):
+def test_unknown_mlflow_uri_fails_clearly(mlflow_server, tmp_path):
+    """A registry miss names the registry it asked; a registry that does not exist is said to
+    be missing, not created empty (MLflow's default, ./mlflow.db, would be) and then searched."""
+    with pytest.raises(LookupError, match=f"no-such-model@champion is not in the registry at {mlflow_server.uri}"):
         resolve_model_path("models:/no-such-model@champion")
+    with pytest.raises(FileNotFoundError, match=f"no MLflow registry at sqlite:///{tmp_path}/mlflow.db"):
+        resolve_model_path("models:/iqa-spider@champion", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert list(tmp_path.iterdir()) == []   # nothing created
+    secret = mlflow_server.uri.replace("http://", "http://me:pa55@")
+    with pytest.raises(LookupError, match=r"registry at http://\*\*\*@127\.0\.0\.1") as err:
+        resolve_model_path("models:/no-such-model@champion", tracking_uri=secret)
+    assert "pa55" not in str(err.value)
 
 
 def test_s3_folder_is_fetched_once_per_content(tiny_model_dir, moto_s3, tmp_path):

@@ -426,7 +426,11 @@ def test_serve_backend_gives_the_same_rows(first_run, s3_inputs, ray_local, tiny
         for k in R.RESULT_FIELDS:
             if k in ("scored_at",):
                 continue
-            if k == "level_probs":
+            if k == "model_uri":  # the service names a local model by its folder, never its server path
+                from iqa_spider.infer.loading import public_model_uri
+
+                assert row[k] == public_model_uri(ref[k]), (row[k], ref[k])
+            elif k == "level_probs":
                 assert row[k] == pytest.approx(ref[k], abs=1e-4), k
             elif k == "score":
                 assert row[k] == pytest.approx(ref[k], abs=1e-4)

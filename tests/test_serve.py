@@ -274,6 +274,22 @@ def test_service_still_answers_after_refusals(service):
     assert requests.get(service + "/healthz", timeout=10).status_code == 200
 
 
+def test_a_wrong_config_key_is_one_line_naming_it(ray_local):
+    """What `serve run serving/config.yaml` shows for a typo under `args:`: Serve's controller
+    builds the app in its own task (called here as the controller calls it, on the real
+    cluster) and reports the error. One line naming the key, not a 35-line traceback."""
+    import ray
+    from ray.serve._private.application_state import build_serve_application
+    from ray.serve.schema import LoggingConfig
+
+    args = {"job": "serve", "model": {"path": "models:/iqa-spider@champion"}, "deployments": {"modle": {}}}
+    _, deploy_args, error = ray.get(build_serve_application.remote(
+        "iqa_spider.serve.app:build_app", None, "iqa-spider", args, LoggingConfig(), None, {}, {}, {}))
+    assert deploy_args is None and error, error
+    assert "\n" not in error.strip() and "Traceback" not in error, error
+    assert "deployments.modle" in error and "unknown key" in error, error
+
+
 def test_serving_config_file_is_valid():
     from iqa_spider.config.schemas import job_schema
     from iqa_spider.serve.config import ServeAppConfig, check_serve_config_file, load_serve_config

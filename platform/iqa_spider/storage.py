@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import random
+import re
 import time
 import uuid
 from typing import IO, Iterator
@@ -24,6 +25,21 @@ from fsspec.implementations.local import LocalFileSystem
 
 TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
+
+
+# Credentials a URI may carry: user:password@ in its authority, and secrets in its query
+# (tokens, presigned-URL signatures). Nothing that reaches MLflow (params, tags, the config
+# artifact, decision.json), an error message or a log line keeps them.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig)=)[^&\s'\"]*")
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
 
 def _s3_options() -> dict:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from iqa_spider.config.schemas import ModelConfig
+from iqa_spider.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,25 @@ def resolve_mlflow_version(uri: str, tracking_uri: str | None = None) -> tuple[s
     ``models:/name@alias`` and ``models:/name/latest`` are pinned to a version number, and the
     download URI names that version, so what is reported is what was downloaded.
     """
+    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri)  # None: MLFLOW_TRACKING_URI
+    registry = tracking_uri or mlflow.get_tracking_uri()  # None: MLFLOW_TRACKING_URI, else ./mlflow.db
+    if registry.startswith("sqlite:///") and not Path(registry[len("sqlite:///"):]).is_file():
+        # Opening it would create an empty registry (and leave it in the working directory),
+        # then report "no such model": say where it looked instead.
+        raise FileNotFoundError(f"no MLflow registry at {redact(registry)} (no such file); set MLFLOW_TRACKING_URI "
+                                "or model.tracking_uri to the registry that holds the model")
+    try:
+        return _resolve_in(MlflowClient(registry), uri)
+    except MlflowException as exc:
+        raise LookupError(f"{uri} is not in the registry at {redact(registry)}: {exc.message}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} (registry {redact(registry)})") from None
+
+
+def _resolve_in(client, uri: str) -> tuple[str | None, str | None, str]:
     m = _MODELS_URI.match(uri)
     if m:
         name = m.group("name")

@@ -5,10 +5,11 @@ import hashlib
 import json
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from iqa_spider.storage import redact  # noqa: F401  (re-exported: the jobs redact what they log)
 
 DEFAULT_LOCAL_STORE = "mlflow.db"
 
@@ -21,21 +22,6 @@ def tracking_uri(configured: str | None = None) -> str:
     if env:
         return env
     return f"sqlite:///{Path(DEFAULT_LOCAL_STORE).resolve()}"
-
-
-# Credentials a URI may carry: user:password@ in its authority, and secrets in its query
-# (tokens, presigned-URL signatures). Nothing that reaches MLflow (params, tags, the config
-# artifact, decision.json) or a log line keeps them.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
-_SECRET_QUERY = re.compile(r"(?i)(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|"
-                           r"x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig)=)[^&\s'\"]*")
-REDACTED = "***"
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URI in it replaced by ``***``."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{REDACTED}", text)
 
 
 def redact_values(values: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:
     try:
         version, _, pinned = resolve_mlflow_version(configured, cfg.model.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - no registry, no such model or alias: a config problem
-        raise ConfigError(f"cannot resolve {configured}: {type(exc).__name__}: {exc}", key="model.path") from None
+        raise ConfigError(f"cannot resolve {configured}: {exc}", key="model.path") from None
     cfg.model.path = pinned
     log.info("model %s is version %s (%s)", configured, version, pinned)
     return configured, version

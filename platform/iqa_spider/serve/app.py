@@ -18,9 +18,17 @@ log = logging.getLogger("ray.serve")
 
 def build_app(args: Mapping[str, Any] | None = None):
     """Serve application builder: args -> validated config -> bound deployments."""
+    from ray.serve.exceptions import RayServeException
+
+    from iqa_spider.config.loader import ConfigError
     from iqa_spider.serve.deployments import build_application
 
-    cfg = args if isinstance(args, ServeAppConfig) else load_serve_config(args)
+    try:
+        cfg = args if isinstance(args, ServeAppConfig) else load_serve_config(args)
+    except ConfigError as exc:
+        # Serve reports a RayServeException by its message alone (any other exception as its
+        # whole traceback, retried): one line naming the key, as the jobs print it.
+        raise RayServeException(str(exc)) from None
     log.info("building IQA-Spider serving app for %s", cfg.model.path)
     return build_application(cfg)
 
