@@ -295,6 +295,7 @@ def test_one_row_per_key_with_reasons_despite_an_actor_crash(first_run, s3_input
     _, expect, sizes = s3_inputs
     assert len(expect) >= 30
     assert marker.exists(), "the crash hook never fired"
+    assert summary["this_run"]["actor_restarts"] == 1   # the job's own summary counts the restart
     rows = read_rows(out)
     keys = [r["image_uri"] for r in rows]
     assert sorted(keys) == sorted(expect), set(keys) ^ set(expect)  # exactly once: no loss, no duplicate

@@ -141,10 +141,14 @@ def run_score(cfg: ScoreConfig) -> dict:
             check_serve(cfg)
         check_resources(cfg)
         env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
-        t_run, done_keys, written_at = time.monotonic(), 0, []
+        t_run, done_keys, written_at, restarts = time.monotonic(), 0, [], set()
         for row in build_dataset(cfg, blocks, model_uri, model_version, env).iter_rows():
             s = json.loads(row["summary"])
             new.append(s)
+            if report.restarted_actors([s]) - restarts:  # said in the job's own log, not only Ray's
+                restarts |= report.restarted_actors([s])
+                log.warning("score: a scoring actor was restarted after its process died, and its block retried "
+                            "(%d restart(s) so far; no row is lost or doubled)", len(restarts))
             done_keys += s["keys"]
             written_at.append(time.monotonic())
             elapsed = written_at[-1] - t_run

@@ -28,7 +28,14 @@ def block_summary(block: dict, rows: list[dict]) -> dict:
     return {"shard": block["name"], "keys": len(rows), "scored": len(rows) - sum(errors.values()),
             "errors": dict(errors), "model_version": next((r["model_version"] for r in rows), None),
             "scores": [round(r["score"], 5) for r in rows if r["score"] is not None],
-            "seconds": {k: round(v, 4) for k, v in block["seconds"].items()}}
+            "seconds": {k: round(v, 4) for k, v in block["seconds"].items()},
+            "actor": block.get("actor")}
+
+
+def restarted_actors(summaries: Iterable[dict]) -> set[tuple[str, int]]:
+    """(actor id, pid) of every restarted scoring-actor process that wrote a block: each is one
+    restart after a crash, and the block it was holding was retried there."""
+    return {(a["actor_id"], a["pid"]) for a in (s.get("actor") for s in summaries) if a and a.get("restarted")}
 
 
 def histogram(scores: Iterable[float]) -> dict:
@@ -51,7 +58,8 @@ def run_summary(new: list[dict], prior_keys: dict, prior_scores: list[float], *,
     total = len(prior_keys) + sum(s["keys"] for s in new)
     this_run = {"keys": sum(s["keys"] for s in new), "scored": sum(s["scored"] for s in new),
                 "errors": dict(run_errors), "skipped_already_done": skipped, "shards_written": len(new),
-                "stage_seconds": {k: round(stage_s.get(k, 0.0), 3) for k in STAGES}}
+                "stage_seconds": {k: round(stage_s.get(k, 0.0), 3) for k in STAGES},
+                "actor_restarts": len(restarted_actors(new))}
     this_run["slowest_stage"] = max(STAGES, key=lambda k: stage_s.get(k, 0.0)) if new else None
     return {"inputs_listed": listed, "ignored_files": ignored, "rows": total, "scored": total - sum(errors.values()),
             "errors": dict(errors), "score_mean": round(float(np.mean(scores)), 4) if scores else None,

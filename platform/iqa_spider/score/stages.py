@@ -91,11 +91,24 @@ def _maybe_crash(marker: str | None) -> None:
         os._exit(17)
 
 
+def _incarnation() -> dict:
+    """Which actor process this is: Ray keeps an actor's id across restarts, and says whether
+    this process is a restart (its previous one died; Ray Data then retries its block here)."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"actor_id": ctx.get_actor_id(), "pid": os.getpid(), "restarted": bool(ctx.was_current_actor_reconstructed)}
+
+
 class _ScorerBase:
     def __init__(self, describe: bool, ground_questions: list[str], crash_marker: str | None, env: dict | None):
         _apply_env(env)
         self.describe, self.ground_questions = describe, list(ground_questions)
         self.crash_marker = crash_marker
+        self.incarnation = _incarnation()
+        if self.incarnation["restarted"]:
+            log.warning("scoring actor %s restarted in process %d (its previous process died)",
+                        (self.incarnation["actor_id"] or "?")[:8], self.incarnation["pid"])
 
     def meta(self) -> dict:
         raise NotImplementedError
@@ -119,6 +132,7 @@ class _ScorerBase:
             else:
                 rows.append(next(scored))
         block["rows"] = rows
+        block["actor"] = self.incarnation
         block["seconds"]["score"] = time.perf_counter() - t0
         if not block.get("keep_images"):
             for it in block["items"]:
