@@ -290,6 +290,70 @@ def test_a_wrong_config_key_is_one_line_naming_it(ray_local):
     assert "deployments.modle" in error and "unknown key" in error, error
 
 
+def test_serve_run_of_the_shipped_config_becomes_ready_on_two_cores(tiny_model_dir, tmp_path):
+    """`serve run serving/config.yaml` as the README says, in a Ray of its own (this machine's CPUs): it
+    becomes ready (200), and before that a client sees only what serving/README.md documents:
+    no connection, Serve's own 404 until the route exists, then our JSON 503 not_ready (the
+    first held while the ingress starts, then each within seconds). The copy changes only the
+    model (the tiny one) and the port."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from conftest import BIN, stop
+
+    config = yaml.safe_load((REPO / "serving/config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"]["path"] = str(tiny_model_dir)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", "local", str(path)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}/healthz"
+    seen = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            t0 = time.monotonic()
+            try:
+                r = requests.get(url, timeout=30)
+            except requests.ConnectionError:
+                seen.append("no connection")
+                time.sleep(0.5)
+                continue
+            took = time.monotonic() - t0
+            if r.status_code == 200:
+                assert r.json()["status"] == "ok" and r.json()["model_uri"] == f"local:{tiny_model_dir.name}"
+                break
+            # Serve's proxy holds the first request to the new route while the ingress replica
+            # starts (about 10 s on 2 cores); every later not-ready answer takes NOT_READY_WAIT_S.
+            assert took < (20 if "first answer" not in seen else 5), (took, r.status_code, r.text)
+            if r.status_code != 404:
+                seen.append("first answer")
+            kind = "serve 404" if r.status_code == 404 and "not found" in r.text else \
+                (r.status_code, r.headers.get("content-type"), r.json().get("error") if "json" in
+                 r.headers.get("content-type", "") else r.text[:80])
+            assert kind in ("serve 404", (503, "application/json", "not_ready")), kind
+            seen.append(kind)
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"not ready after 240 s; saw {sorted(set(map(str, seen)))}\n{log.read_text()[-3000:]}")
+    finally:
+        import signal
+
+        proc.send_signal(signal.SIGINT)   # Ctrl-C, as the README says: Serve and its Ray shut down
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+
+
 def test_serving_config_file_is_valid():
     from iqa_spider.config.schemas import job_schema
     from iqa_spider.serve.config import ServeAppConfig, check_serve_config_file, load_serve_config
@@ -329,6 +393,8 @@ class FakeBackend:
             raise BackendUnavailable(503, "model_unavailable", "ActorDiedError: the replica died")
         if self.mode == "busy":
             raise BackendUnavailable(429, "overloaded", "the model deployment is at capacity")
+        if self.mode == "loading":  # no model replica yet: a handle call waits
+            await asyncio.sleep(60)
         if self.mode == "fails":
             return {"width": image.shape[1], "height": image.shape[0], "error": "inference_failed: boom"}
         return {"width": image.shape[1], "height": image.shape[0], "error": None, "model_uri": "fake",
@@ -339,8 +405,12 @@ class FakeBackend:
         return []
 
     async def model_info(self):
+        import asyncio
+
         if self.mode == "gone":
             raise RuntimeError("no replica")
+        if self.mode == "loading":
+            await asyncio.sleep(60)
         return {"model_uri": "fake", "model_version": "7"}
 
     async def stats(self):
@@ -364,7 +434,7 @@ def fake_api(backend: FakeBackend, limits=None, api_token: str | None = None):
     thread.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/healthz", 30)
+        wait_http(url + "/openapi.json", 30)   # up, without asking the backend (readiness is a test subject)
         yield url
     finally:
         server.should_exit = True
@@ -481,6 +551,25 @@ def test_the_documented_schema_agrees_with_the_server():
             assert (r.status_code not in (400, 422)) == valid, (body, r.status_code, r.text)
         form = post["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert form["additionalProperties"] is False and len(form["oneOf"]) == 2
+
+
+def test_while_the_model_loads_clients_get_a_quick_json_503():
+    """Before the model deployment first answers, the probe and /v1/assess answer the
+    documented JSON 503 not_ready (Retry-After) within seconds, not after the model's load."""
+    from iqa_spider.serve.api import NOT_READY_WAIT_S
+
+    backend = FakeBackend()
+    backend.mode = "loading"
+    body = {"image_base64": b64(png(photo(1)))}
+    with fake_api(backend) as url:
+        for send in (lambda: requests.get(url + "/healthz", timeout=30), lambda: assess_json(url, body)):
+            t0 = time.monotonic()
+            r = send()
+            assert time.monotonic() - t0 < NOT_READY_WAIT_S + 2, time.monotonic() - t0
+            assert (r.status_code, r.json()["error"], r.headers["Retry-After"]) == (503, "not_ready", "5"), r.text
+        backend.mode = "ok"   # loaded
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200
+        ok_row(assess_json(url, body))
 
 
 def test_api_timeout_and_backend_failures_without_ray():

@@ -169,6 +169,11 @@ _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
 }.items()}
 
 
+# How long the ingress waits for the model deployment before it answers 503 not_ready: before
+# the model first answered (it is loading), and for the probe once it has (a busy replica).
+NOT_READY_WAIT_S = 2.0
+READY_PROBE_S = 10.0
+
 # Optional authentication: a bearer token read from this variable where the ingress runs.
 API_TOKEN_ENV = "IQA_SPIDER_API_TOKEN"
 # Open without the token: the readiness probe (load balancers carry no credentials) and the
@@ -589,10 +594,29 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
 
     json_schema, multipart_schema = request_schemas(limits)
 
+    # Ready once the model deployment has answered. Until then a probe or a request gets the
+    # JSON 503 not_ready within NOT_READY_WAIT_S, not after a model-load-long wait; afterwards
+    # the probe allows a busy replica READY_PROBE_S to answer.
+    readiness = {"ready": False}
+
+    async def model_ready() -> tuple[dict | None, str | None]:
+        wait = READY_PROBE_S if readiness["ready"] else NOT_READY_WAIT_S
+        try:
+            info = await asyncio.wait_for(backend.model_info(), timeout=wait)
+        except Exception as exc:  # noqa: BLE001 - starting, gone or overloaded: not ready
+            return None, f"the model deployment does not answer within {wait:g}s ({type(exc).__name__}): " \
+                         "it is starting (loading the model) or gone; retry"
+        readiness["ready"] = True
+        return info, None
+
     async def _assess(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         parsed = await parse_request(request, limits)
         check_options(parsed.options, limits)
+        if not readiness["ready"]:
+            _, why = await model_ready()
+            if why:
+                raise ApiError(503, "not_ready", why, {"Retry-After": "5"})
         data = parsed.data if parsed.data is not None else await fetch_uri(parsed.uri or "", limits)
         image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits)
         arr = np.asarray(image, dtype=np.uint8)
@@ -634,10 +658,9 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                         503: {"model": ErrorBody, "description": "not_ready: the model deployment does not "
                                                                   "answer within 10 s (starting or gone)"}})
     async def healthz():
-        try:
-            info = await asyncio.wait_for(backend.model_info(), timeout=10)
-        except Exception as exc:  # noqa: BLE001
-            return error_response(503, "not_ready", f"the model deployment does not answer: {type(exc).__name__}")
+        info, why = await model_ready()
+        if info is None:
+            return error_response(503, "not_ready", why, {"Retry-After": "5"})
         return {"status": "ok", "model_uri": info.get("model_uri"), "model_version": info.get("model_version")}
 
     @app.get("/v1/model", summary="The loaded model, segmenter and limits")
