@@ -14,6 +14,9 @@ from conftest import BIN, REPO, check_score_report
 # evaluation images, no floors (a 4-step model is at chance).
 SHORT = ["tiny.size=tiny", "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
          "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
+         # the description path runs, with answers cut short (the tiny model never stops on its own)
+         "stages.score_overrides=[output.overlays=true,'tasks=[score,ground,describe]',infer.max_new_tokens=12,"
+         "infer.describe_max_new_tokens=12]",
          "stages.promote_overrides=['gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null}]',"
          "data.max_images=2]"]
 

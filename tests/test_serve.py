@@ -24,6 +24,7 @@ from iqa_spider.infer.text_to_point import is_whole_image
 MODEL_NAME = "iqa-spider-serve-test"
 MAX_BODY = 512 * 1024
 MAX_PIXELS = 1_000_000
+MAX_DECODED_MB = 4   # room for many small images at once, not for one 800 x 800 (8 bytes a pixel)
 
 
 def png(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -64,7 +65,7 @@ def service(ray_local, champion, moto_s3, tiny_sam_dir, tmp_path_factory):
             "ingress": {"num_cpus": 0.25},
         },
         "limits": {"max_body_bytes": MAX_BODY, "max_pixels": MAX_PIXELS, "request_timeout_s": 60,
-                   "allowed_s3_buckets": [moto_s3.bucket]},
+                   "allowed_s3_buckets": [moto_s3.bucket], "max_decoded_mb_in_flight": MAX_DECODED_MB},
         # the test cluster started before these were set: hand them to the replicas by name
         "forward_env": ["MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                         "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"],
@@ -262,6 +263,15 @@ def test_refusals_are_4xx_json(service, case):
     assert r.json()["detail"] and r.json()["status"] == expect[0]
 
 
+def test_an_image_needing_more_decoded_memory_than_the_budget_is_a_413(service):
+    """Under max_pixels, but alone more than limits.max_decoded_mb_in_flight: refused before
+    decoding, naming the limit (the in-flight sharing itself: the test without Ray below)."""
+    data = png(Image.new("RGB", (800, 800), (90, 120, 30)))   # 0.64 MP, a few KB
+    r = requests.post(service + "/v1/assess", files={"image": ("big.png", data, "image/png")}, timeout=30)
+    assert (r.status_code, r.json()["error"]) == (413, "too_many_pixels"), r.text
+    assert "max_decoded_mb_in_flight" in r.json()["detail"]
+
+
 def test_service_still_answers_after_refusals(service):
     # a chunked body (no Content-Length) over the limit is cut off while streaming
     def chunks():
@@ -389,6 +399,8 @@ class FakeBackend:
 
         if self.mode == "slow":
             await asyncio.sleep(5)
+        if self.mode == "slow1":
+            await asyncio.sleep(1)
         if self.mode == "gone":
             raise BackendUnavailable(503, "model_unavailable", "ActorDiedError: the replica died")
         if self.mode == "busy":
@@ -570,6 +582,34 @@ def test_while_the_model_loads_clients_get_a_quick_json_503():
         backend.mode = "ok"   # loaded
         assert requests.get(url + "/healthz", timeout=10).status_code == 200
         ok_row(assess_json(url, body))
+
+
+def test_decoded_image_memory_in_flight_is_bounded():
+    """limits.max_decoded_mb_in_flight bounds the decoded bytes of concurrent requests, not
+    their count: with room for one 1000x1000 image at a time, two such requests run one after
+    the other (both answered), and an image that alone needs more than the budget is a 413."""
+    from iqa_spider.serve.api import DECODED_BYTES_PER_PIXEL
+    from iqa_spider.serve.config import LimitsConfig
+
+    one = 1000 * 1000 * DECODED_BYTES_PER_PIXEL
+    backend = FakeBackend()
+    limits = LimitsConfig(max_decoded_mb_in_flight=-(-int(one * 1.5) // 2**20), max_body_bytes=2**24)
+    body = {"image_base64": b64(png(photo(1, (1000, 1000))))}
+    with fake_api(backend, limits) as url:
+        backend.mode = "slow1"   # each answer takes 1 s
+        t0 = time.monotonic()
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda _: assess_json(url, body), range(2)))
+        took = time.monotonic() - t0
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+        assert took >= 2.0, took          # the second waited for the first's memory
+        backend.mode = "ok"
+        small = {"image_base64": b64(png(photo(1, (200, 100))))}
+        with cf.ThreadPoolExecutor(4) as pool:   # small images share the budget at once
+            assert all(r.status_code == 200 for r in pool.map(lambda _: assess_json(url, small), range(4)))
+        big = assess_json(url, {"image_base64": b64(png(photo(1, (1500, 1500))))})
+        assert (big.status_code, big.json()["error"]) == (413, "too_many_pixels"), big.text
+        assert "max_decoded_mb_in_flight" in big.json()["detail"]
 
 
 def test_api_timeout_and_backend_failures_without_ray():

@@ -62,6 +62,15 @@ def looks_like_image(head: bytes) -> bool:
     return image_type(head) is not None
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone (nothing decoded), or None if it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - decode_image gives the reason; this is only an estimate
+        return None
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """bytes -> 8-bit RGB PIL image, or ImageError(reason)."""
     if not data:

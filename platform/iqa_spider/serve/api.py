@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -43,7 +44,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from iqa_spider.images import ImageError, decode_image, image_type, prepare_image
+from iqa_spider.images import ImageError, decode_image, header_size, image_type, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, control_token_in
 from iqa_spider.serve.config import LimitsConfig
 
@@ -432,6 +433,37 @@ def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
         raise ApiError(IMAGE_ERROR_STATUS.get(exc.reason, 422), exc.reason, str(exc)[:300]) from None
 
 
+# ---------------------------------------------------------------------------- decoded memory
+
+# Bytes a request holds per pixel of its image while in flight: the decoded RGB image and the
+# array the model deployment gets (3 + 3), plus room for a mode conversion (a palette or 16-bit
+# PNG is converted once). About what a 25 MP PNG was measured to cost (215 MB).
+DECODED_BYTES_PER_PIXEL = 8
+
+
+class DecodeBudget:
+    """The decoded image bytes the requests in flight of one ingress replica may hold."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.used = int(limit_bytes), 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int):
+        if nbytes > self.limit:
+            raise ApiError(413, "too_many_pixels", f"the image needs about {nbytes // 2**20} MB decoded; this service "
+                                                   f"holds at most {self.limit // 2**20} MB (limits.max_decoded_mb_in_flight)")
+        async with self._changed:  # wait for a share; the request's own timeout still applies
+            await self._changed.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
+
+
 # ---------------------------------------------------------------------------- the app
 
 class Backend(Protocol):
@@ -593,6 +625,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         app.middleware("http")(bearer_auth(api_token))  # outermost: refused before the body is read
 
     json_schema, multipart_schema = request_schemas(limits)
+    budget = DecodeBudget(limits.max_decoded_mb_in_flight * 2**20)
 
     # Ready once the model deployment has answered. Until then a probe or a request gets the
     # JSON 503 not_ready within NOT_READY_WAIT_S, not after a model-load-long wait; afterwards
@@ -618,15 +651,19 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
             if why:
                 raise ApiError(503, "not_ready", why, {"Retry-After": "5"})
         data = parsed.data if parsed.data is not None else await fetch_uri(parsed.uri or "", limits)
-        image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits)
-        arr = np.asarray(image, dtype=np.uint8)
-        o = parsed.options
-        spec = {"describe": o.describe, "ground": o.questions(), "refer": list(o.refer), "refer_long": o.refer_long,
-                "describe_regions": list(o.describe_regions), "mapping": o.mapping}
-        result = await backend.analyze(arr, spec)
-        if result.get("error"):
-            raise ApiError(422, "inference_failed", str(result["error"])[:300])
-        regions = await backend.segment(arr, result["groundings"]) if result.get("groundings") else []
+        size = header_size(data)
+        pixels = min(size[0] * size[1], limits.max_pixels) if size else 0  # over max_pixels: refused undecoded
+        async with budget.hold(pixels * DECODED_BYTES_PER_PIXEL):  # held until the answer: the array lives on
+            image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits)
+            arr = np.asarray(image, dtype=np.uint8)
+            del image
+            o = parsed.options
+            spec = {"describe": o.describe, "ground": o.questions(), "refer": list(o.refer),
+                    "refer_long": o.refer_long, "describe_regions": list(o.describe_regions), "mapping": o.mapping}
+            result = await backend.analyze(arr, spec)
+            if result.get("error"):
+                raise ApiError(422, "inference_failed", str(result["error"])[:300])
+            regions = await backend.segment(arr, result["groundings"]) if result.get("groundings") else []
         row = build_row(parsed, data, result, regions)
         log.info("assess %dx%d %s in %.3fs", row["width"], row["height"],
                  ",".join(k for k, v in spec.items() if v) or "score", time.perf_counter() - t0)
@@ -677,4 +714,5 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
 
 __all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable",
            "AssessOptions", "AssessJSON", "AssessResponse", "ErrorBody", "BodyLimitMiddleware", "parse_request",
-           "decode_checked", "fetch_uri", "check_s3_uri", "IMAGE_ERROR_STATUS"]
+           "decode_checked", "fetch_uri", "check_s3_uri", "IMAGE_ERROR_STATUS", "DecodeBudget",
+           "DECODED_BYTES_PER_PIXEL"]

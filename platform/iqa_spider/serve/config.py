@@ -125,6 +125,11 @@ class LimitsConfig:
     allowed_s3_buckets: list[str] = field(default_factory=list)  # image_uri buckets; empty: s3 off (403)
     max_questions: int = 8                    # ground + refer + describe_regions texts per request (422)
     max_text_chars: int = 500                 # per question / region text (422)
+    # Decoded image memory held by the requests in flight, per ingress replica: a request waits
+    # for its share (408 after request_timeout_s); one that alone needs more gets 413. The
+    # count of requests (max_ongoing_requests) does not bound memory: one 25 MP image costs
+    # about 200 MB decoded, an 84 KB PNG can be one.
+    max_decoded_mb_in_flight: int = 1024
 
 
 @dataclass
@@ -158,7 +163,8 @@ class ServeAppConfig:
         _check_positive("deployments.model.batch_wait_timeout_s", d.model.batch_wait_timeout_s, allow_zero=True)
         lim = self.limits
         check_at_least(1, *((f"limits.{key}", getattr(lim, key))
-                            for key in ("max_body_bytes", "max_pixels", "max_text_chars")))
+                            for key in ("max_body_bytes", "max_pixels", "max_text_chars",
+                                        "max_decoded_mb_in_flight")))
         check_at_least(0, ("limits.max_questions", lim.max_questions))
         _check_positive("limits.request_timeout_s", lim.request_timeout_s)
         bad = [t for t in lim.allowed_content_types if not t.startswith("image/")]
