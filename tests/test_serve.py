@@ -263,6 +263,23 @@ def test_refusals_are_4xx_json(service, case):
     assert r.json()["detail"] and r.json()["status"] == expect[0]
 
 
+def test_a_large_image_is_answered_in_its_own_size(service):
+    """Decoded at the tiny model's pixel cap, answered in the image's own size: points within
+    it, masks of its shape, the same contract as any other row."""
+    img = photo(5, (640, 480))
+    row = ok_row(requests.post(service + "/v1/assess", files={"image": ("big.jpg", png(img, "JPEG"), "image/jpeg")},
+                               data={"ground": "true"}, timeout=60))
+    assert (row["width"], row["height"]) == (640, 480)
+    info = requests.get(service + "/v1/model", timeout=10).json()
+    assert 0 < info["max_pixels"] < 640 * 480     # so this image was decoded smaller
+    assert row["regions"]
+    for r in row["regions"]:
+        if r["mask_rle"] is not None:
+            assert r["mask_rle"]["size"] == [480, 640]
+        if r["point_x"] is not None:
+            assert 0 <= r["point_x"] <= 639 and 0 <= r["point_y"] <= 479
+
+
 def test_an_image_needing_more_decoded_memory_than_the_budget_is_a_413(service):
     """Under max_pixels, but alone more than limits.max_decoded_mb_in_flight: refused before
     decoding, naming the limit (the in-flight sharing itself: the test without Ray below)."""
@@ -389,8 +406,10 @@ def test_serving_config_file_is_valid():
 class FakeBackend:
     """The api.Backend protocol without Ray: a slow, a failing and an overloaded model."""
 
-    def __init__(self):
+    def __init__(self, max_pixels: int | None = None):
         self.mode = "ok"
+        self.max_pixels = max_pixels   # the model's pixel cap, as the model deployment reports it
+        self.seen: list[tuple[int, int]] = []   # (width, height) of each array the model got
 
     async def analyze(self, image, spec):
         import asyncio
@@ -409,11 +428,13 @@ class FakeBackend:
             await asyncio.sleep(60)
         if self.mode == "fails":
             return {"width": image.shape[1], "height": image.shape[0], "error": "inference_failed: boom"}
-        return {"width": image.shape[1], "height": image.shape[0], "error": None, "model_uri": "fake",
+        self.seen.append((image.shape[1], image.shape[0]))
+        width, height = spec.get("size") or (image.shape[1], image.shape[0])
+        return {"width": width, "height": height, "error": None, "model_uri": "fake",
                 "model_version": "7", "score": {"score": 3.0, "level": "fair", "level_probs": [0.2] * 5},
                 "groundings": []}
 
-    async def segment(self, image, groundings):
+    async def segment(self, image, groundings, size=None):
         return []
 
     async def model_info(self):
@@ -423,7 +444,7 @@ class FakeBackend:
             raise RuntimeError("no replica")
         if self.mode == "loading":
             await asyncio.sleep(60)
-        return {"model_uri": "fake", "model_version": "7"}
+        return {"model_uri": "fake", "model_version": "7", "max_pixels": self.max_pixels}
 
     async def stats(self):
         return {}
@@ -610,6 +631,23 @@ def test_decoded_image_memory_in_flight_is_bounded():
         big = assess_json(url, {"image_base64": b64(png(photo(1, (1500, 1500))))})
         assert (big.status_code, big.json()["error"]) == (413, "too_many_pixels"), big.text
         assert "max_decoded_mb_in_flight" in big.json()["detail"]
+
+
+def test_images_are_decoded_no_larger_than_the_model_takes():
+    """The model never sees more than its processor's pixel cap, so the ingress decodes no
+    larger (JPEG at a reduced scale by the codec): the model gets at most that many pixels and
+    the row still gives the image's own size."""
+    backend = FakeBackend(max_pixels=50_000)
+    with fake_api(backend) as url:
+        assert requests.get(url + "/healthz", timeout=10).status_code == 200   # learns the cap
+        for fmt in ("JPEG", "PNG"):
+            row = ok_row(requests.post(url + "/v1/assess", timeout=30,
+                                       files={"image": (f"x.{fmt.lower()}", png(photo(3, (1600, 1200)), fmt))}))
+            assert (row["width"], row["height"]) == (1600, 1200), row
+            w, h = backend.seen[-1]
+            assert w * h <= 50_000 and abs(w / h - 4 / 3) < 0.02, (fmt, w, h)
+        small = ok_row(assess_json(url, {"image_base64": b64(png(photo(3, (160, 120))))}))
+        assert backend.seen[-1] == (160, 120) and (small["width"], small["height"]) == (160, 120)
 
 
 def test_api_timeout_and_backend_failures_without_ray():

@@ -9,6 +9,7 @@ palette, alpha, greyscale) into 8-bit RGB.
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
@@ -71,8 +72,14 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """bytes -> 8-bit RGB PIL image, or ImageError(reason)."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fit_pixels: int | None = None) -> Image.Image:
+    """bytes -> 8-bit RGB PIL image, or ImageError(reason).
+
+    ``fit_pixels``: decode no larger than needed for that many pixels (a model whose processor
+    resizes to at most that). JPEG is decoded at 1/2, 1/4 or 1/8 scale by the codec itself
+    (Pillow's draft mode), other formats are reduced in their own mode before the RGB
+    conversion; the aspect ratio is kept.
+    """
     if not data:
         raise ImageError("empty", "zero bytes")
     if not looks_like_image(data[:16]):
@@ -83,6 +90,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         size = w, h = img.size  # header only: nothing decoded yet
         if w * h > max_pixels:
             raise ImageError("too_many_pixels", f"{w}x{h} exceeds the limit of {max_pixels} pixels", size)
+        if fit_pixels and w * h > fit_pixels:
+            scale = math.sqrt(fit_pixels / (w * h))
+            img.thumbnail((max(1, math.floor(w * scale)), max(1, math.floor(h * scale))),
+                          Image.Resampling.BICUBIC, reducing_gap=2.0)  # before load: JPEG uses draft()
         img.load()
     except ImageError:
         raise

@@ -15,8 +15,9 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 
 Limits (``limits:`` of the config): body size (checked on Content-Length before reading and
 while streaming), decoded pixels (read from the image header before decoding, so a
-decompression bomb is never expanded), allowed image types (declared and sniffed), question
-count and length, and a per-request timeout. Every refusal is a JSON body
+decompression bomb is never expanded), decoded memory of the requests in flight (an image is
+decoded no larger than the model's pixel cap, and answered in its own size), allowed image
+types (declared and sniffed), question count and length, and a per-request timeout. Every refusal is a JSON body
 ``{"error": code, "detail": why, "status": N}`` with a 4xx status. Nothing on the request path
 unpickles anything: the body is JSON, multipart or base64 only.
 """
@@ -414,8 +415,9 @@ async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
                        {"Retry-After": "5"}) from None
 
 
-def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
-    """Validated PIL image (8-bit RGB) or ApiError. Runs in a worker thread."""
+def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig, fit_pixels: int | None = None):
+    """Validated PIL image (8-bit RGB) or ApiError, no larger than ``fit_pixels`` (the model's
+    own pixel cap: it never sees more). Runs in a worker thread."""
     allowed = limits.allowed_content_types
     if declared and declared not in ("application/octet-stream",) and declared not in allowed:
         raise ApiError(415, "unsupported_media_type", f"image type {declared} is not allowed; allowed: {allowed}")
@@ -428,7 +430,7 @@ def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig):
     if sniffed not in allowed:
         raise ApiError(415, "unsupported_media_type", f"image type {sniffed} is not allowed; allowed: {allowed}")
     try:
-        return prepare_image(decode_image(data, limits.max_pixels))
+        return prepare_image(decode_image(data, limits.max_pixels, fit_pixels))
     except ImageError as exc:
         raise ApiError(IMAGE_ERROR_STATUS.get(exc.reason, 422), exc.reason, str(exc)[:300]) from None
 
@@ -468,7 +470,8 @@ class DecodeBudget:
 
 class Backend(Protocol):
     async def analyze(self, image: np.ndarray, spec: dict) -> dict: ...
-    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]: ...
+    async def segment(self, image: np.ndarray, groundings: list[dict],
+                      size: tuple[int, int] | None = None) -> list[dict]: ...
     async def model_info(self) -> dict: ...
     async def stats(self) -> dict: ...
 
@@ -640,6 +643,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
             return None, f"the model deployment does not answer within {wait:g}s ({type(exc).__name__}): " \
                          "it is starting (loading the model) or gone; retry"
         readiness["ready"] = True
+        readiness["fit_pixels"] = info.get("max_pixels")  # the processor's cap: decode no larger
         return info, None
 
     async def _assess(request: Request) -> JSONResponse:
@@ -654,16 +658,21 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         size = header_size(data)
         pixels = min(size[0] * size[1], limits.max_pixels) if size else 0  # over max_pixels: refused undecoded
         async with budget.hold(pixels * DECODED_BYTES_PER_PIXEL):  # held until the answer: the array lives on
-            image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits)
+            image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits,
+                                            readiness.get("fit_pixels"))
             arr = np.asarray(image, dtype=np.uint8)
             del image
             o = parsed.options
+            # size: the image's own (from the header), which every answer is given in, whatever
+            # size it was decoded at
+            full = size if size and arr.shape[1] * arr.shape[0] < size[0] * size[1] else None
             spec = {"describe": o.describe, "ground": o.questions(), "refer": list(o.refer),
-                    "refer_long": o.refer_long, "describe_regions": list(o.describe_regions), "mapping": o.mapping}
+                    "refer_long": o.refer_long, "describe_regions": list(o.describe_regions), "mapping": o.mapping,
+                    "size": list(full) if full else None}
             result = await backend.analyze(arr, spec)
             if result.get("error"):
                 raise ApiError(422, "inference_failed", str(result["error"])[:300])
-            regions = await backend.segment(arr, result["groundings"]) if result.get("groundings") else []
+            regions = await backend.segment(arr, result["groundings"], full) if result.get("groundings") else []
         row = build_row(parsed, data, result, regions)
         log.info("assess %dx%d %s in %.3fs", row["width"], row["height"],
                  ",".join(k for k, v in spec.items() if v) or "score", time.perf_counter() - t0)

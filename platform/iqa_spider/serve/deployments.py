@@ -47,6 +47,7 @@ def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
 class IQAModel:
     def __init__(self, cfg: dict):
         from iqa_spider.infer.loading import load_model, public_model_uri
+        from iqa_spider.model.processor import processor_max_pixels
         from iqa_spider.infer.predictor import Predictor
 
         self.cfg: ServeAppConfig = config_from_args(cfg)
@@ -57,6 +58,7 @@ class IQAModel:
         self.predictor = Predictor(loaded.model, loaded.processor, self.cfg.infer, model_uri, loaded.version)
         self.info_ = {
             "model_uri": model_uri, "model_version": loaded.version,
+            "max_pixels": processor_max_pixels(loaded.processor),
             "family": getattr(loaded.model.config, "model_type", None), "device": str(loaded.device),
             "dtype": str(loaded.dtype).replace("torch.", ""), "mapping": self.cfg.infer.mapping,
             "tau": self.cfg.infer.tau, "prefix_sharing": self.cfg.infer.prefix_sharing,
@@ -130,7 +132,9 @@ class IQAModel:
 
     def _answer(self, image, spec: dict, queries: list, kinds: list, results) -> dict:
         p = self.predictor
-        base = {"width": image.width, "height": image.height, "model_uri": p.model_uri,
+        # answers are in the image's own size; the ingress may have decoded it smaller
+        width, height = spec.get("size") or (image.width, image.height)
+        base = {"width": width, "height": height, "model_uri": p.model_uri,
                 "model_version": None if p.model_version is None else str(p.model_version)}
         if isinstance(results, Exception):
             return {**base, "error": f"inference_failed: {type(results).__name__}: {results}"[:500]}
@@ -147,10 +151,16 @@ class IQAModel:
             elif kind == "refer":
                 out["referring"].append({"region": text, "query": q.question, "answer": r.text or ""})
             else:
-                g = p.grounding_of(r, text, image.width, image.height, spec.get("mapping"))
+                g = p.grounding_of(r, text, width, height, spec.get("mapping"))
                 out["groundings"].append({"query": g.query, "answer": g.answer, "whole_image": g.whole_image,
                                           "points": [[pt.x, pt.y, pt.p_right, pt.p_bottom] for pt in g.points]})
         return out
+
+
+def _resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)) > 0
 
 
 @serve.deployment(name="IQAGrounding")
@@ -168,10 +178,13 @@ class IQAGrounding:
         path = self.cfg.segmenter.path
         return {"kind": self.kind, "name": path.rstrip("/").rsplit("/", 1)[-1] if path else None}  # no server path
 
-    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._segment, image, groundings)
+    async def segment(self, image: np.ndarray, groundings: list[dict], size=None) -> list[dict]:
+        return await asyncio.to_thread(self._segment, image, groundings, size)
 
-    def _segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
+    def _segment(self, image: np.ndarray, groundings: list[dict], size=None) -> list[dict]:
+        """Masks for the points of each grounding. ``size``: the image's own (width, height)
+        when ``image`` was decoded smaller: points come and go in that size, and the masks
+        are scaled up to it (nearest), so a row is the same whatever the decode size."""
         from PIL import Image
 
         from iqa_spider.infer import results as R
@@ -179,9 +192,18 @@ class IQAGrounding:
         from iqa_spider.infer.text_to_point import Point
 
         pil = Image.fromarray(image)
-        gs = [Grounding(g["query"], g["answer"], pil.width, pil.height, bool(g["whole_image"]),
-                        points=[Point(*map(float, pt)) for pt in g["points"]]) for g in groundings]
+        width, height = size or pil.size
+        sx, sy = pil.width / width, pil.height / height
+        gs = []
+        for g in groundings:
+            points = [Point(float(x) * sx, float(y) * sy, float(pr), float(pb)) for x, y, pr, pb in g["points"]]
+            gs.append(Grounding(g["query"], g["answer"], pil.width, pil.height, bool(g["whole_image"]), points=points))
         self.head.attach_masks(pil, gs)
+        if (width, height) != pil.size:
+            for g in gs:
+                g.points = [Point(p.x / sx, p.y / sy, p.p_right, p.p_bottom) for p in g.points]
+                g.masks = [_resize_mask(m, width, height) for m in g.masks]
+                g.mask = None if g.mask is None else _resize_mask(g.mask, width, height)
         return [e for g in gs for e in R.region_entries(g)]
 
 
@@ -223,8 +245,8 @@ class IQAIngress:
     async def analyze(self, image: np.ndarray, spec: dict) -> dict:
         return await self._call(self.model.analyze.remote(image, spec), "model")
 
-    async def segment(self, image: np.ndarray, groundings: list[dict]) -> list[dict]:
-        return await self._call(self.grounding.segment.remote(image, groundings), "grounding")
+    async def segment(self, image: np.ndarray, groundings: list[dict], size=None) -> list[dict]:
+        return await self._call(self.grounding.segment.remote(image, groundings, size), "grounding")
 
     async def model_info(self) -> dict:
         info = await self._call(self.model.model_info.remote(), "model")
