@@ -48,3 +48,22 @@ def test_other_refusals_keep_their_reasons():
     assert refusal(b"GIF89a but not really").reason == "corrupt"
     assert refusal(b"just text, not an image").reason == "not_an_image"
     assert decode_image(png(Image.new("RGBA", (5, 4)))).size == (5, 4)
+
+
+def test_a_reduced_decode_keeps_the_shape_and_the_header_size_its_orientation():
+    """decode_image(fit_pixels) decodes no larger (JPEG by the codec's reduced scale), keeps the
+    aspect ratio; header_size gives the size decode_image's image has at full scale, EXIF
+    rotation included (a quarter turn swaps width and height)."""
+    from iqa_spider.images import header_size
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6   # rotate 90 degrees on display
+    Image.new("RGB", (1200, 800), (10, 200, 30)).save(buf, "JPEG", exif=exif)
+    data = buf.getvalue()
+    assert header_size(data) == (800, 1200) == decode_image(data).size
+    small = decode_image(data, fit_pixels=60_000)
+    assert small.size[0] * small.size[1] <= 60_000 and abs(small.size[0] / small.size[1] - 800 / 1200) < 0.02
+    plain = png(Image.new("RGB", (300, 200)))
+    assert header_size(plain) == (300, 200) and decode_image(plain, fit_pixels=6000).size == (94, 63)
+    assert header_size(b"not an image") is None

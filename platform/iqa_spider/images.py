@@ -63,11 +63,17 @@ def looks_like_image(head: bytes) -> bool:
     return image_type(head) is not None
 
 
+# EXIF orientations that turn the image a quarter (decode_image applies them: width and height swap)
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header alone (nothing decoded), or None if it cannot be read."""
+    """(width, height) of the image decode_image returns (its EXIF orientation applied), from
+    the header alone: nothing decoded. None if the header cannot be read."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if img.getexif().get(0x0112) in _QUARTER_TURNS else (w, h)
     except Exception:  # noqa: BLE001 - decode_image gives the reason; this is only an estimate
         return None
 
