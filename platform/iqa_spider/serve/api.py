@@ -443,6 +443,18 @@ def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig, fit_
 DECODED_BYTES_PER_PIXEL = 8
 
 
+def decoded_pixels(data: bytes, size: tuple[int, int] | None, fit_pixels: int | None, limits: LimitsConfig) -> int:
+    """The most pixels decoding ``data`` holds at once: the whole image, except a JPEG decoded
+    for ``fit_pixels`` (the codec's reduced scale stops within twice the side asked: 4x the
+    pixels). 0 for an image refused from its header (unreadable, or over max_pixels)."""
+    if size is None or size[0] * size[1] > limits.max_pixels:
+        return 0
+    full = size[0] * size[1]
+    if fit_pixels and image_type(data[:16]) == "image/jpeg":
+        return min(full, 4 * fit_pixels)
+    return full
+
+
 class DecodeBudget:
     """The decoded image bytes the requests in flight of one ingress replica may hold."""
 
@@ -656,10 +668,10 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                 raise ApiError(503, "not_ready", why, {"Retry-After": "5"})
         data = parsed.data if parsed.data is not None else await fetch_uri(parsed.uri or "", limits)
         size = header_size(data)
-        pixels = min(size[0] * size[1], limits.max_pixels) if size else 0  # over max_pixels: refused undecoded
-        async with budget.hold(pixels * DECODED_BYTES_PER_PIXEL):  # held until the answer: the array lives on
-            image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits,
-                                            readiness.get("fit_pixels"))
+        fit = readiness.get("fit_pixels")
+        async with budget.hold(decoded_pixels(data, size, fit, limits) * DECODED_BYTES_PER_PIXEL):
+            # held until the answer: the array lives on while the model and the segmenter run
+            image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits, fit)
             arr = np.asarray(image, dtype=np.uint8)
             del image
             o = parsed.options
