@@ -359,8 +359,9 @@ def test_serve_run_of_the_shipped_config_becomes_ready_on_two_cores(tiny_model_d
                 assert r.json()["status"] == "ok" and r.json()["model_uri"] == f"local:{tiny_model_dir.name}"
                 break
             # Serve's proxy holds the first request to the new route while the ingress replica
-            # starts (about 10 s on 2 cores); every later not-ready answer takes NOT_READY_WAIT_S.
-            assert took < (20 if "first answer" not in seen else 5), (took, r.status_code, r.text)
+            # starts (about 10 s on 2 cores); every later not-ready answer takes NOT_READY_WAIT_S
+            # (bounds with room for a loaded machine: the outside check saw 180 s).
+            assert took < (60 if "first answer" not in seen else 10), (took, r.status_code, r.text)
             if r.status_code != 404:
                 seen.append("first answer")
             kind = "serve 404" if r.status_code == 404 and "not found" in r.text else \
