@@ -28,7 +28,7 @@ from PIL import Image
 
 from iqa_spider.annotate import templates as T
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.images import ImageError, decode_image, deterministic, prepare_image
+from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
@@ -79,6 +79,14 @@ class Analysis:
     regions: list[Grounding] = field(default_factory=list)
 
 
+def refer_query(cfg: InferConfig, region: str, long: bool = False) -> Query:
+    """The referring question about ``region``: the short one (distortion names), or the
+    long one (their effects too), with the longer token cap."""
+    if long:
+        return Query(REFER_LONG_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens)
+    return Query(REFER_QUESTION.format(region=region), max_new_tokens=cfg.max_new_tokens)
+
+
 def plan_queries(cfg: InferConfig, describe: bool = False, ground_questions: Sequence[str] = (),
                  describe_regions: Sequence[str] = (), refer: Sequence[str] = (),
                  refer_long: bool = False) -> tuple[list[Query], list[tuple[str, str | None]]]:
@@ -98,10 +106,8 @@ def plan_queries(cfg: InferConfig, describe: bool = False, ground_questions: Seq
     for region in describe_regions:
         queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
         kinds.append(("local", region))
-    cap = cfg.describe_max_new_tokens if refer_long else cfg.max_new_tokens
-    template = REFER_LONG_QUESTION if refer_long else REFER_QUESTION
     for region in refer:
-        queries.append(Query(template.format(region=region), max_new_tokens=cap))
+        queries.append(refer_query(cfg, region, refer_long))
         kinds.append(("refer", region))
     for q in ground_questions:
         queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
@@ -177,9 +183,7 @@ class Predictor:
     def refer(self, images: Sequence[Image.Image], region: str | Sequence[str], long: bool = False) -> list[str]:
         """Distortions of a region named in text; ``long`` allows the longer answer (effects)."""
         regions = _as_list(region, len(images))
-        cap = self.cfg.describe_max_new_tokens if long else self.cfg.max_new_tokens
-        template = REFER_LONG_QUESTION if long else REFER_QUESTION
-        queries = [[Query(template.format(region=r), max_new_tokens=cap)] for r in regions]
+        queries = [[refer_query(self.cfg, r, long)] for r in regions]
         return [r[0].text or "" for r in self.run(images, queries)]
 
     def ground(self, images: Sequence[Image.Image], questions: str | Sequence[str] | None = None,
@@ -300,7 +304,7 @@ class GroundingHead:
             for (i, img, sha), a in zip(batch, analyses):
                 uri = items[i][0]
                 if isinstance(a, Exception):
-                    rows[i] = R.error_row(uri, sha, deterministic(f"inference_failed: {type(a).__name__}: {a}")[:500],
+                    rows[i] = R.error_row(uri, sha, R.inference_error(a),
                                           width=img.width, height=img.height, **meta)
                 else:
                     rows[i] = R.analysis_row(a, uri, sha, **meta)

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from iqa_spider.data import rle
 from iqa_spider.data.schema import MASK_RLE
+from iqa_spider.images import deterministic
 
 if TYPE_CHECKING:  # pragma: no cover
     from iqa_spider.infer.predictor import Analysis, Grounding
@@ -107,6 +108,11 @@ def analysis_row(a: "Analysis", image_uri: str | None, image_sha256: str, model_
         "error": None,
         "scored_at": scored_at or _now(),
     }
+
+
+def inference_error(exc: BaseException) -> str:
+    """The ``error`` of an input the model failed on: its reason, the exception, no object reprs."""
+    return deterministic(f"inference_failed: {type(exc).__name__}: {exc}")[:500]
 
 
 def error_row(image_uri: str | None, image_sha256: str, error: str, width: int | None = None,

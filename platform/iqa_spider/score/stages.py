@@ -175,7 +175,7 @@ class Scorer(_ScorerBase):
                                         images)
             for it, a in zip(batch, analyses):
                 if isinstance(a, Exception):
-                    rows.append(R.error_row(it["key"], it["sha"], deterministic(f"inference_failed: {type(a).__name__}: {a}")[:500],
+                    rows.append(R.error_row(it["key"], it["sha"], R.inference_error(a),
                                             width=it["width"], height=it["height"], **meta))
                 else:
                     rows.append(R.analysis_row(a, it["key"], it["sha"], **meta))

@@ -131,13 +131,15 @@ class IQAModel:
                 for im, spec, (qs, kinds), res in zip(images, specs, planned, results)]
 
     def _answer(self, image, spec: dict, queries: list, kinds: list, results) -> dict:
+        from iqa_spider.infer import results as R
+
         p = self.predictor
         # answers are in the image's own size; the ingress may have decoded it smaller
         width, height = spec.get("size") or (image.width, image.height)
         base = {"width": width, "height": height, "model_uri": p.model_uri,
                 "model_version": None if p.model_version is None else str(p.model_version)}
         if isinstance(results, Exception):
-            return {**base, "error": f"inference_failed: {type(results).__name__}: {results}"[:500]}
+            return {**base, "error": R.inference_error(results)}
         out: dict[str, Any] = {**base, "error": None, "description": None, "referring": [],
                                "local_descriptions": [], "groundings": []}
         for q, (kind, text), r in zip(queries, kinds, results):
