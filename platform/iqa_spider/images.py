@@ -88,9 +88,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, fit_pixels: 
     """
     if not data:
         raise ImageError("empty", "zero bytes")
-    if not looks_like_image(data[:16]):
-        raise ImageError("not_an_image", "unknown file signature")
     mime, size = image_type(data[:16]), None
+    if mime is None:
+        raise ImageError("not_an_image", "unknown file signature")
     try:
         img = Image.open(io.BytesIO(data))
         size = w, h = img.size  # header only: nothing decoded yet

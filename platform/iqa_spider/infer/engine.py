@@ -235,7 +235,7 @@ class Engine:
             raise ValueError("one list of queries per image")
         self.check_questions(queries)
         if not prefix_sharing or not self.prefix_consistent:
-            return self.run_naive(images, queries)
+            return self._run_naive(images, queries)
         results: list[list[QueryResult | None]] = [[None] * len(qs) for qs in queries]
         torch = self.torch
         with torch.inference_mode():
@@ -398,6 +398,9 @@ class Engine:
     def run_naive(self, images: Sequence[Any], queries: Sequence[Sequence[Query]]) -> list[list[QueryResult]]:
         """One processor call and one generate/forward per (image, question): the baseline."""
         self.check_questions(queries)
+        return self._run_naive(images, queries)
+
+    def _run_naive(self, images: Sequence[Any], queries: Sequence[Sequence[Query]]) -> list[list[QueryResult]]:
         torch = self.torch
         from transformers import GenerationConfig
 

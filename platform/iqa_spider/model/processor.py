@@ -23,8 +23,5 @@ def load_processor(model_dir: str, min_pixels: int | None = None, max_pixels: in
 def processor_max_pixels(processor: Any) -> int | None:
     """The most pixels the image processor passes to the model (it resizes larger images down)."""
     size = getattr(getattr(processor, "image_processor", None), "size", None)
-    try:
-        value = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
-    except Exception:  # noqa: BLE001 - an unfamiliar processor: no cap known
-        return None
+    value = size.get("longest_edge") if hasattr(size, "get") else getattr(size, "longest_edge", None)
     return int(value) if value else None

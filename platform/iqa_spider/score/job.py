@@ -145,8 +145,9 @@ def run_score(cfg: ScoreConfig) -> dict:
         for row in build_dataset(cfg, blocks, model_uri, model_version, env).iter_rows():
             s = json.loads(row["summary"])
             new.append(s)
-            if report.restarted_actors([s]) - restarts:  # said in the job's own log, not only Ray's
-                restarts |= report.restarted_actors([s])
+            restarted = report.restarted_actors([s]) - restarts
+            if restarted:  # said in the job's own log, not only Ray's
+                restarts |= restarted
                 log.warning("score: a scoring actor was restarted after its process died, and its block retried "
                             "(%d restart(s) so far; no row is lost or doubled)", len(restarts))
             done_keys += s["keys"]

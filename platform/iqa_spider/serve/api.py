@@ -376,8 +376,8 @@ S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 S3_KEY_SYNTAX = ("::", "?", "#")
 
 
-def check_s3_uri(uri: str) -> None:
-    """A client's image_uri names one S3 object and nothing else (else 422)."""
+def check_s3_uri(uri: str) -> str:
+    """A client's image_uri names one S3 object and nothing else (else 422); returns its bucket."""
     if not uri.startswith(("s3://", "s3a://")):
         raise ApiError(422, "unsupported_uri", "image_uri must be s3://bucket/key")
     bucket, _, key = uri.split("://", 1)[1].partition("/")
@@ -388,12 +388,12 @@ def check_s3_uri(uri: str) -> None:
     if any(s in key for s in S3_KEY_SYNTAX) or any(ord(c) < 32 or ord(c) == 127 for c in key):
         raise ApiError(422, "unsupported_uri", "image_uri may not hold '::', '?', '#' or control characters "
                                                "(they would be read as a URL chain, a version or a fragment)")
+    return bucket
 
 
 async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
     """The bytes of an ``s3://`` image in an allowed bucket (never a local path)."""
-    check_s3_uri(uri)
-    bucket = uri.split("://", 1)[1].partition("/")[0]
+    bucket = check_s3_uri(uri)
     if not limits.allowed_s3_buckets:
         raise ApiError(403, "s3_not_allowed", "this service reads no S3 buckets (limits.allowed_s3_buckets is empty)")
     if bucket not in limits.allowed_s3_buckets:
