@@ -278,15 +278,27 @@ def test_alias_is_pinned_once_on_the_driver(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def first_run(ray_local, moto_s3, s3_inputs, tiny_model_dir, tmp_path_factory):
-    """The job over every input, with a scoring actor that dies mid-block once."""
+    """The job over every input, with a scoring actor that dies mid-block once and a read
+    task's worker that dies once; the job's own warnings are kept."""
+    import logging
+
     from iqa_spider.score.job import run_score
 
     input_uri, expect, _ = s3_inputs
     out = moto_s3.uri("score-out", "run1")
     marker = tmp_path_factory.mktemp("crash") / "crashed"
     cfg = score_cfg(tiny_model_dir, input_uri, out, "output.masks=true", "output.overlays=true")
-    with env_vars(**{CRASH_ENV: str(marker)}):
-        summary = run_score(cfg)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    job_log = logging.getLogger("iqa_spider.score.job")
+    job_log.addHandler(handler)
+    try:
+        with env_vars(**{CRASH_ENV: str(marker)}):
+            summary = run_score(cfg)
+    finally:
+        job_log.removeHandler(handler)
+    summary["job_warnings"] = warnings
     return out, summary, marker
 
 
@@ -294,8 +306,12 @@ def test_one_row_per_key_with_reasons_despite_an_actor_crash(first_run, s3_input
     out, summary, marker = first_run
     _, expect, sizes = s3_inputs
     assert len(expect) >= 30
-    assert marker.exists(), "the crash hook never fired"
+    assert marker.exists() and marker.with_name("crashed.read").exists(), "a crash hook never fired"
     assert summary["this_run"]["actor_restarts"] == 1   # the job's own summary counts the restart
+    assert summary["this_run"]["task_retries"] == {"read": 1, "write": 0}  # and the read task retried
+    said = summary["job_warnings"]                      # and its own log says both, as they happen
+    assert any("scoring actor was restarted" in w for w in said), said
+    assert any("was retried in read (1x)" in w for w in said), said
     rows = read_rows(out)
     keys = [r["image_uri"] for r in rows]
     assert sorted(keys) == sorted(expect), set(keys) ^ set(expect)  # exactly once: no loss, no duplicate

@@ -20,7 +20,9 @@ ERROR_REASONS = ("empty", "not_an_image", "corrupt", "too_many_pixels", "bad_asp
                  "inference_failed")
 BACKENDS = ("actors", "serve")
 CRASH_ENV = "IQA_SPIDER_SCORE_CRASH_ONCE"  # test hook: a marker path; the first scoring call that
-                                           # finds it absent creates it and kills its actor mid-batch
+                                           # finds it absent creates it and kills its actor mid-batch,
+                                           # and the first read task that finds <marker>.read absent
+                                           # kills its worker
 
 
 def _default_model() -> ModelConfig:

@@ -89,7 +89,7 @@ def build_dataset(cfg: ScoreConfig, blocks: list[dict], model_uri: str, model_ve
     ds = ds.map(stages.read_decode, num_cpus=cfg.scoring.decode_cpus,
                 memory=cfg.scoring.decode_memory_mb * 2**20,
                 fn_kwargs={"max_pixels": cfg.infer.max_pixels, "attempts": cfg.input.read_retries,
-                           "backoff_s": cfg.input.retry_backoff_s, "env": env})
+                           "backoff_s": cfg.input.retry_backoff_s, "env": env, "crash_marker": crash})
     common = {"describe": cfg.describe, "ground_questions": cfg.ground_questions, "crash_marker": crash, "env": env}
     # Ray Data restarts a dead pool actor and resubmits its block (max_restarts / max_task_retries
     # -1 for actor pools); the block's rows are only written by the next stage, so a retry
@@ -150,6 +150,10 @@ def run_score(cfg: ScoreConfig) -> dict:
                 restarts |= restarted
                 log.warning("score: a scoring actor was restarted after its process died, and its block retried "
                             "(%d restart(s) so far; no row is lost or doubled)", len(restarts))
+            retried = {stage: n for stage, n in (s.get("task_retries") or {}).items() if n}
+            if retried:
+                log.warning("score: block %s was retried in %s after a worker died under it (no row is lost or "
+                            "doubled)", s["shard"], ", ".join(f"{st} ({n}x)" for st, n in retried.items()))
             done_keys += s["keys"]
             written_at.append(time.monotonic())
             elapsed = written_at[-1] - t_run

@@ -38,6 +38,14 @@ def restarted_actors(summaries: Iterable[dict]) -> set[tuple[str, int]]:
     return {(a["actor_id"], a["pid"]) for a in (s.get("actor") for s in summaries) if a and a.get("restarted")}
 
 
+def task_retries(summaries: Iterable[dict]) -> dict[str, int]:
+    """Retries of the read and write tasks (each one a worker that died under its block)."""
+    out = Counter()
+    for s in summaries:
+        out.update(s.get("task_retries") or {})
+    return {stage: int(out.get(stage, 0)) for stage in ("read", "write")}
+
+
 def histogram(scores: Iterable[float]) -> dict:
     counts, edges = np.histogram(np.asarray(list(scores), dtype=float), bins=HIST_BINS)
     return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts]}
@@ -59,7 +67,8 @@ def run_summary(new: list[dict], prior_keys: dict, prior_scores: list[float], *,
     this_run = {"keys": sum(s["keys"] for s in new), "scored": sum(s["scored"] for s in new),
                 "errors": dict(run_errors), "skipped_already_done": skipped, "shards_written": len(new),
                 "stage_seconds": {k: round(stage_s.get(k, 0.0), 3) for k in STAGES},
-                "actor_restarts": len(restarted_actors(new))}
+                "actor_restarts": len(restarted_actors(new)),
+                "task_retries": task_retries(new)}
     this_run["slowest_stage"] = max(STAGES, key=lambda k: stage_s.get(k, 0.0)) if new else None
     return {"inputs_listed": listed, "ignored_files": ignored, "rows": total, "scored": total - sum(errors.values()),
             "errors": dict(errors), "score_mean": round(float(np.mean(scores)), 4) if scores else None,

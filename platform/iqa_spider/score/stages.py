@@ -45,9 +45,24 @@ def _apply_env(env: dict | None) -> None:
 
 # ---------------------------------------------------------------- 1. read + decode
 
-def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, env: dict | None = None) -> dict:
+def task_attempt() -> int:
+    """How often Ray has retried the running task (0: its first try), so that the job can say
+    a worker died under it. Ray 2.60's public runtime context has no such call; the core
+    worker's is the one Ray's own task events use."""
+    try:
+        from ray._private.worker import global_worker
+
+        return int(global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - outside a Ray task, or an API that moved: "not retried"
+        return 0
+
+
+def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, env: dict | None = None,
+                crash_marker: str | None = None) -> dict:
     _apply_env(env)
+    _maybe_crash(f"{crash_marker}.read" if crash_marker else None, "read task")
     block = _unpack(row)
+    block["read_attempt"] = task_attempt()
     items, t_read, t_decode = [], 0.0, 0.0
     for key in block["keys"]:
         item = {"key": key, "sha": hashlib.sha256(b"").hexdigest(), "error": None, "image": None,
@@ -82,12 +97,12 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
 
 # ---------------------------------------------------------------- 2. scoring
 
-def _maybe_crash(marker: str | None) -> None:
-    """Test hook (IQA_SPIDER_SCORE_CRASH_ONCE): kill this actor once, mid-block."""
+def _maybe_crash(marker: str | None, what: str = "scoring actor") -> None:
+    """Test hook (IQA_SPIDER_SCORE_CRASH_ONCE): kill this worker process once."""
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
-        log.warning("IQA_SPIDER_SCORE_CRASH_ONCE: scoring actor %d exits mid-block", os.getpid())
+        log.warning("IQA_SPIDER_SCORE_CRASH_ONCE: %s %d exits mid-block", what, os.getpid())
         os._exit(17)
 
 
@@ -264,6 +279,8 @@ def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, over
         raise RuntimeError(f"block {block['name']}: {len(rows)} rows do not match its {len(block['keys'])} keys")
     table = R.rows_to_table(rows)
     summary = report.block_summary(block, rows)
+    # Ray retries a task whose worker died; the job counts and says so (its own log, not only Ray's).
+    summary["task_retries"] = {"read": int(block.get("read_attempt", 0)), "write": task_attempt()}
     # Masks and overlays first, the shard last: the shard marks its keys done, so a failure
     # in between must leave the keys to the next run, not done without their pictures.
     if masks or overlays:
