@@ -96,6 +96,27 @@ def test_credentials_are_redacted_from_uris():
         assert redact(clean) == clean
 
 
+def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_working_directory(tmp_path, monkeypatch):
+    """The demo's local tracking (sqlite under its workdir): MLflow's default artifact root is
+    ./mlruns of the process's working directory; every experiment the jobs create puts its
+    artifacts beside the database instead."""
+    from mlflow.tracking import MlflowClient
+
+    from iqa_spider.registry.tracking import experiment_id
+
+    started_in = tmp_path / "repo"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    db = tmp_path / "work" / "mlflow.db"
+    db.parent.mkdir()
+    client = MlflowClient(f"sqlite:///{db}")
+    run = client.create_run(experiment_id(client, "iqa-spider-train"))
+    client.log_text(run.info.run_id, "x", "config/train.yaml")
+    assert (db.parent / "mlartifacts" / "iqa-spider-train").is_dir()
+    assert list((db.parent / "mlartifacts").rglob("train.yaml"))
+    assert not list(started_in.iterdir())  # no ./mlruns where the job was started
+
+
 def test_registered_version_with_provenance_tags(trained):
     cfg, summary, client = trained
     version = client.get_model_version(cfg.tracking.registered_model, summary["model_version"])
