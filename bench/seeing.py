@@ -34,7 +34,8 @@ TRAIN_PHOTOS = 16
 SIDE = 224
 
 
-def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[int, ...], seed: int):
+def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[int, ...], seed: int,
+                families: tuple[str, ...] = FAMILIES):
     """n seeded square crops of the train (or test) photos, each distorted as a whole by one family."""
     from PIL import Image
 
@@ -49,8 +50,8 @@ def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[
         side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
         crop = np.asarray(Image.fromarray(src[y:y + side, x:x + side]).resize((SIDE, SIDE)))
-        k = int(rng.integers(len(FAMILIES)))
-        family = FAMILIES[k]
+        k = int(rng.integers(len(families)))
+        family = families[k]
         d = D.Distortion(family, D.SUBTYPES[family][0], int(rng.choice(severities)))
         buf = io.BytesIO()
         Image.fromarray(D.apply(crop, d, seed=int(rng.integers(1 << 30)))).save(buf, "PNG")
@@ -58,7 +59,7 @@ def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[
     return out
 
 
-def encode(pre, items, answers_from=None):
+def encode(pre, items, families: tuple[str, ...], answers_from=None):
     """Preprocessed samples; answers_from pairs each image with another sample's answer (the control)."""
     from iqa_spider.vocab import DISTORTION_TERMS
 
@@ -66,7 +67,7 @@ def encode(pre, items, answers_from=None):
     for i, (png, k) in enumerate(items):
         label = k if answers_from is None else items[answers_from[i]][1]
         e = pre.encode({"image": png, "image_uri": None, "question": QUESTION, "task": "referring_short",
-                        "answer": f"Severe {DISTORTION_TERMS[FAMILIES[label]]}."})
+                        "answer": f"Severe {DISTORTION_TERMS[families[label]]}."})
         e["k"] = label
         rows.append(e)
     return rows
@@ -139,6 +140,8 @@ def main() -> None:
     ap.add_argument("--test-images", type=int, default=160)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--severities", default="4,5")
+    ap.add_argument("--families", default=",".join(FAMILIES),
+                    help="comma-separated distortion families, or 'all' (the annotator's 12)")
     ap.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.REPO / "bench/results/seeing.json"))
@@ -155,25 +158,31 @@ def main() -> None:
 
     torch.set_num_threads(a.threads)
     severities = tuple(int(s) for s in a.severities.split(","))
+    from iqa_spider.annotate.distortions import SUBTYPES
+
+    families = tuple(SUBTYPES) if a.families == "all" else tuple(a.families.split(","))
+    unknown = set(families) - set(SUBTYPES)
+    if unknown:
+        ap.error(f"--families: unknown {sorted(unknown)}; known: {', '.join(SUBTYPES)}")
     photos = [img for _, img in iter_builtin_photos()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp, "small"))
         init_tiny(a.family, model_dir, seed=0, size="small")
         pre = Preprocessor(model_dir, 512, 64_000_000)
         tok = pre.processor.tokenizer
-        family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in FAMILIES]
-        train_items = make_images(photos, a.train_images, False, severities, seed=0)
-        test_items = make_images(photos, a.test_images, True, severities, seed=1)
+        family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in families]
+        train_items = make_images(photos, a.train_images, False, severities, seed=0, families=families)
+        test_items = make_images(photos, a.test_images, True, severities, seed=1, families=families)
         perm = list(range(len(test_items)))
         random.Random(2).shuffle(perm)
-        train, test = encode(pre, train_items), encode(pre, test_items)
-        shuffled = encode(pre, test_items, answers_from=perm)  # each image asked for another's answer
-        majority = max(np.bincount([k for _, k in test_items], minlength=len(FAMILIES))) / len(test_items)
+        train, test = encode(pre, train_items, families), encode(pre, test_items, families)
+        shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
+        majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
         runs = [train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
                                int(tok.pad_token_id or 0), family_ids) for v in a.vision_lrs.split(",")]
-    result = {"task": f"whole-image {'/'.join(FAMILIES)} at severity {a.severities}", "family": a.family,
+    result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
-              "chance_uniform": 1 / len(FAMILIES), "minutes_per_run": a.minutes, "runs": runs}
+              "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for r in runs:
         print(f"vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, "
@@ -186,7 +195,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['vision_lr']:g} | {r['lr']:g} | {r['steps']} | {r['held_out_acc']:.3f} | "
-                     f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(FAMILIES):.3f} |")
+                     f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
     common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
                   f"({a.minutes:g} min per learning rate)",
                   "\n".join(lines),
