@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def choose_mapping(mappings: dict[str, dict]) -> tuple[str, str]:
                      f"{b['miou'] - p['miou']:+.3f} vs {margin_iou:.3f} mIoU)")
 
 
-def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int) -> dict:
+def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int,
+              command: str = "make quality") -> dict:
     chance = flat(reports[0], "chance")
     shuffled = flat(control)
     mappings = mapping_figures(reports)
@@ -161,7 +163,7 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "params": params, "steps": trains[0]["steps"], "global_batch": trains[0]["global_batch"],
         "train_minutes": [round(t["wall_s"] / 60, 2) for t in trains],
         "images": reports[0]["images"], "samples": reports[0]["samples"],
-        "minutes": round(minutes, 2), "command": "make quality",
+        "minutes": round(minutes, 2), "command": command,
     }
 
 
@@ -214,7 +216,9 @@ def main() -> None:
             from transformers import AutoModelForImageTextToText
 
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
-    q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params)
+    # the command that made the figures: `make quality`, or the script with the flags it was given
+    command = " ".join([".venv/bin/python bench/quality.py", *sys.argv[1:]]) if sys.argv[1:] else "make quality"
+    q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params, command)
     table = markdown(q)
     print(table)
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")
