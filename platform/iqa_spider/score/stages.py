@@ -102,7 +102,7 @@ def _maybe_crash(marker: str | None, what: str = "scoring actor") -> None:
     if marker and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(str(os.getpid()))
-        log.warning("IQA_SPIDER_SCORE_CRASH_ONCE: %s %d exits mid-block", what, os.getpid())
+        log.warning("IQA_SPIDER_SCORE_CRASH_ONCE: %s %d exits holding its block", what, os.getpid())
         os._exit(17)
 
 
