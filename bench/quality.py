@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, record  # first: it sets the benchmarks' environment
+from common import REPO, command, record  # first: it sets the benchmarks' environment
 
 RESULTS = REPO / "bench" / "results" / "quality.json"
 # What the quality run changes in configs/annotate.yaml: images at the training size, many views
@@ -217,8 +217,8 @@ def main() -> None:
 
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
     # the command that made the figures: `make quality`, or the script with the flags it was given
-    command = " ".join([".venv/bin/python bench/quality.py", *sys.argv[1:]]) if sys.argv[1:] else "make quality"
-    q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params, command)
+    q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params,
+                  command() if sys.argv[1:] else "make quality")
     table = markdown(q)
     print(table)
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")
