@@ -261,6 +261,23 @@ def test_one_view_keeps_the_shard_names():
     assert fp() == fp("distort.views_per_image=1", "distort.view_min_side=0.9") == "274225fef8145efe"
     assert len({fp(), fp("distort.views_per_image=2"), fp("distort.views_per_image=3"),
                 fp("distort.views_per_image=2", "distort.view_min_side=0.9")}) == 4
+    # min_severity likewise: 1 (the full range) keeps the names, anything else is new content
+    assert fp("distort.min_severity=1") == fp()
+    assert len({fp(), fp("distort.min_severity=4"), fp("distort.min_severity=5")}) == 3
+
+
+def test_min_severity_annotates_only_strong_damage(tmp_path):
+    """distort.min_severity=4 (a curriculum's first dataset): every distortion written is
+    severity 4 or 5; the full range would have drawn milder ones from the same photo."""
+    name, img = next(iter_builtin_photos())
+
+    def severities(*extra: str) -> set[int]:
+        rows = annotate_one(view_config(tmp_path, "distort.variants_per_image=8", "distort.clean_prob=0", *extra),
+                            name, img)
+        return {d["severity"] for r in rows for reg in r["target"]["regions"] for d in reg["distortions"]}
+
+    assert severities("distort.min_severity=4") <= {4, 5} and severities("distort.min_severity=4")
+    assert severities() & {1, 2, 3}
 
 
 def test_view_boxes_lie_in_the_photo():

@@ -135,6 +135,7 @@ ANNOTATE_URIS = ["input.uri=/tmp/photos", "output.uri=/tmp/dq"]
     ("configs/train/tiny_cpu.yaml", [*TRAIN_URIS, "method=qlora"], "method"),
     ("configs/train/tiny_cpu.yaml", [*TRAIN_URIS, "optim.content_loss_weight=0"], "optim.content_loss_weight"),
     ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.views_per_image=0"], "distort.views_per_image"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.min_severity=6"], "distort.min_severity"),
     ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.view_min_side=1.5"], "distort.view_min_side"),
     ("configs/demo.yaml", ["tiny.size=huge"], "tiny.size"),
 ])

@@ -254,3 +254,16 @@ def test_sample_distortion():
         D.sample_distortion(rng, family="fog")
     with pytest.raises(ValueError):
         D.sample_distortion(rng, family="blur", severity=9)
+
+
+def test_min_severity_keeps_the_stream_and_narrows_the_range():
+    """min_severity=1 draws exactly what the sampler drew before the option (the same
+    datasets); above 1 it draws only the stronger severities, in both steps of a DAO chain."""
+    plain = [D.sample_distortion(np.random.default_rng(5)) for _ in range(50)]
+    ones = [D.sample_distortion(np.random.default_rng(5), min_severity=1) for _ in range(50)]
+    assert plain == ones
+    rng = np.random.default_rng(2)
+    strong = [D.sample_distortion(rng, min_severity=4) for _ in range(500)]
+    assert {d.severity for d in strong} == {4, 5}
+    chains = [D.sample_dao_chain(rng, min_severity=5) for _ in range(100)]
+    assert {d.severity for c in chains for d in c} == {5}

@@ -601,9 +601,9 @@ def is_valid_order(first: str, second: str) -> bool:
 
 
 def sample_distortion(rng: np.random.Generator, family: str | None = None,
-                      severity: int | None = None) -> Distortion:
+                      severity: int | None = None, min_severity: int = 1) -> Distortion:
     """A random distortion: family (uniform unless given), sub-type uniform within it,
-    severity uniform in 1..5 unless given."""
+    severity uniform in min_severity..5 unless given."""
     if family is None:
         family = DISTORTION_FAMILIES[int(rng.integers(len(DISTORTION_FAMILIES)))]
     elif family not in SUBTYPES:
@@ -611,18 +611,19 @@ def sample_distortion(rng: np.random.Generator, family: str | None = None,
     subs = SUBTYPES[family]
     subtype = subs[int(rng.integers(len(subs)))]
     if severity is None:
-        severity = int(rng.integers(1, 6))
+        severity = int(rng.integers(min_severity, 6))
     return Distortion(family, subtype, int(severity))
 
 
-def sample_dao_chain(rng: np.random.Generator) -> list[Distortion]:
+def sample_dao_chain(rng: np.random.Generator, min_severity: int = 1) -> list[Distortion]:
     """Two distortions in one of the paper's accumulation orders (first uniform over the
     orders' first families, second uniform over the families allowed after it)."""
     firsts = tuple(ACCUMULATION_ORDERS)
     first = firsts[int(rng.integers(len(firsts)))]
     seconds = ACCUMULATION_ORDERS[first]
     second = seconds[int(rng.integers(len(seconds)))]
-    return [sample_distortion(rng, first), sample_distortion(rng, second)]
+    return [sample_distortion(rng, first, min_severity=min_severity),
+            sample_distortion(rng, second, min_severity=min_severity)]
 
 
 def all_distortions() -> list[Distortion]:

@@ -53,6 +53,8 @@ def content_fingerprint(cfg: AnnotateConfig) -> str:
         # the hash, and so every shard name, stays what it was, and old shards are reused.
         relevant["distort"].pop("views_per_image", None)
         relevant["distort"].pop("view_min_side", None)
+    if relevant["distort"].get("min_severity", 1) == 1:  # the full range, as before the option
+        relevant["distort"].pop("min_severity", None)
     relevant["schema_version"] = SCHEMA_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -68,10 +70,11 @@ def is_grey(pixels: np.ndarray) -> bool:
     return float(chroma.mean()) < 8.0
 
 
-def sample_chain(rng: np.random.Generator, dao: bool, grey: bool) -> list[D.Distortion]:
+def sample_chain(rng: np.random.Generator, dao: bool, grey: bool, min_severity: int = 1) -> list[D.Distortion]:
     """One distortion, or a DAO two-step chain; no saturation change on grey content."""
     for _ in range(50):
-        chain = D.sample_dao_chain(rng) if dao else [D.sample_distortion(rng)]
+        chain = (D.sample_dao_chain(rng, min_severity) if dao
+                 else [D.sample_distortion(rng, min_severity=min_severity)])
         if not (grey and any(d.type in COLOUR_FAMILIES for d in chain)):
             return chain
     raise AssertionError("unreachable: most families are not colour changes")
@@ -108,7 +111,7 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.
     if roll < dc.clean_prob:
         return image, Truth([_fresh(t) for t in templates["regions"]], w, h)
     if roll < dc.clean_prob + dc.whole_image_prob:
-        chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image))
+        chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image), dc.min_severity)
         whole = _fresh(templates["whole"], chain)
         return D.apply_in_region(image, whole.mask, chain, seed=int(rng.integers(2**31))), Truth([whole], w, h)
 
@@ -119,7 +122,8 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.
     out = image
     for slot, k in enumerate(chosen):
         region = regions[int(k)]
-        region.distortions = sample_chain(rng, slot == dao_slot, is_grey(image[region.mask]))
+        region.distortions = sample_chain(rng, slot == dao_slot, is_grey(image[region.mask]),
+                                          dc.min_severity)
         out = D.apply_in_region(out, region.mask, region.distortions, seed=int(rng.integers(2**31)),
                                 feather_px=dc.feather_px)
     return out, Truth(regions, w, h)

@@ -158,12 +158,17 @@ class DistortConfig:
     # split stays by source, so no view of a test photo is trained on.
     views_per_image: int = 1
     view_min_side: float = 0.4
+    # Severities are drawn uniformly from min_severity..5. Above 1 it makes a curriculum's
+    # first, easier dataset (strong damage only); the default 1 is the paper's full range.
+    min_severity: int = 1
 
     def __post_init__(self) -> None:
         check_at_least(1, ("distort.views_per_image", self.views_per_image),
                        ("distort.variants_per_image", self.variants_per_image))
         if not 0.0 < self.view_min_side <= 1.0:
             raise ConfigValueError("distort.view_min_side", "must be in (0, 1]")
+        if isinstance(self.min_severity, bool) or self.min_severity not in (1, 2, 3, 4, 5):
+            raise ConfigValueError("distort.min_severity", f"must be an int in 1..5, got {self.min_severity!r}")
 
 
 @dataclass
