@@ -37,6 +37,14 @@ QUALITY_ANNOTATE = ["distort.max_side=224", "distort.views_per_image=24", "disto
 # The tasks scored, and at most this many held-out images (the generation of long descriptions
 # is what evaluation spends its time on).
 EVAL_TASKS = "[rating,grounding,referring_short,global_desc]"
+# The curriculum's first stage (--warmup-steps): a dataset of the same photos (the same
+# test_fraction, so the same ones held out) with only strong damage over the whole image, some
+# photos left clean, trained on the short answers that name type and level. The second stage is
+# the full recipe started from its weights: two ordinary SFT jobs, as a user would run on a 7B.
+WARMUP_ANNOTATE = ["distort.whole_image_prob=1.0", "distort.dao_prob=0", "distort.clean_prob=0.15",
+                   "distort.min_severity=4"]
+WARMUP_TRAIN = ["data.task_weights.grounding=0", "data.task_weights.local_desc=0",
+                "data.task_weights.referring_long=0"]
 EVAL_IMAGES = 240
 # The headline metrics (flattened report keys, as quality.json names them); chance is given for
 # each, the shuffled control for each but mIoU (the issue's shape).
@@ -58,33 +66,36 @@ def flat(report: dict, part: str = "metrics") -> dict[str, float]:
     return flatten_metrics(report.get(part) or {})
 
 
-def build_data(work: Path) -> Path:
+def build_data(work: Path, name: str = "dataset", extra: tuple[str, ...] = ()) -> Path:
     from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
     from iqa_spider.config import load_config
     from iqa_spider.config.schemas import AnnotateConfig
 
     photos = work / "photos"
-    write_builtin_photos(str(photos))
+    if not photos.exists():
+        write_builtin_photos(str(photos))
     cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
-                      [f"input.uri={photos}", f"output.uri={work / 'dataset'}", *QUALITY_ANNOTATE])
+                      [f"input.uri={photos}", f"output.uri={work / name}", *QUALITY_ANNOTATE, *extra])
     summary = run_annotate(cfg)
-    print(f"annotated {summary['annotated']} photos: {summary['samples']} samples {summary['samples_by_task']}")
-    return work / "dataset"
+    print(f"{name}: annotated {summary['annotated']} photos: {summary['samples']} samples {summary['samples_by_task']}")
+    return work / name
 
 
-def train(work: Path, data: Path, seed: int, steps: int | None) -> tuple[str, dict]:
+def train(work: Path, data: Path, seed: int, steps: int | None, start: str | None = None,
+          stage: str = "", extra: tuple[str, ...] = ()) -> tuple[str, dict]:
+    """One train job; `start`: the weights to start from (default: a fresh small model)."""
     from iqa_spider.config import load_config
     from iqa_spider.config.schemas import TrainConfig
     from iqa_spider.model.tiny import init_tiny
     from iqa_spider.train.export import HF_DIR
     from iqa_spider.train.job import run_train
 
-    model = init_tiny("qwen2_5_vl", work / f"small_seed{seed}", seed=seed, size="small")
-    extra = [f"optim.max_steps={steps}"] if steps else []
+    model = start or init_tiny("qwen2_5_vl", work / f"small_seed{seed}", seed=seed, size="small")
+    overrides = [f"optim.max_steps={steps}"] if steps else []
     cfg = load_config(TrainConfig, REPO / "configs/train/small_cpu.yaml", [
         f"data.uri={data}", f"model.path={model}", f"output.uri={work / 'runs'}", f"optim.seed={seed}",
-        f"output.run_name=quality-seed{seed}", "tracking.register=false",
-        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *extra])
+        f"output.run_name=quality{stage}-seed{seed}", "tracking.register=false",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *overrides, *extra])
     started = time.monotonic()
     summary = run_train(cfg)
     summary["wall_s"] = time.monotonic() - started
@@ -146,7 +157,7 @@ def choose_mapping(mappings: dict[str, dict]) -> tuple[str, str]:
 
 
 def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int,
-              command: str = "make quality") -> dict:
+              command: str = "make quality", warmups: list[dict] | None = None) -> dict:
     chance = flat(reports[0], "chance")
     shuffled = flat(control)
     mappings = mapping_figures(reports)
@@ -162,6 +173,9 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "mappings": mappings, "default_mapping": default, "default_mapping_why": why,
         "params": params, "steps": trains[0]["steps"], "global_batch": trains[0]["global_batch"],
         "train_minutes": [round(t["wall_s"] / 60, 2) for t in trains],
+        # the curriculum's first stage (--warmup-steps), before `steps` of the full recipe
+        "warmup_steps": warmups[0]["steps"] if warmups else 0,
+        "warmup_minutes": [round(t["wall_s"] / 60, 2) for t in warmups or []],
         "images": reports[0]["images"], "samples": reports[0]["samples"],
         "minutes": round(minutes, 2), "command": command,
     }
@@ -188,6 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per seed (default: the recipe's)")
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="a curriculum: first this many steps on strong whole-image damage (WARMUP_ANNOTATE)")
     ap.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images evaluated")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "quality_work"),
                     help="scratch folder (replaced); the dataset, checkpoints and reports stay there")
@@ -205,9 +221,15 @@ def main() -> None:
     work.mkdir(parents=True)
     ray.init(num_cpus=2, include_dashboard=False)  # worker logs: the step-by-step progress
     data = build_data(work)
-    reports, trains = [], []
+    warmup_data = build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE)) if args.warmup_steps else None
+    reports, trains, warmups = [], [], []
     for seed in args.seeds:
-        model_dir, summary = train(work, data, seed, args.steps)
+        start = None
+        if warmup_data:
+            start, summary = train(work, warmup_data, seed, args.warmup_steps, stage="-warmup",
+                                   extra=tuple(WARMUP_TRAIN))
+            warmups.append(summary)
+        model_dir, summary = train(work, data, seed, args.steps, start=start)
         trains.append(summary)
         reports.append(evaluate(model_dir, data, work / f"evaluate_seed{seed}", args.eval_images))
         if seed == args.seeds[0]:
@@ -218,7 +240,7 @@ def main() -> None:
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
     # the command that made the figures: `make quality`, or the script with the flags it was given
     q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params,
-                  command() if sys.argv[1:] else "make quality")
+                  command() if sys.argv[1:] else "make quality", warmups)
     table = markdown(q)
     print(table)
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")
@@ -226,8 +248,11 @@ def main() -> None:
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(q, indent=2) + "\n")
+    curriculum = (f"first {q['warmup_steps']} steps ({', '.join(map(str, q['warmup_minutes']))} min) on "
+                  f"{', '.join(WARMUP_ANNOTATE)} with {', '.join(WARMUP_TRAIN)}, then "
+                  if q["warmup_steps"] else "")
     notes = (f"Small Qwen2.5-VL ({q['params'] / 1e6:.1f} M parameters, random init), full fine-tuning with "
-             f"configs/train/small_cpu.yaml: {q['steps']} steps of global batch {q['global_batch']} per seed "
+             f"configs/train/small_cpu.yaml: {curriculum}{q['steps']} steps of global batch {q['global_batch']} per seed "
              f"({', '.join(map(str, q['train_minutes']))} min), on {', '.join(QUALITY_ANNOTATE)}. "
              f"Held-out: {q['images']} images of photos never trained on ({q['samples']} samples; "
              f"tasks {EVAL_TASKS}). Chance: {json.dumps(q['chance_basis'])}. Shuffled: the same model, every "

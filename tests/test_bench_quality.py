@@ -49,3 +49,26 @@ def test_summary_has_the_documented_shape():
     assert q["mappings"]["paper"]["seeds"] == [0.3] and q["default_mapping"] == "paper"
     assert (q["params"], q["steps"], q["minutes"], q["command"]) == (5_000_000, 100, 12.0, "make quality")
     assert "| referring_short.type_acc | 0.450 |" in quality.markdown(q)
+    assert q["warmup_steps"] == 0 and q["warmup_minutes"] == []
+    warm = quality.summarise(reports, control, trains, minutes=12.0, params=5_000_000,
+                             warmups=[{"steps": 40, "wall_s": 120.0}])
+    assert (warm["warmup_steps"], warm["warmup_minutes"], warm["steps"]) == (40, [2.0], 100)
+
+
+def test_the_curriculum_stage_loads_against_the_shipped_configs():
+    """--warmup-steps: its annotate overrides keep the quality run's split (the same photos held
+    out) and draw strong whole-image damage only; its train overrides drop the long tasks and
+    keep the short ones, in the shipped recipe."""
+    from iqa_spider.config import load_config
+    from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
+
+    ann = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                      ["input.uri=a", "output.uri=b", *quality.QUALITY_ANNOTATE, *quality.WARMUP_ANNOTATE])
+    full = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                       ["input.uri=a", "output.uri=b", *quality.QUALITY_ANNOTATE])
+    assert ann.test_fraction == full.test_fraction and ann.distort.views_per_image == full.distort.views_per_image
+    assert (ann.distort.min_severity, ann.distort.whole_image_prob, ann.distort.dao_prob) == (4, 1.0, 0.0)
+    cfg = load_config(TrainConfig, REPO / "configs/train/small_cpu.yaml",
+                      ["data.uri=d", "model.path=m", "output.uri=o", *quality.WARMUP_TRAIN])
+    kept = {t for t, w in cfg.data.task_weights.items() if w > 0}
+    assert kept == {"rating", "referring_short", "global_desc"}
