@@ -45,6 +45,10 @@ WARMUP_ANNOTATE = ["distort.whole_image_prob=1.0", "distort.dao_prob=0", "distor
                    "distort.min_severity=4"]
 WARMUP_TRAIN = ["data.task_weights.grounding=0", "data.task_weights.local_desc=0",
                 "data.task_weights.referring_long=0"]
+# The first stage is also evaluated alone, on its own held-out split (the same held-out photos,
+# strong whole-image damage) and the tasks it trains: does the real path learn the easy case?
+WARMUP_EVAL_TASKS = "[rating,referring_short,global_desc]"
+WARMUP_HEADLINE = ("referring_short.type_acc", "rating.srcc", "global_desc.type_f1")
 EVAL_IMAGES = 240
 # The headline metrics (flattened report keys, as quality.json names them); chance is given for
 # each, the shuffled control for each but mIoU (the issue's shape).
@@ -104,14 +108,15 @@ def train(work: Path, data: Path, seed: int, steps: int | None, start: str | Non
     return str(Path(summary["checkpoint"]) / HF_DIR), summary
 
 
-def evaluate(model_dir: str, data: Path, out: Path, images: int, shuffled: bool = False) -> dict:
+def evaluate(model_dir: str, data: Path, out: Path, images: int, shuffled: bool = False,
+             tasks: str = EVAL_TASKS) -> dict:
     from iqa_spider.config import load_config
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import run_evaluate
 
     cfg = load_config(EvaluateConfig, REPO / "configs/evaluate.yaml", [
         f"model.path={model_dir}", f"data.uri={data}", f"output.uri={out}", "mlflow.enabled=false",
-        f"data.tasks={EVAL_TASKS}", f"data.max_images={images}", f"data.shuffle_images={str(shuffled).lower()}"])
+        f"data.tasks={tasks}", f"data.max_images={images}", f"data.shuffle_images={str(shuffled).lower()}"])
     return run_evaluate(cfg)
 
 
@@ -156,8 +161,16 @@ def choose_mapping(mappings: dict[str, dict]) -> tuple[str, str]:
                      f"{b['miou'] - p['miou']:+.3f} vs {margin_iou:.3f} mIoU)")
 
 
+def stage_figures(report: dict, control: dict, keys: tuple[str, ...]) -> dict:
+    """One model's held-out figures beside chance and its shuffled-image control."""
+    metrics, chance, shuffled = flat(report), flat(report, "chance"), flat(control)
+    return {"metrics": {k: metrics.get(k) for k in keys}, "chance": {k: chance.get(k) for k in keys},
+            "shuffled": {k: shuffled.get(k) for k in keys}, "images": report["images"], "samples": report["samples"]}
+
+
 def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int,
-              command: str = "make quality", warmups: list[dict] | None = None) -> dict:
+              command: str = "make quality", warmups: list[dict] | None = None,
+              warmup_eval: tuple[dict, dict] | None = None) -> dict:
     chance = flat(reports[0], "chance")
     shuffled = flat(control)
     mappings = mapping_figures(reports)
@@ -176,6 +189,8 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         # the curriculum's first stage (--warmup-steps), before `steps` of the full recipe
         "warmup_steps": warmups[0]["steps"] if warmups else 0,
         "warmup_minutes": [round(t["wall_s"] / 60, 2) for t in warmups or []],
+        # seed 0's first stage alone, on the first stage's own held-out split (None without one)
+        "warmup": stage_figures(*warmup_eval, WARMUP_HEADLINE) if warmup_eval else None,
         "images": reports[0]["images"], "samples": reports[0]["samples"],
         "minutes": round(minutes, 2), "command": command,
     }
@@ -195,6 +210,11 @@ def markdown(q: dict) -> str:
               "| --- | ---: | --- | ---: | --- |"]
     for m, v in q["mappings"].items():
         lines.append(f"| {m} | {v['point_acc']:.3f} | {v['seeds']} | {v['miou']:.3f} | {v['seeds_miou']} |")
+    if w := q.get("warmup"):
+        lines += ["", f"| first stage alone ({q['warmup_steps']} steps), its own held-out split: "
+                      f"{w['images']} images, strong whole-image damage | trained (seed 0) | chance | shuffled images |",
+                  "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {k} | {f(w['metrics'][k])} | {f(w['chance'][k])} | {f(w['shuffled'][k])} |" for k in w["metrics"]]
     return "\n".join(lines)
 
 
@@ -222,13 +242,17 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False)  # worker logs: the step-by-step progress
     data = build_data(work)
     warmup_data = build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE)) if args.warmup_steps else None
-    reports, trains, warmups = [], [], []
+    reports, trains, warmups, warmup_eval = [], [], [], None
     for seed in args.seeds:
         start = None
         if warmup_data:
             start, summary = train(work, warmup_data, seed, args.warmup_steps, stage="-warmup",
                                    extra=tuple(WARMUP_TRAIN))
             warmups.append(summary)
+            if seed == args.seeds[0]:
+                warmup_eval = tuple(evaluate(start, warmup_data, work / f"evaluate_warmup_seed{seed}{tag}",
+                                             args.eval_images, shuffled=tag == "_shuffled", tasks=WARMUP_EVAL_TASKS)
+                                    for tag in ("", "_shuffled"))
         model_dir, summary = train(work, data, seed, args.steps, start=start)
         trains.append(summary)
         reports.append(evaluate(model_dir, data, work / f"evaluate_seed{seed}", args.eval_images))
@@ -240,7 +264,7 @@ def main() -> None:
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
     # the command that made the figures: `make quality`, or the script with the flags it was given
     q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params,
-                  command() if sys.argv[1:] else "make quality", warmups)
+                  command() if sys.argv[1:] else "make quality", warmups, warmup_eval)
     table = markdown(q)
     print(table)
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")

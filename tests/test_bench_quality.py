@@ -53,6 +53,15 @@ def test_summary_has_the_documented_shape():
     warm = quality.summarise(reports, control, trains, minutes=12.0, params=5_000_000,
                              warmups=[{"steps": 40, "wall_s": 120.0}])
     assert (warm["warmup_steps"], warm["warmup_minutes"], warm["steps"]) == (40, [2.0], 100)
+    assert q["warmup"] is None and "first stage alone" not in quality.markdown(q)
+    # the first stage evaluated alone: its figures beside its own chance and shuffled control
+    staged = quality.summarise(reports, control, trains, minutes=12.0, params=5_000_000,
+                               warmups=[{"steps": 40, "wall_s": 120.0}], warmup_eval=(reports[0], control))
+    assert set(staged["warmup"]["metrics"]) == set(quality.WARMUP_HEADLINE)
+    assert staged["warmup"]["metrics"]["referring_short.type_acc"] == 0.45
+    assert staged["warmup"]["shuffled"]["referring_short.type_acc"] == 0.21
+    assert staged["warmup"]["chance"]["referring_short.type_acc"] == 0.2
+    assert "| referring_short.type_acc | 0.450 | 0.200 | 0.210 |" in quality.markdown(staged)
 
 
 def test_the_curriculum_stage_loads_against_the_shipped_configs():
