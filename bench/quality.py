@@ -171,17 +171,17 @@ def stage_figures(report: dict, control: dict, keys: tuple[str, ...]) -> dict:
 def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int,
               command: str = "make quality", warmups: list[dict] | None = None,
               warmup_eval: tuple[dict, dict] | None = None) -> dict:
-    chance = flat(reports[0], "chance")
-    shuffled = flat(control)
+    # seed 0 is the one with a shuffled control; the other seeds add their metrics only
+    first = stage_figures(reports[0], control, HEADLINE)
     mappings = mapping_figures(reports)
     default, why = choose_mapping(mappings)
     per_seed = [{k: f.get(k) for k in HEADLINE} for f in map(flat, reports)]
     return {
         "metrics": per_seed[0],
         "metrics_by_seed": per_seed,
-        "chance": {k: chance.get(k) for k in HEADLINE},
+        "chance": first["chance"],
         "chance_basis": {k: (reports[0].get("chance_basis") or {}).get(k) for k in HEADLINE},
-        "shuffled": {k: shuffled.get(k) for k in SHUFFLED_KEYS},
+        "shuffled": {k: first["shuffled"][k] for k in SHUFFLED_KEYS},
         "targets": TARGETS,
         "mappings": mappings, "default_mapping": default, "default_mapping_why": why,
         "params": params, "steps": trains[0]["steps"], "global_batch": trains[0]["global_batch"],
@@ -191,7 +191,7 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "warmup_minutes": [round(t["wall_s"] / 60, 2) for t in warmups or []],
         # seed 0's first stage alone, on the first stage's own held-out split (None without one)
         "warmup": stage_figures(*warmup_eval, WARMUP_HEADLINE) if warmup_eval else None,
-        "images": reports[0]["images"], "samples": reports[0]["samples"],
+        "images": first["images"], "samples": first["samples"],
         "minutes": round(minutes, 2), "command": command,
     }
 
@@ -250,9 +250,10 @@ def main() -> None:
                                    extra=tuple(WARMUP_TRAIN))
             warmups.append(summary)
             if seed == args.seeds[0]:
-                warmup_eval = tuple(evaluate(start, warmup_data, work / f"evaluate_warmup_seed{seed}{tag}",
-                                             args.eval_images, shuffled=tag == "_shuffled", tasks=WARMUP_EVAL_TASKS)
-                                    for tag in ("", "_shuffled"))
+                warmup_eval = (evaluate(start, warmup_data, work / f"evaluate_warmup_seed{seed}", args.eval_images,
+                                        tasks=WARMUP_EVAL_TASKS),
+                               evaluate(start, warmup_data, work / f"evaluate_warmup_seed{seed}_shuffled",
+                                        args.eval_images, shuffled=True, tasks=WARMUP_EVAL_TASKS))
         model_dir, summary = train(work, data, seed, args.steps, start=start)
         trains.append(summary)
         reports.append(evaluate(model_dir, data, work / f"evaluate_seed{seed}", args.eval_images))
