@@ -56,6 +56,19 @@ def _data_builtin_photos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_generated(args: argparse.Namespace) -> int:
+    from iqa_spider.annotate.procedural import write_procedural_images
+    from iqa_spider.entrypoint import setup_logging
+
+    setup_logging()
+    if args.count < 1 or args.side < 32:
+        print("generated: --count must be >= 1 and --side >= 32", file=sys.stderr)
+        return 2
+    uris = write_procedural_images(args.out, args.count, args.seed, args.side, progress=True)
+    print(f"wrote {len(uris)} generated dead-leaves images ({args.side} px) to {args.out}")
+    return 0
+
+
 # Job subcommands: `iqa-spider NAME --config FILE [overrides]` runs the same main as jobs/NAME.py.
 JOB_COMMANDS = {
     "demo": ("iqa_spider.demo:main", "the main job end to end on embedded defaults"),
@@ -97,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     photos = data.add_parser("builtin-photos", help="write scikit-image's bundled photos (no download)")
     photos.add_argument("--out", required=True)
     photos.set_defaults(func=_data_builtin_photos)
+    generated = data.add_parser("generated", help="write generated pristine images (dead leaves): as many "
+                                "distinct contents as wanted, no download")
+    generated.add_argument("--out", required=True)
+    generated.add_argument("--count", type=int, default=1000)
+    generated.add_argument("--seed", type=int, default=0, help="image i is drawn from (seed, i)")
+    generated.add_argument("--side", type=int, default=448, help="square side in pixels")
+    generated.set_defaults(func=_data_generated)
 
     for name, (target, help_text) in JOB_COMMANDS.items():
         job = sub.add_parser(name, help=f"{help_text} (--config FILE [key=value ...])", add_help=False)
