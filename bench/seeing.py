@@ -8,14 +8,19 @@ project's own preprocessing and collation, in a plain AdamW loop (no Ray: the qu
 model and its learning rates, not the platform), for each vision-tower learning rate given,
 and reports held-out accuracy beside chance and a shuffled-image control.
 
-Sources are split by photo: the train crops come from 16 bundled photos, the test ones from
-the other 6. Run from the repo root:
+Sources are split by photo: the test crops come from 6 bundled photos; the train crops from the
+other 16, or (`--train-content procedural`) each from a generated dead-leaves image of its own,
+or half each (`mixed`), which asks whether more distinct contents help more than more views of
+the same few. Run from the repo root:
     .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 3e-3,1e-4
+    .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 1e-4 --families all \
+        --train-content photos,procedural,mixed --out bench/results/seeing_content.json
 """
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import random
 import sys
@@ -31,18 +36,18 @@ import numpy as np  # noqa: E402
 FAMILIES = ("blur", "noise", "compression", "brighten")
 QUESTION = "What is wrong with the quality of the whole image?"
 TRAIN_PHOTOS = 16
+CONTENTS = ("photos", "procedural", "mixed")
 SIDE = 224
 
 
-def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[int, ...], seed: int,
+def make_images(pool: list[np.ndarray], n: int, severities: tuple[int, ...], seed: int,
                 families: tuple[str, ...] = FAMILIES):
-    """n seeded square crops of the train (or test) photos, each distorted as a whole by one family."""
+    """n seeded square crops of the pool's images (round robin), each distorted as a whole by one family."""
     from PIL import Image
 
     from iqa_spider.annotate import distortions as D
 
     rng = np.random.default_rng(seed)
-    pool = photos[TRAIN_PHOTOS:] if test else photos[:TRAIN_PHOTOS]
     out = []
     for i in range(n):
         src = pool[i % len(pool)]
@@ -57,6 +62,20 @@ def make_images(photos: list[np.ndarray], n: int, test: bool, severities: tuple[
         Image.fromarray(D.apply(crop, d, seed=int(rng.integers(1 << 30)))).save(buf, "PNG")
         out.append((buf.getvalue(), k))
     return out
+
+
+def train_pool(content: str, photos: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """The pristine images the train crops come from: the train photos, n generated dead-leaves
+    images (one per crop: a new content each time), or both, half and half."""
+    from iqa_spider.annotate.procedural import dead_leaves
+
+    leaves = [dead_leaves(np.random.default_rng([7, i]), 256) for i in range(n if content == "procedural" else
+                                                                          n // 2 if content == "mixed" else 0)]
+    if content == "procedural":
+        return leaves
+    # mixed: alternate, so the round robin takes a photo crop and a generated one in turn
+    return photos[:TRAIN_PHOTOS] if content == "photos" else [
+        img for pair in zip(leaves, itertools.cycle(photos[:TRAIN_PHOTOS])) for img in pair]
 
 
 def encode(pre, items, families: tuple[str, ...], answers_from=None):
@@ -135,6 +154,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=6.0, help="training time per learning rate")
     ap.add_argument("--vision-lrs", default="3e-3,1e-4", help="vision-tower learning rates to compare")
+    ap.add_argument("--train-content", default="photos",
+                    help="comma-separated train sources to compare: photos (the 16 train photos), procedural "
+                         "(a generated dead-leaves image per crop), mixed (half each); the test crops are always "
+                         "of the held-out photos")
     ap.add_argument("--lr", type=float, default=1e-3, help="language-model learning rate")
     ap.add_argument("--train-images", type=int, default=600)
     ap.add_argument("--test-images", type=int, default=160)
@@ -171,35 +194,43 @@ def main() -> None:
         pre = Preprocessor(model_dir, 512, 64_000_000)
         tok = pre.processor.tokenizer
         family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in families]
-        train_items = make_images(photos, a.train_images, False, severities, seed=0, families=families)
-        test_items = make_images(photos, a.test_images, True, severities, seed=1, families=families)
+        test_items = make_images(photos[TRAIN_PHOTOS:], a.test_images, severities, seed=1, families=families)
         perm = list(range(len(test_items)))
         random.Random(2).shuffle(perm)
-        train, test = encode(pre, train_items, families), encode(pre, test_items, families)
+        test = encode(pre, test_items, families)
         shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
         majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
-        runs = [train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
-                               int(tok.pad_token_id or 0), family_ids) for v in a.vision_lrs.split(",")]
+        runs = []
+        for content in a.train_content.split(","):
+            if content not in CONTENTS:
+                ap.error(f"--train-content: unknown {content!r}; known: {', '.join(CONTENTS)}")
+            pool = train_pool(content, photos, a.train_images)
+            train = encode(pre, make_images(pool, a.train_images, severities, seed=0, families=families), families)
+            for v in a.vision_lrs.split(","):
+                run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
+                                     int(tok.pad_token_id or 0), family_ids)
+                runs.append({"train_content": content, **run})
     result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
               "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for r in runs:
-        print(f"vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, "
+        print(f"{r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, "
               f"train {r['train_acc']:.3f} after {r['steps']} steps")
     if a.no_record:
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    lines = ["| vision lr | LM lr | steps | held-out acc | shuffled control | train acc | chance (majority / uniform) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| train content | vision lr | LM lr | steps | held-out acc | shuffled control | train acc | chance (majority / uniform) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['vision_lr']:g} | {r['lr']:g} | {r['steps']} | {r['held_out_acc']:.3f} | "
+        lines.append(f"| {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']} | {r['held_out_acc']:.3f} | "
                      f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
     common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
                   f"({a.minutes:g} min per learning rate)",
                   "\n".join(lines),
-                  f"{result['task']}; {a.train_images} train crops of {TRAIN_PHOTOS} photos, {a.test_images} held-out "
+                  f"{result['task']}; {a.train_images} train crops of {TRAIN_PHOTOS} photos (photos), of as many "
+                  f"generated dead-leaves images (procedural) or half each (mixed); {a.test_images} held-out "
                   f"crops of the other {len(photos) - TRAIN_PHOTOS}; the shuffled control asks each held-out image "
                   f"for another image's answer.")
 
