@@ -50,6 +50,13 @@ WARMUP_TRAIN = ["data.task_weights.grounding=0", "data.task_weights.local_desc=0
 WARMUP_EVAL_TASKS = "[rating,referring_short,global_desc]"
 WARMUP_HEADLINE = ("referring_short.type_acc", "rating.srcc", "global_desc.type_f1")
 EVAL_IMAGES = 240
+# Generated pristine sources (--generated N): dead-leaves images (annotate/procedural.py), each a
+# content of its own, so the model cannot learn the few training photos by heart in place of the
+# damage. Annotated like the photos (the same distortions and tasks, QUALITY_ANNOTATE and any
+# stage's own settings) but whole (one view each) and into the train split only, below the
+# dataset's folder: the train job reads every shard below it, the held-out split stays the photos'.
+GENERATED_ANNOTATE = ["distort.views_per_image=1", "distort.variants_per_image=4", "test_fraction=0"]
+GENERATED_SIDE = 224
 # The headline metrics (flattened report keys, as quality.json names them); chance is given for
 # each, the shuffled control for each but mIoU (the issue's shape).
 HEADLINE = ("referring_short.type_acc", "rating.srcc", "grounding.hyd.position_acc", "grounding.hyd.point_acc",
@@ -70,18 +77,27 @@ def flat(report: dict, part: str = "metrics") -> dict[str, float]:
     return flatten_metrics(report.get(part) or {})
 
 
-def build_data(work: Path, name: str = "dataset", extra: tuple[str, ...] = ()) -> Path:
+def build_data(work: Path, name: str = "dataset", extra: tuple[str, ...] = (), generated: int = 0) -> Path:
     from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
+    from iqa_spider.annotate.procedural import write_procedural_images
     from iqa_spider.config import load_config
     from iqa_spider.config.schemas import AnnotateConfig
+
+    def annotate(sources: Path, out: Path, more: tuple[str, ...]) -> None:
+        cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                          [f"input.uri={sources}", f"output.uri={out}", *QUALITY_ANNOTATE, *extra, *more])
+        summary = run_annotate(cfg)
+        print(f"{out.relative_to(work)}: annotated {summary['annotated']} images: {summary['samples']} samples "
+              f"{summary['samples_by_task']}")
 
     photos = work / "photos"
     if not photos.exists():
         write_builtin_photos(str(photos))
-    cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
-                      [f"input.uri={photos}", f"output.uri={work / name}", *QUALITY_ANNOTATE, *extra])
-    summary = run_annotate(cfg)
-    print(f"{name}: annotated {summary['annotated']} photos: {summary['samples']} samples {summary['samples_by_task']}")
+    annotate(photos, work / name, ())
+    if generated:
+        leaves = work / "generated"
+        write_procedural_images(str(leaves), generated, seed=0, side=GENERATED_SIDE, progress=True)
+        annotate(leaves, work / name / "generated", tuple(GENERATED_ANNOTATE))
     return work / name
 
 
@@ -170,7 +186,7 @@ def stage_figures(report: dict, control: dict, keys: tuple[str, ...]) -> dict:
 
 def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: float, params: int,
               command: str = "make quality", warmups: list[dict] | None = None,
-              warmup_eval: tuple[dict, dict] | None = None) -> dict:
+              warmup_eval: tuple[dict, dict] | None = None, generated: int = 0) -> dict:
     # seed 0 is the one with a shuffled control; the other seeds add their metrics only
     first = stage_figures(reports[0], control, HEADLINE)
     mappings = mapping_figures(reports)
@@ -191,6 +207,7 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "warmup_minutes": [round(t["wall_s"] / 60, 2) for t in warmups or []],
         # seed 0's first stage alone, on the first stage's own held-out split (None without one)
         "warmup": stage_figures(*warmup_eval, WARMUP_HEADLINE) if warmup_eval else None,
+        "generated_sources": generated,  # dead-leaves train sources beside the photos (--generated)
         "images": first["images"], "samples": first["samples"],
         "minutes": round(minutes, 2), "command": command,
     }
@@ -224,6 +241,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per seed (default: the recipe's)")
     ap.add_argument("--warmup-steps", type=int, default=0,
                     help="a curriculum: first this many steps on strong whole-image damage (WARMUP_ANNOTATE)")
+    ap.add_argument("--generated", type=int, default=0,
+                    help="this many generated dead-leaves sources in the train split, beside the photos")
     ap.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images evaluated")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "quality_work"),
                     help="scratch folder (replaced); the dataset, checkpoints and reports stay there")
@@ -240,8 +259,9 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     ray.init(num_cpus=2, include_dashboard=False)  # worker logs: the step-by-step progress
-    data = build_data(work)
-    warmup_data = build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE)) if args.warmup_steps else None
+    data = build_data(work, generated=args.generated)
+    warmup_data = (build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE), args.generated)
+                   if args.warmup_steps else None)
     reports, trains, warmups, warmup_eval = [], [], [], None
     for seed in args.seeds:
         start = None
@@ -265,7 +285,7 @@ def main() -> None:
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
     # the command that made the figures: `make quality`, or the script with the flags it was given
     q = summarise(reports, control, trains, (time.monotonic() - started) / 60, params,
-                  command() if sys.argv[1:] else "make quality", warmups, warmup_eval)
+                  command() if sys.argv[1:] else "make quality", warmups, warmup_eval, args.generated)
     table = markdown(q)
     print(table)
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")
@@ -276,9 +296,11 @@ def main() -> None:
     curriculum = (f"first {q['warmup_steps']} steps ({', '.join(map(str, q['warmup_minutes']))} min) on "
                   f"{', '.join(WARMUP_ANNOTATE)} with {', '.join(WARMUP_TRAIN)}, then "
                   if q["warmup_steps"] else "")
+    generated = (f"; in training also {q['generated_sources']} generated dead-leaves sources "
+                 f"({', '.join(GENERATED_ANNOTATE)})" if q["generated_sources"] else "")
     notes = (f"Small Qwen2.5-VL ({q['params'] / 1e6:.1f} M parameters, random init), full fine-tuning with "
              f"configs/train/small_cpu.yaml: {curriculum}{q['steps']} steps of global batch {q['global_batch']} per seed "
-             f"({', '.join(map(str, q['train_minutes']))} min), on {', '.join(QUALITY_ANNOTATE)}. "
+             f"({', '.join(map(str, q['train_minutes']))} min), on {', '.join(QUALITY_ANNOTATE)}{generated}. "
              f"Held-out: {q['images']} images of photos never trained on ({q['samples']} samples; "
              f"tasks {EVAL_TASKS}). Chance: {json.dumps(q['chance_basis'])}. Shuffled: the same model, every "
              f"sample asked about another photo's image. Default mapping: {q['default_mapping']} "
