@@ -49,7 +49,8 @@ def test_summary_has_the_documented_shape():
     assert q["mappings"]["paper"]["seeds"] == [0.3] and q["default_mapping"] == "paper"
     assert (q["params"], q["steps"], q["minutes"], q["command"]) == (5_000_000, 100, 12.0, "make quality")
     assert "| referring_short.type_acc | 0.450 |" in quality.markdown(q)
-    assert q["warmup_steps"] == 0 and q["warmup_minutes"] == []
+    assert q["warmup_steps"] == 0 and q["warmup_minutes"] == [] and q["generated_sources"] == 0
+    assert quality.summarise(reports, control, trains, minutes=12.0, params=1, generated=500)["generated_sources"] == 500
     warm = quality.summarise(reports, control, trains, minutes=12.0, params=5_000_000,
                              warmups=[{"steps": 40, "wall_s": 120.0}])
     assert (warm["warmup_steps"], warm["warmup_minutes"], warm["steps"]) == (40, [2.0], 100)
