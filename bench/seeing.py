@@ -93,7 +93,7 @@ def encode(pre, items, families: tuple[str, ...], answers_from=None):
 
 
 def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: float, minutes: float,
-                   batch: int, seed: int, pad_id: int, family_ids: list[int]) -> dict:
+                   batch: int, seed: int, pad_id: int, family_ids: list[int], warmup_steps: int = 0) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -107,6 +107,8 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
     vision = [p for n, p in model.named_parameters() if is_vision(n)]
     language = [p for n, p in model.named_parameters() if not is_vision(n)]
     opt = torch.optim.AdamW([{"params": language, "lr": lr}, {"params": vision, "lr": vision_lr}], weight_decay=0.0)
+    # a linear warm-up of both rates (a ViT from scratch is known to need one at higher rates)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
     def batch_of(items):
         out = collate(pack(items), pad_id)
@@ -139,13 +141,14 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
         steps += 1
         if time.monotonic() - started >= next_eval:
             next_eval += 60.0
             curve.append({"minute": round((time.monotonic() - started) / 60, 1), "step": steps,
                           "held_out_acc": round(accuracy(test), 3)})
             print(f"vision lr {vision_lr:g}: {curve[-1]}", flush=True)
-    return {"lr": lr, "vision_lr": vision_lr, "steps": steps, "samples": steps * batch,
+    return {"lr": lr, "vision_lr": vision_lr, "warmup_steps": warmup_steps, "steps": steps, "samples": steps * batch,
             "held_out_acc": accuracy(test), "shuffled_acc": accuracy(shuffled),
             "train_acc": accuracy(train[:len(test)]), "curve": curve}
 
@@ -159,6 +162,7 @@ def main() -> None:
                          "(a generated dead-leaves image per crop), mixed (half each); the test crops are always "
                          "of the held-out photos")
     ap.add_argument("--lr", type=float, default=1e-3, help="language-model learning rate")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of both learning rates")
     ap.add_argument("--train-images", type=int, default=600)
     ap.add_argument("--test-images", type=int, default=160)
     ap.add_argument("--batch", type=int, default=8)
@@ -208,7 +212,7 @@ def main() -> None:
             train = encode(pre, make_images(pool, a.train_images, severities, seed=0, families=families), families)
             for v in a.vision_lrs.split(","):
                 run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
-                                     int(tok.pad_token_id or 0), family_ids)
+                                     int(tok.pad_token_id or 0), family_ids, a.warmup_steps)
                 runs.append({"train_content": content, **run})
     result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
@@ -224,7 +228,8 @@ def main() -> None:
     lines = ["| train content | vision lr | LM lr | steps | held-out acc | shuffled control | train acc | chance (majority / uniform) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']} | {r['held_out_acc']:.3f} | "
+        lines.append(f"| {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"
+                     f"{f' ({w} warm-up)' if (w := r.get('warmup_steps')) else ''} | {r['held_out_acc']:.3f} | "
                      f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
     common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
                   f"({a.minutes:g} min per learning rate)",
