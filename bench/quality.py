@@ -51,8 +51,8 @@ WARMUP_EVAL_TASKS = "[rating,referring_short,global_desc]"
 WARMUP_HEADLINE = ("referring_short.type_acc", "rating.srcc", "global_desc.type_f1")
 EVAL_IMAGES = 240
 # Generated pristine sources (--generated N): dead-leaves images (annotate/procedural.py), each a
-# content of its own, so the model cannot learn the few training photos by heart in place of the
-# damage. Annotated like the photos (the same distortions and tasks, QUALITY_ANNOTATE and any
+# content of its own (more contents did not help the small model in bench/seeing.py, so the
+# default is none). Annotated like the photos (the same distortions and tasks, QUALITY_ANNOTATE and any
 # stage's own settings) but whole (one view each) and into the train split only, below the
 # dataset's folder: the train job reads every shard below it, the held-out split stays the photos'.
 GENERATED_ANNOTATE = ["distort.views_per_image=1", "distort.variants_per_image=4", "test_fraction=0"]

@@ -1,9 +1,11 @@
 """Generated pristine images: as many distinct clean sources as a run wants, none downloaded.
 
-The bundled collection is about 22 photos. Split by photo, a model trains on 16-18 contents,
-which it can learn by heart instead of learning what damage looks like (the small model's
-content loss falls to 0.4 on them while held-out photos stay at chance). A generated source
-is a new content every time, so nothing about the content can stand in for the answer.
+The bundled collection is about 22 photos. Split by photo, a model trains on 16-18 contents.
+A generated source is a new content every time, so a user (or a benchmark) can ask whether
+more distinct contents help more than more views of the same few. For the project's small
+model at its CPU budget they did not: bench/seeing.py --train-content, BENCHMARKS.md
+(held-out photos 0.28 with generated contents, 0.31 with photo crops; the model underfits the
+photos rather than learning them by heart).
 
 The generator is the dead-leaves model (Matheron; Lee, Mumford and Huang 2001): opaque shapes
 dropped on top of each other, with sizes drawn from a power law. It is the standard synthetic
@@ -58,7 +60,7 @@ def dead_leaves(rng: np.random.Generator, side: int = 448, leaves: int = 2500) -
     """One side x side x 3 uint8 RGB dead-leaves image drawn from `rng`."""
     s = side * SUPERSAMPLE
     palette = _palette(rng)
-    # Background: one palette colour, shaded (it shows where few leaves fall).
+    # Background: one palette colour (it shows where few leaves fall; the light below shades it).
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
     canvas = np.empty((s, s, 3), np.float32)
     canvas[:] = palette[rng.integers(len(palette))]
