@@ -69,13 +69,13 @@ def train_pool(content: str, photos: list[np.ndarray], n: int) -> list[np.ndarra
     images (one per crop: a new content each time), or both, half and half."""
     from iqa_spider.annotate.procedural import dead_leaves
 
-    leaves = [dead_leaves(np.random.default_rng([7, i]), 256) for i in range(n if content == "procedural" else
-                                                                          n // 2 if content == "mixed" else 0)]
+    if content == "photos":
+        return photos[:TRAIN_PHOTOS]
+    leaves = [dead_leaves(np.random.default_rng([7, i]), 256) for i in range(n if content == "procedural" else n // 2)]
     if content == "procedural":
         return leaves
-    # mixed: alternate, so the round robin takes a photo crop and a generated one in turn
-    return photos[:TRAIN_PHOTOS] if content == "photos" else [
-        img for pair in zip(leaves, itertools.cycle(photos[:TRAIN_PHOTOS])) for img in pair]
+    # mixed: alternate, so the round robin takes a generated crop and a photo one in turn
+    return [img for pair in zip(leaves, itertools.cycle(photos[:TRAIN_PHOTOS])) for img in pair]
 
 
 def encode(pre, items, families: tuple[str, ...], answers_from=None):
@@ -191,6 +191,9 @@ def main() -> None:
     unknown = set(families) - set(SUBTYPES)
     if unknown:
         ap.error(f"--families: unknown {sorted(unknown)}; known: {', '.join(SUBTYPES)}")
+    contents = a.train_content.split(",")
+    if set(contents) - set(CONTENTS):  # before anything is built: a typo must not cost a run
+        ap.error(f"--train-content: unknown {sorted(set(contents) - set(CONTENTS))}; known: {', '.join(CONTENTS)}")
     photos = [img for _, img in iter_builtin_photos()]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp, "small"))
@@ -205,9 +208,7 @@ def main() -> None:
         shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
         majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
         runs = []
-        for content in a.train_content.split(","):
-            if content not in CONTENTS:
-                ap.error(f"--train-content: unknown {content!r}; known: {', '.join(CONTENTS)}")
+        for content in contents:
             pool = train_pool(content, photos, a.train_images)
             train = encode(pre, make_images(pool, a.train_images, severities, seed=0, families=families), families)
             for v in a.vision_lrs.split(","):
@@ -219,13 +220,14 @@ def main() -> None:
               "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for r in runs:
-        print(f"{r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, "
-              f"train {r['train_acc']:.3f} after {r['steps']} steps")
+        print(f"{r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, "
+              f"shuffled {r['shuffled_acc']:.3f}, train {r['train_acc']:.3f} after {r['steps']} steps")
     if a.no_record:
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    lines = ["| train content | vision lr | LM lr | steps | held-out acc | shuffled control | train acc | chance (majority / uniform) |",
+    lines = ["| train content | vision lr | LM lr | steps | held-out acc | shuffled control | train acc "
+             "| chance (majority / uniform) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"

@@ -20,6 +20,7 @@ jagged: a pristine source must not look pixelated or sharpened itself.
 """
 from __future__ import annotations
 
+import colorsys
 import logging
 
 import numpy as np
@@ -46,14 +47,7 @@ def _palette(rng: np.random.Generator) -> np.ndarray:
     hue = (rng.random() + rng.normal(0, 0.12, k)) % 1.0
     sat = np.clip(rng.beta(1.5, 2.5, k), 0, 1)
     val = np.clip(rng.beta(2.0, 1.6, k), 0.05, 1)
-    return np.array([_hsv_to_rgb(h, s, v) for h, s, v in zip(hue, sat, val)])
-
-
-def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
-    i = int(h * 6) % 6
-    f = h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+    return np.array([colorsys.hsv_to_rgb(h, s, v) for h, s, v in zip(hue, sat, val)])
 
 
 def dead_leaves(rng: np.random.Generator, side: int = 448, leaves: int = 2500) -> np.ndarray:
@@ -74,15 +68,13 @@ def dead_leaves(rng: np.random.Generator, side: int = 448, leaves: int = 2500) -
             continue
         py, px = yy[y0:y1, x0:x1] * s - cy, xx[y0:y1, x0:x1] * s - cx
         kind = rng.random()
+        a = rng.uniform(0, np.pi)  # the shape's angle, in the shape's own axes (u, v)
+        u, v = py * np.cos(a) + px * np.sin(a), -py * np.sin(a) + px * np.cos(a)
         if kind < 0.6:  # a disc, or an ellipse at any angle
-            a = rng.uniform(0, np.pi)
             e = rng.uniform(0.4, 1.0)
-            u, v = py * np.cos(a) + px * np.sin(a), -py * np.sin(a) + px * np.cos(a)
             inside = (u / r) ** 2 + (v / (r * e)) ** 2 <= 1
         else:  # a rotated rectangle: straight edges
-            a = rng.uniform(0, np.pi)
             e = rng.uniform(0.2, 1.0)
-            u, v = py * np.cos(a) + px * np.sin(a), -py * np.sin(a) + px * np.cos(a)
             inside = (np.abs(u) <= r) & (np.abs(v) <= r * e)
         if not inside.any():
             continue
