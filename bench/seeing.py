@@ -1,4 +1,4 @@
-"""Can the model see a distortion at all? A held-out check of the vision path, per vision learning rate.
+"""Can the model see a distortion at all? A held-out check of the vision path, per learning rate and shape.
 
 `make quality` trains the whole recipe and showed the small model at chance. This benchmark
 asks the narrower question underneath: given whole-image distortions a CNN separates at a
@@ -15,6 +15,11 @@ the same few. Run from the repo root:
     .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 3e-3,1e-4
     .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 1e-4 --families all \
         --train-content photos,procedural,mixed --out bench/results/seeing_content.json
+    .venv/bin/python bench/seeing.py --minutes 6 --vision-lrs 1e-4 --families all \
+        --shapes 'vision_patch=7;vision_hidden=256,vision_intermediate=1024' --out bench/results/seeing_shape.json
+
+`--shapes` compares vision towers (or any field of the small preset): each shape gets its own
+model and processor, trained for the same minutes, so a costlier shape pays in steps.
 """
 from __future__ import annotations
 
@@ -76,6 +81,33 @@ def train_pool(content: str, photos: list[np.ndarray], n: int) -> list[np.ndarra
         return leaves
     # mixed: alternate, so the round robin takes a generated crop and a photo one in turn
     return [img for pair in zip(leaves, itertools.cycle(photos[:TRAIN_PHOTOS])) for img in pair]
+
+
+def parse_shape(text: str):
+    """'small', or comma-separated key=value overrides of the small preset's fields."""
+    import dataclasses
+
+    from iqa_spider.model.tiny import PRESETS
+
+    base = PRESETS["small"]
+    if text.strip() == "small":
+        return base
+    fields = {f.name: f.type for f in dataclasses.fields(base)}
+    overrides = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        key = key.strip()
+        if key not in fields or not value:
+            raise ValueError(f"{pair!r} is not key=value with a key of {', '.join(fields)}")
+        overrides[key] = float(value) if key == "lm_head_std" else int(value)
+    return dataclasses.replace(base, **overrides)
+
+
+def count_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir, "model.safetensors")), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
 
 
 def encode(pre, items, families: tuple[str, ...], answers_from=None):
@@ -161,6 +193,9 @@ def main() -> None:
                     help="comma-separated train sources to compare: photos (the 16 train photos), procedural "
                          "(a generated dead-leaves image per crop), mixed (half each); the test crops are always "
                          "of the held-out photos")
+    ap.add_argument("--shapes", default="small",
+                    help="semicolon-separated model shapes to compare: 'small' (the preset) or comma-separated "
+                         "overrides of its fields, e.g. 'vision_patch=7;vision_hidden=256,vision_intermediate=1024'")
     ap.add_argument("--lr", type=float, default=1e-3, help="language-model learning rate")
     ap.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up of both learning rates")
     ap.add_argument("--train-images", type=int, default=600)
@@ -194,43 +229,51 @@ def main() -> None:
     contents = a.train_content.split(",")
     if set(contents) - set(CONTENTS):  # before anything is built: a typo must not cost a run
         ap.error(f"--train-content: unknown {sorted(set(contents) - set(CONTENTS))}; known: {', '.join(CONTENTS)}")
+    try:
+        shapes = [(name, parse_shape(name)) for name in a.shapes.split(";")]
+    except ValueError as e:
+        ap.error(f"--shapes: {e}")
     photos = [img for _, img in iter_builtin_photos()]
+    test_items = make_images(photos[TRAIN_PHOTOS:], a.test_images, severities, seed=1, families=families)
+    perm = list(range(len(test_items)))
+    random.Random(2).shuffle(perm)
+    majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
+    train_items = {c: make_images(train_pool(c, photos, a.train_images), a.train_images, severities, seed=0,
+                                  families=families) for c in contents}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(Path(tmp, "small"))
-        init_tiny(a.family, model_dir, seed=0, size="small")
-        pre = Preprocessor(model_dir, 512, 64_000_000)
-        tok = pre.processor.tokenizer
-        family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in families]
-        test_items = make_images(photos[TRAIN_PHOTOS:], a.test_images, severities, seed=1, families=families)
-        perm = list(range(len(test_items)))
-        random.Random(2).shuffle(perm)
-        test = encode(pre, test_items, families)
-        shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
-        majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
-        runs = []
-        for content in contents:
-            pool = train_pool(content, photos, a.train_images)
-            train = encode(pre, make_images(pool, a.train_images, severities, seed=0, families=families), families)
-            for v in a.vision_lrs.split(","):
-                run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
-                                     int(tok.pad_token_id or 0), family_ids, a.warmup_steps)
-                runs.append({"train_content": content, **run})
+        for shape_name, preset in shapes:
+            # a model and a processor per shape: the patch side changes the preprocessing too
+            model_dir = str(Path(tmp, f"model{len(runs)}"))
+            init_tiny(a.family, model_dir, seed=0, size=preset)
+            pre = Preprocessor(model_dir, 512, 64_000_000)
+            tok = pre.processor.tokenizer
+            family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in families]
+            test = encode(pre, test_items, families)
+            shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
+            for content in contents:
+                train = encode(pre, train_items[content], families)
+                for v in a.vision_lrs.split(","):
+                    run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
+                                         int(tok.pad_token_id or 0), family_ids, a.warmup_steps)
+                    runs.append({"shape": shape_name, "params": count_params(model_dir),
+                                 "train_content": content, **run})
     result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
               "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for r in runs:
-        print(f"{r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, "
+        print(f"{r['shape']}, {r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, "
               f"shuffled {r['shuffled_acc']:.3f}, train {r['train_acc']:.3f} after {r['steps']} steps")
     if a.no_record:
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    lines = ["| train content | vision lr | LM lr | steps | held-out acc | shuffled control | train acc "
-             "| chance (majority / uniform) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | params | train content | vision lr | LM lr | steps | held-out acc | shuffled control "
+             "| train acc | chance (majority / uniform) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"
+        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f} M | {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"
                      f"{f' ({w} warm-up)' if (w := r.get('warmup_steps')) else ''} | {r['held_out_acc']:.3f} | "
                      f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
     common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "

@@ -245,3 +245,24 @@ def test_small_preset_loads_through_the_auto_classes_and_runs(family, tmp_path):
 def test_unknown_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown size"):
         init_tiny("qwen2_5_vl", tmp_path / "m", size="huge")
+
+
+def test_a_preset_of_another_patch_side_keeps_model_and_processor_consistent(tmp_path):
+    """A Preset object (benchmarks compare shapes) is accepted; its patch side reaches both the
+    vision config and the saved processor, so the image tokens match the model's grid."""
+    import dataclasses
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from iqa_spider.model.tiny import PRESETS
+
+    preset = dataclasses.replace(PRESETS["tiny"], vision_patch=7)
+    path = init_tiny("qwen2_5_vl", tmp_path / "p7", seed=0, size=preset)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    assert model.config.vision_config.patch_size == 7 == processor.image_processor.patch_size
+    _, inputs = _inputs(processor, _image((224, 224)))
+    assert inputs["pixel_values"].shape[-1] == 3 * 2 * 7 * 7  # channels x temporal x patch x patch
+    assert [int(v) for v in inputs["image_grid_thw"][0]] == [1, 32, 32]  # 224 px / 7 px
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()

@@ -21,6 +21,8 @@ from typing import Any
 from iqa_spider.model.tokenizer import build_tokenizer
 
 FAMILIES: tuple[str, ...] = ("qwen2_5_vl", "qwen3_vl")
+# The released checkpoints' vision patch sides (pixels).
+RELEASED_PATCH: dict[str, int] = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 
 # Image area bounds of the presets' image processors (pixels): sides about 112..224.
 MIN_PIXELS = 112 * 112
@@ -42,6 +44,9 @@ class Preset:
     vision_depth: int  # Qwen2.5-VL; Qwen3-VL takes one more layer (its deepstack taps two)
     # Init std of the output head, or None for the model's own initialiser (0.02).
     lm_head_std: float | None
+    # Vision patch side in pixels, or None for the family's released one (Qwen2.5-VL 14,
+    # Qwen3-VL 16). The processor is built with the same, so a checkpoint stays consistent.
+    vision_patch: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -55,8 +60,11 @@ PRESETS: dict[str, Preset] = {
     # keeps the head frozen, so LoRA could never make the tiny model sure of any token.
     "tiny": Preset(text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4, text_kv_heads=2,
                    vision_hidden=32, vision_intermediate=64, vision_heads=2, vision_depth=2, lm_head_std=0.3),
-    # A model that learns on 2 cores (SMALL_WHY below); trained with `method: full`, which
-    # trains the head too, so it keeps the model's own initialiser.
+    # A model that learns on 2 cores; trained with `method: full`, which trains the head too, so
+    # it keeps the model's own initialiser. Its tower (the released patch, 128 wide, 4 deep) was
+    # measured against a 7 px patch, a 256-wide, a 64-wide and a 2-deep one in the same 6 minutes
+    # (bench/seeing.py --shapes, BENCHMARKS.md): bigger towers get too few steps, smaller ones
+    # plateau lower, and this one named held-out whole-image damage best.
     "small": Preset(text_hidden=256, text_intermediate=768, text_layers=4, text_heads=4, text_kv_heads=2,
                     vision_hidden=128, vision_intermediate=512, vision_heads=4, vision_depth=4, lm_head_std=None),
 }
@@ -104,12 +112,23 @@ MROPE_SECTIONS: dict[str, dict[int, list[int]]] = {
 }
 
 
-def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int], size: str = "tiny"):
-    """The config of preset ``size`` of ``family``; token ids are set at top level and in
-    text_config (transformers checks the text config's ``*_token_id`` against its vocab_size)."""
+def preset_of(size: str | Preset) -> Preset:
+    """A preset by name, or the given one (benchmarks compare shapes beside the named presets)."""
+    if isinstance(size, Preset):
+        return size
     if size not in PRESETS:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    p = PRESETS[size]
+    return PRESETS[size]
+
+
+def patch_of(family: str, preset: Preset) -> int:
+    return preset.vision_patch or RELEASED_PATCH[family]
+
+
+def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int], size: str | Preset = "tiny"):
+    """The config of preset ``size`` of ``family``; token ids are set at top level and in
+    text_config (transformers checks the text config's ``*_token_id`` against its vocab_size)."""
+    p = preset_of(size)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     mrope_section = MROPE_SECTIONS[family][p.head_dim]
@@ -131,7 +150,7 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int], size: s
             intermediate_size=p.vision_intermediate,
             num_heads=p.vision_heads,
             hidden_act="silu",
-            patch_size=14,
+            patch_size=patch_of(family, p),
             spatial_merge_size=2,
             temporal_patch_size=2,
             window_size=112,
@@ -164,7 +183,7 @@ def tiny_config(family: str, vocab_size: int, token_ids: dict[str, int], size: s
             intermediate_size=p.vision_intermediate,
             num_heads=p.vision_heads,
             hidden_act="gelu_pytorch_tanh",
-            patch_size=16,
+            patch_size=patch_of(family, p),
             spatial_merge_size=2,
             temporal_patch_size=2,
             out_hidden_size=p.text_hidden,
@@ -212,8 +231,9 @@ def _generation_config(token_ids: dict[str, int]):
     )
 
 
-def build_processor(family: str, tokenizer=None):
-    """The real processor of ``family`` with small image bounds and the Qwen chat template."""
+def build_processor(family: str, tokenizer=None, patch: int | None = None):
+    """The real processor of ``family`` with small image bounds and the Qwen chat template;
+    ``patch`` must be the model's vision patch side (default: the family's released one)."""
     from transformers import Qwen2VLImageProcessor
 
     if tokenizer is None:
@@ -222,14 +242,15 @@ def build_processor(family: str, tokenizer=None):
         from transformers import Qwen2_5_VLProcessor as Processor
         from transformers import Qwen2VLVideoProcessor as VideoProcessor
 
-        patch, mean, std = 14, [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     elif family == "qwen3_vl":
         from transformers import Qwen3VLProcessor as Processor
         from transformers import Qwen3VLVideoProcessor as VideoProcessor
 
-        patch, mean, std = 16, [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
+        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     else:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    patch = patch or RELEASED_PATCH[family]
     lo, hi = _pixel_bounds(patch, 2)
     common: dict[str, Any] = dict(patch_size=patch, temporal_patch_size=2, merge_size=2, image_mean=mean, image_std=std)
     image_processor = Qwen2VLImageProcessor(size={"shortest_edge": lo, "longest_edge": hi}, **common)
@@ -244,9 +265,9 @@ def build_processor(family: str, tokenizer=None):
     )
 
 
-def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random ``family`` checkpoint of preset ``size`` (config, safetensors, tokenizer,
-    processor, chat template, generation config) to ``out_dir`` and return its path.
+def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: str | Preset = "tiny") -> Path:
+    """Write a random ``family`` checkpoint of preset ``size`` (a name, or a Preset) to ``out_dir``
+    (config, safetensors, tokenizer, processor, chat template, generation config); return its path.
 
     Deterministic: the same seed gives byte-identical ``model.safetensors``; the tokenizer does
     not depend on the seed.
@@ -255,13 +276,14 @@ def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: str 
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    preset = preset_of(size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(family)
     token_ids = _token_ids(tokenizer)
-    config = tiny_config(family, len(tokenizer), token_ids, size)
-    head_std = PRESETS[size].lm_head_std
+    config = tiny_config(family, len(tokenizer), token_ids, preset)
+    head_std = preset.lm_head_std
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
     else:
@@ -277,7 +299,7 @@ def init_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0, size: str 
     model.generation_config = _generation_config(token_ids)
     model.eval()
     model.save_pretrained(out)
-    build_processor(family, tokenizer).save_pretrained(out)
+    build_processor(family, tokenizer, patch_of(family, preset)).save_pretrained(out)
     return out
 
 
