@@ -92,7 +92,7 @@ def parse_shape(text: str):
     base = PRESETS["small"]
     if text.strip() == "small":
         return base
-    fields = {f.name: f.type for f in dataclasses.fields(base)}
+    fields = [f.name for f in dataclasses.fields(base)]
     overrides = {}
     for pair in text.split(","):
         key, _, value = pair.partition("=")
@@ -242,9 +242,9 @@ def main() -> None:
                                   families=families) for c in contents}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for shape_name, preset in shapes:
+        for index, (shape_name, preset) in enumerate(shapes):
             # a model and a processor per shape: the patch side changes the preprocessing too
-            model_dir = str(Path(tmp, f"model{len(runs)}"))
+            model_dir = str(Path(tmp, f"model{index}"))
             init_tiny(a.family, model_dir, seed=0, size=preset)
             pre = Preprocessor(model_dir, 512, 64_000_000)
             tok = pre.processor.tokenizer
@@ -273,7 +273,8 @@ def main() -> None:
              "| train acc | chance (majority / uniform) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f} M | {r['train_content']} | {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"
+        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f} M | {r['train_content']} | {r['vision_lr']:g} "
+                     f"| {r['lr']:g} | {r['steps']}"
                      f"{f' ({w} warm-up)' if (w := r.get('warmup_steps')) else ''} | {r['held_out_acc']:.3f} | "
                      f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
     common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
