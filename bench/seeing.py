@@ -103,13 +103,6 @@ def parse_shape(text: str):
     return dataclasses.replace(base, **overrides)
 
 
-def count_params(model_dir: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(model_dir, "model.safetensors")), "pt") as f:
-        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
-
-
 def encode(pre, items, families: tuple[str, ...], answers_from=None):
     """Preprocessed samples; answers_from pairs each image with another sample's answer (the control)."""
     from iqa_spider.vocab import DISTORTION_TERMS
@@ -129,6 +122,7 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from iqa_spider.model.tiny import count_parameters
     from iqa_spider.train.preprocess import collate, pack
     from iqa_spider.train.recipe import is_vision
 
@@ -180,7 +174,8 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
             curve.append({"minute": round((time.monotonic() - started) / 60, 1), "step": steps,
                           "held_out_acc": round(accuracy(test), 3)})
             print(f"vision lr {vision_lr:g}: {curve[-1]}", flush=True)
-    return {"lr": lr, "vision_lr": vision_lr, "warmup_steps": warmup_steps, "steps": steps, "samples": steps * batch,
+    return {"params": count_parameters(model), "lr": lr, "vision_lr": vision_lr, "warmup_steps": warmup_steps,
+            "steps": steps, "samples": steps * batch,
             "held_out_acc": accuracy(test), "shuffled_acc": accuracy(shuffled),
             "train_acc": accuracy(train[:len(test)]), "curve": curve}
 
@@ -256,8 +251,7 @@ def main() -> None:
                 for v in a.vision_lrs.split(","):
                     run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
                                          int(tok.pad_token_id or 0), family_ids, a.warmup_steps)
-                    runs.append({"shape": shape_name, "params": count_params(model_dir),
-                                 "train_content": content, **run})
+                    runs.append({"shape": shape_name, "train_content": content, **run})
     result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
               "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
