@@ -145,7 +145,7 @@ def test_predictions_carry_the_truth(report, dataset):
     import pyarrow.parquet as pq
 
     from iqa_spider.data.io import read_dataset
-    from iqa_spider.infer.metrics import target_mask, target_regions, truth_families
+    from iqa_spider.infer.metrics import STRATA, target_mask, target_regions, truth_families, truth_stratum
 
     rep, out = report
     preds = {p["sample_id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
@@ -159,6 +159,7 @@ def test_predictions_carry_the_truth(report, dataset):
             assert p["score"] is not None and p["level"] is not None
             continue
         assert p["truth_families"] == sorted(truth_families(target_regions(target)))
+        assert p["truth_stratum"] == truth_stratum(target_regions(target), row["width"], row["height"])
         assert p["pred_families"] is not None
         if p["task"] == "grounding":
             regions = target_regions(target)
@@ -166,6 +167,10 @@ def test_predictions_carry_the_truth(report, dataset):
             assert p["truth_position"] == ("whole image" if target["whole_image"] else " ".join(regions[0]["position"]))
             assert p["truth_area_frac"] == pytest.approx(target_mask(target, row["width"], row["height"]).mean())
             assert p["iou"] is not None and 0 <= p["iou"] <= 1
+    # every referring sample falls in exactly one stratum of the truth, and each has its chance
+    ref = rep["metrics"]["referring_short"]
+    assert set(ref["by_stratum"]) <= set(STRATA) and sum(v["n"] for v in ref["by_stratum"].values()) == ref["n"]
+    assert set(rep["chance"]["referring_short"]["by_stratum"]) == set(ref["by_stratum"])
 
 
 def test_shuffled_donors_is_a_seeded_derangement_across_sources():
@@ -236,7 +241,7 @@ def test_shuffled_image_control(report, dataset, tiny_model_dir, tmp_path):
     assert len(preds) == sum(p["task"] in ("rating", "grounding", "referring_short") for p in base.values())
     truth_cols = ("image_id", "task", "subtask", "question", "truth", "target_score", "target_level",
                   "truth_families", "truth_pairs", "truth_positions", "truth_position", "truth_whole",
-                  "truth_area_frac")
+                  "truth_area_frac", "truth_stratum")
     for p in preds:
         assert {c: p[c] for c in truth_cols} == {c: base[p["sample_id"]][c] for c in truth_cols}
     for task in ("rating", "grounding", "referring_short"):

@@ -251,3 +251,51 @@ def test_chance_baselines_on_a_hand_made_truth():
                   if s["task"] == "grounding" else {}), "level": "fair"} for s in samples],
         ["paper", "expected_bin_centre"], "paper")))
     assert set(flat) <= metric_keys, set(flat) - metric_keys
+
+
+def test_truth_stratum_from_extent_and_worst_severity():
+    from iqa_spider.infer.metrics import truth_stratum
+
+    whole, corner = np.ones((4, 6), bool), np.zeros((4, 6), bool)
+    corner[:2, :3] = True
+
+    def region(mask, *severities):
+        return {"mask_rle": rle.encode(mask), "distortions": [{"type": "noise", "severity": s} for s in severities]}
+
+    assert truth_stratum([], 6, 4) == "clean"
+    assert truth_stratum([region(whole)], 6, 4) == "clean"                      # a region with no damage
+    assert truth_stratum([region(whole, 4)], 6, 4) == "whole_strong"
+    assert truth_stratum([region(whole, 3)], 6, 4) == "whole_weak"
+    assert truth_stratum([region(corner, 2, 5)], 6, 4) == "local_strong"       # the worst severity decides
+    assert truth_stratum([region(corner, 1), region(whole)], 6, 4) == "local_weak"   # the clean whole is not damage
+
+
+def test_referring_and_description_metrics_per_truth_stratum_beside_their_own_chance():
+    from iqa_spider.infer.chance import chance_baselines
+
+    def ref(pred, truth, stratum):
+        return {"task": "referring_short", "pred": pred, "truth_families": truth, "truth_pairs": [],
+                "truth_stratum": stratum}
+
+    samples = [ref("Severe noise.", ["noise"], "whole_strong"), ref("Severe blur.", ["noise"], "whole_strong"),
+               ref("Severe blur.", ["blur"], "whole_strong"), ref("Mild blur.", ["noise"], "local_weak"),
+               ref("No visible distortion.", [], "clean"),
+               {**global_desc("Noise.", []), "truth_stratum": "whole_strong"},
+               {**global_desc("Blur.", []), "truth_stratum": "local_weak"}]
+    m = compute_metrics(samples, (), "paper")
+    strata = m["referring_short"]["by_stratum"]
+    assert set(strata) == {"whole_strong", "local_weak", "clean"}              # only the strata present
+    assert strata["whole_strong"] == {"n": 3.0, "type_acc": pytest.approx(2 / 3)}
+    assert strata["local_weak"]["type_acc"] == 0.0 and strata["clean"]["type_acc"] == 1.0
+    assert m["referring_short"]["type_acc"] == pytest.approx(3 / 5)           # the split-wide figure is unchanged
+    desc = m["global_desc"]["by_stratum"]
+    assert desc["whole_strong"]["type_f1"] == 1.0 and desc["local_weak"]["type_f1"] == 0.0
+    chance, _ = chance_baselines(samples, [])
+    # each stratum's own majority: {noise} in 2 of 3 whole_strong truths
+    assert chance["referring_short"]["by_stratum"]["whole_strong"]["type_acc"] == pytest.approx(2 / 3)
+    assert chance["global_desc"]["by_stratum"]["local_weak"]["type_f1"] == 1.0   # always naming noise
+    flat = flatten_metrics(m)
+    assert flat["referring_short.by_stratum.whole_strong.type_acc"] == pytest.approx(2 / 3)
+    # records from before the strata (no truth_stratum) give no section, not an empty one
+    assert "by_stratum" not in compute_metrics([{k: v for k, v in s.items() if k != "truth_stratum"}
+                                                for s in samples], (), "paper")["referring_short"]

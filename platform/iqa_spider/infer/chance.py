@@ -20,6 +20,8 @@ taken from that same truth (an upper bound on what a constant answer could know 
 - ``global_desc`` / ``local_desc``: type precision / recall / F1 of always naming that
   majority family; ``global_desc.level_acc`` of the majority level; ``global_desc.position_*``
   of always naming the most frequent truth position (over the samples that have one).
+- ``<task>.by_stratum.<stratum>`` (:data:`iqa_spider.infer.metrics.STRATA`): the same
+  ``type_acc`` (referring) or ``type_f1`` (descriptions), of that stratum's own majority.
 
 ``chance_basis`` says, per flattened key, which answer the figure is for.
 """
@@ -30,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from iqa_spider.infer.metrics import GROUNDING_SUBTASKS, PRF
+from iqa_spider.infer.metrics import GROUNDING_SUBTASKS, PRF, by_stratum
 
 
 def _majority(values: Sequence) -> tuple[Any, float]:
@@ -55,6 +57,18 @@ def _constant_prf(name: str, truth_sets: Sequence[set], answer: str | None) -> d
     for t in truth_sets:
         prf.add({answer} if answer else set(), t)
     return prf.as_dict(name)
+
+
+# Per stratum of the truth, the constant answer is that stratum's own majority (the same upper
+# bound as above: a constant answer that knew each stratum's truth in advance).
+def _type_acc_of_majority(ss: Sequence[dict]) -> dict[str, float]:
+    return {"type_acc": _majority([_family_set_name(s["truth_families"]) for s in ss])[1]}
+
+
+def _type_f1_of_majority(ss: Sequence[dict]) -> dict[str, float]:
+    truth_sets = [set(s["truth_families"]) for s in ss]
+    fam, _ = _majority([f for t in truth_sets for f in t])
+    return {"type_f1": _constant_prf("type_", truth_sets, fam)["type_f1"]}
 
 
 def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -106,6 +120,10 @@ def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[
             fset, share = _majority([_family_set_name(s["truth_families"]) for s in ss])
             d["type_acc"] = share
             basis[f"{task}.type_acc"] = f"always answering {fset!r}, the most frequent truth family set"
+            if strata := by_stratum(ss, _type_acc_of_majority):
+                d["by_stratum"] = strata
+        elif strata := by_stratum(ss, _type_f1_of_majority):
+            d["by_stratum"] = strata
         if task == "global_desc":
             level, share = _majority([s.get("target_level") for s in ss])
             d["level_acc"] = share

@@ -25,7 +25,7 @@ from iqa_spider import storage
 from iqa_spider.infer.chance import chance_baselines
 from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
 from iqa_spider.infer.metrics import (compute_metrics, grounding_sample_metrics, is_whole_region, target_mask,
-                                      target_regions, truth_families, truth_pairs)
+                                      target_regions, truth_families, truth_pairs, truth_stratum)
 from iqa_spider.infer.report import format_metrics, publish
 from iqa_spider.infer.text_to_point import answer_position_words
 
@@ -229,6 +229,7 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
         regions = target_regions(target)
         rec["truth_families"] = sorted(truth_families(regions))
         rec["truth_pairs"] = sorted(f"{t}:{s}" for t, s in truth_pairs(regions))
+        rec["truth_stratum"] = truth_stratum(regions, w, h)
         rec["truth_positions"] = sorted({" ".join(r["position"]) for r in regions
                                          if r.get("position") and not is_whole_region(r, w, h)})
         if row["task"] == "grounding":

@@ -21,6 +21,8 @@ Per task, with no external judge (the dataset's ``target`` column holds the trut
   image or a whole-image distortion has none and is left out, ``position_excluded`` counts
   them), and level accuracy (the level word of the last sentence against ``quality_level``;
   global only: a local description's level has no truth column).
+- **by stratum of the truth** (referring and descriptions): the type figure again per
+  :data:`STRATA` (clean; whole-image or local damage, strong or weak), in ``by_stratum``.
 
 Also the parsing of answers (distortion types and pairs, level word), the truth read from a
 sample's ``target`` (regions, union mask, distortion sets), :func:`compute_metrics` over the
@@ -213,6 +215,35 @@ def truth_pairs(regions: Iterable[dict]) -> set[tuple[str, int]]:
     return {(d["type"], int(d["severity"])) for r in regions for d in (r.get("distortions") or [])}
 
 
+# A small model trained from scratch names strong damage over the whole image long before weak
+# or local damage (BENCHMARKS.md, "Quality"), and a split-wide figure averages the two away. So
+# the referring and description metrics are also given per stratum of the truth.
+STRATA = ("clean", "whole_strong", "whole_weak", "local_strong", "local_weak")
+STRONG_SEVERITY = 4   # severities 4-5 of 1-5
+
+
+def truth_stratum(regions: Sequence[dict], width: int, height: int) -> str:
+    """``clean``, or ``<whole|local>_<strong|weak>``: whole when a distorted region covers the
+    image, strong when the worst severity is at least STRONG_SEVERITY."""
+    damaged = [r for r in regions if r.get("distortions")]
+    if not damaged:
+        return "clean"
+    extent = "whole" if any(is_whole_region(r, width, height) for r in damaged) else "local"
+    worst = max(int(d["severity"]) for r in damaged for d in r["distortions"])
+    return f"{extent}_{'strong' if worst >= STRONG_SEVERITY else 'weak'}"
+
+
+def by_stratum(samples: Sequence[dict], section) -> dict[str, dict]:
+    """``section(subset)`` for each stratum present, with its ``n`` (samples without a
+    ``truth_stratum``, from older records, are left out)."""
+    out: dict[str, dict] = {}
+    for name in STRATA:
+        ss = [s for s in samples if s.get("truth_stratum") == name]
+        if ss:
+            out[name] = {"n": float(len(ss)), **section(ss)}
+    return out
+
+
 # ============================================================== per sample and per task
 
 
@@ -285,14 +316,15 @@ def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: s
             pairs.add({f"{t}:{v}" for t, v in distortion_pairs(s["pred"])}, set(s["truth_pairs"]))
         metrics[task] = {"n": float(len(ss)), **types.as_dict("type_"), "type_acc": types.exact / types.n,
                          "pair_f1": pairs.f1, "exact_match": pairs.exact / pairs.n}
+        if strata := by_stratum(ss, lambda sub: {"type_acc": (t := _type_prf(sub)).exact / t.n}):
+            metrics[task]["by_stratum"] = strata
     for task in ("global_desc", "local_desc"):
         ss = [s for s in samples if s["task"] == task]
         if not ss:
             continue
-        types = PRF()
-        for s in ss:
-            types.add(distortion_families(s["pred"]), set(s["truth_families"]))
-        d = {"n": float(len(ss)), **types.as_dict("type_")}
+        d = {"n": float(len(ss)), **_type_prf(ss).as_dict("type_")}
+        if strata := by_stratum(ss, lambda sub: {"type_f1": _type_prf(sub).f1}):
+            d["by_stratum"] = strata
         if task == "global_desc":
             pos = PRF()
             with_pos = [s for s in ss if s["truth_positions"]]
@@ -305,6 +337,14 @@ def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: s
             d["level_acc"] = _mean([float(answer_level(s["pred"]) == s["target_level"]) for s in ss])
         metrics[task] = d
     return metrics
+
+
+def _type_prf(samples: Sequence[dict]) -> PRF:
+    """The families each answer names against its truth's."""
+    types = PRF()
+    for s in samples:
+        types.add(distortion_families(s["pred"]), set(s["truth_families"]))
+    return types
 
 
 def flatten_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

@@ -147,6 +147,7 @@ def _predictions_table(samples: Sequence[dict], mapping: str):
         ("target_score", pa.float64()), ("target_level", pa.string()), ("truth_families", strs),
         ("truth_pairs", strs), ("truth_positions", strs), ("truth_position", pa.string()),
         ("truth_whole", pa.bool_()), ("truth_area_frac", pa.float64()),
+        ("truth_stratum", pa.string()),
         # prediction
         ("score", pa.float64()), ("level", pa.string()), ("pred_families", strs), ("pred_level", pa.string()),
         ("whole_image", pa.bool_()), ("point_x", pa.float64()), ("point_y", pa.float64()),
