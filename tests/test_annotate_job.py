@@ -280,6 +280,30 @@ def test_min_severity_annotates_only_strong_damage(tmp_path):
     assert severities() & {1, 2, 3}
 
 
+def test_families_annotates_only_those_families_and_refuses_a_set_it_cannot_draw(tmp_path):
+    """distort.families (the demo's few families): every distortion written is one of them, in
+    whole-image and regional variants and DAO chains alike; a set the sampler cannot draw from
+    is a config error before any work, and null (all families) keeps the shard names."""
+    from iqa_spider.annotate.pipeline import check_families, content_fingerprint
+    from iqa_spider.config import ConfigError
+
+    name, img = next(iter_builtin_photos())
+    cfg = view_config(tmp_path, "distort.variants_per_image=12", "distort.clean_prob=0", "distort.whole_image_prob=0.5",
+                      "distort.dao_prob=0.5", "distort.families=[blur,noise,compression,brighten]")
+    rows = annotate_one(cfg, name, img)
+    written = {d["type"] for r in rows for reg in r["target"]["regions"] for d in reg["distortions"]}
+    assert written and written <= {"blur", "noise", "compression", "brighten"}
+    with pytest.raises(ConfigError, match="dao_prob"):   # no accumulation order within one family
+        check_families(view_config(tmp_path, "distort.families=[blur]", "distort.dao_prob=0.3").distort)
+    check_families(view_config(tmp_path, "distort.families=[blur]", "distort.dao_prob=0").distort)
+    with pytest.raises(ConfigError, match="dao_prob"):   # its only order starts with a saturation change
+        check_families(view_config(tmp_path, "distort.families=[saturate_weaken,noise]").distort)
+    with pytest.raises(ConfigError, match="saturation"):
+        check_families(view_config(tmp_path, "distort.families=[saturate_weaken]", "distort.dao_prob=0").distort)
+    assert (content_fingerprint(view_config(tmp_path, "distort.families=null"))
+            == content_fingerprint(view_config(tmp_path)))
+
+
 def test_view_boxes_lie_in_the_photo():
     from iqa_spider.annotate.pipeline import view_box
 

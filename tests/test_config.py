@@ -137,6 +137,9 @@ ANNOTATE_URIS = ["input.uri=/tmp/photos", "output.uri=/tmp/dq"]
     ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.views_per_image=0"], "distort.views_per_image"),
     ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.min_severity=6"], "distort.min_severity"),
     ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.view_min_side=1.5"], "distort.view_min_side"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.families=[blur,smudge]"], "distort.families"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.families=[]"], "distort.families"),
+    ("configs/annotate.yaml", [*ANNOTATE_URIS, "distort.families=[blur,blur]"], "distort.families"),
     ("configs/demo.yaml", ["tiny.size=huge"], "tiny.size"),
 ])
 def test_recipe_and_view_settings_are_checked(config, overrides, key):

@@ -267,3 +267,23 @@ def test_min_severity_keeps_the_stream_and_narrows_the_range():
     assert {d.severity for d in strong} == {4, 5}
     chains = [D.sample_dao_chain(rng, min_severity=5) for _ in range(100)]
     assert {d.severity for c in chains for d in c} == {5}
+
+
+def test_a_family_subset_keeps_the_stream_and_the_paper_orders_within_it():
+    """families left at all of them draws what the sampler drew before the option; a subset
+    draws only its families, and DAO chains only the paper's orders with both steps in it."""
+    from iqa_spider.vocab import DISTORTION_FAMILIES
+
+    before, after = np.random.default_rng(5), np.random.default_rng(5)
+    plain = [D.sample_distortion(before) for _ in range(50)]
+    assert plain == [D.sample_distortion(after, families=DISTORTION_FAMILIES) for _ in range(50)]
+    rng = np.random.default_rng(3)
+    four = ("blur", "noise", "compression", "brighten")
+    assert {D.sample_distortion(rng, families=four).type for _ in range(400)} == set(four)
+    orders = D.accumulation_orders(four)
+    assert orders and all(f in four and set(s) <= set(four) for f, s in orders.items())
+    chains = [D.sample_dao_chain(rng, families=four) for _ in range(200)]
+    assert all(c[1].type in orders[c[0].type] for c in chains)
+    assert D.accumulation_orders(("blur",)) == {}
+    with pytest.raises(ValueError, match="accumulation order"):
+        D.sample_dao_chain(rng, families=("blur",))

@@ -601,11 +601,12 @@ def is_valid_order(first: str, second: str) -> bool:
 
 
 def sample_distortion(rng: np.random.Generator, family: str | None = None,
-                      severity: int | None = None, min_severity: int = 1) -> Distortion:
-    """A random distortion: family (uniform unless given), sub-type uniform within it,
-    severity uniform in min_severity..5 unless given."""
+                      severity: int | None = None, min_severity: int = 1,
+                      families: tuple[str, ...] = DISTORTION_FAMILIES) -> Distortion:
+    """A random distortion: family (uniform over ``families`` unless given), sub-type uniform
+    within it, severity uniform in min_severity..5 unless given."""
     if family is None:
-        family = DISTORTION_FAMILIES[int(rng.integers(len(DISTORTION_FAMILIES)))]
+        family = families[int(rng.integers(len(families)))]
     elif family not in SUBTYPES:
         raise ValueError(f"unknown distortion family {family!r}")
     subs = SUBTYPES[family]
@@ -615,12 +616,23 @@ def sample_distortion(rng: np.random.Generator, family: str | None = None,
     return Distortion(family, subtype, int(severity))
 
 
-def sample_dao_chain(rng: np.random.Generator, min_severity: int = 1) -> list[Distortion]:
-    """Two distortions in one of the paper's accumulation orders (first uniform over the
-    orders' first families, second uniform over the families allowed after it)."""
-    firsts = tuple(ACCUMULATION_ORDERS)
+def accumulation_orders(families: tuple[str, ...] = DISTORTION_FAMILIES) -> dict[str, tuple[str, ...]]:
+    """The paper's accumulation orders with both steps among ``families``."""
+    kept = {first: tuple(s for s in seconds if s in families)
+            for first, seconds in ACCUMULATION_ORDERS.items() if first in families}
+    return {first: seconds for first, seconds in kept.items() if seconds}
+
+
+def sample_dao_chain(rng: np.random.Generator, min_severity: int = 1,
+                     families: tuple[str, ...] = DISTORTION_FAMILIES) -> list[Distortion]:
+    """Two distortions in one of the paper's accumulation orders among ``families`` (first
+    uniform over the orders' first families, second uniform over the families allowed after it)."""
+    orders = accumulation_orders(families)
+    if not orders:
+        raise ValueError(f"no accumulation order has both steps among {families}")
+    firsts = tuple(orders)
     first = firsts[int(rng.integers(len(firsts)))]
-    seconds = ACCUMULATION_ORDERS[first]
+    seconds = orders[first]
     second = seconds[int(rng.integers(len(seconds)))]
     return [sample_distortion(rng, first, min_severity=min_severity),
             sample_distortion(rng, second, min_severity=min_severity)]

@@ -55,6 +55,8 @@ def content_fingerprint(cfg: AnnotateConfig) -> str:
         relevant["distort"].pop("view_min_side", None)
     if relevant["distort"].get("min_severity", 1) == 1:  # the full range, as before the option
         relevant["distort"].pop("min_severity", None)
+    if relevant["distort"].get("families") is None:  # every family, as before the option
+        relevant["distort"].pop("families", None)
     relevant["schema_version"] = SCHEMA_VERSION
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -70,14 +72,27 @@ def is_grey(pixels: np.ndarray) -> bool:
     return float(chroma.mean()) < 8.0
 
 
-def sample_chain(rng: np.random.Generator, dao: bool, grey: bool, min_severity: int = 1) -> list[D.Distortion]:
+def sample_chain(rng: np.random.Generator, dao: bool, grey: bool, min_severity: int = 1,
+                 families: tuple[str, ...] = D.DISTORTION_FAMILIES) -> list[D.Distortion]:
     """One distortion, or a DAO two-step chain; no saturation change on grey content."""
     for _ in range(50):
-        chain = (D.sample_dao_chain(rng, min_severity) if dao
-                 else [D.sample_distortion(rng, min_severity=min_severity)])
+        chain = (D.sample_dao_chain(rng, min_severity, families) if dao
+                 else [D.sample_distortion(rng, min_severity=min_severity, families=families)])
         if not (grey and any(d.type in COLOUR_FAMILIES for d in chain)):
             return chain
-    raise AssertionError("unreachable: most families are not colour changes")
+    raise AssertionError("unreachable: distort.families holds a family that is not a colour change")
+
+
+def check_families(dc) -> None:
+    """``distort.families`` against what the sampler needs (the schema has checked the names)."""
+    families = dc.family_set
+    if all(f in COLOUR_FAMILIES for f in families):
+        raise ConfigError("needs a family that is not a saturation change: grey content takes none",
+                          key="distort.families")
+    # grey content takes no saturation change, so a DAO chain there needs an order without one
+    if dc.dao_prob > 0 and not D.accumulation_orders(tuple(f for f in families if f not in COLOUR_FAMILIES)):
+        raise ConfigError(f"no two-step accumulation order without a saturation change lies within "
+                          f"{list(families)}: set distort.dao_prob=0 or add families", key="distort.families")
 
 
 def region_templates(proposals: list[R.Proposal], image_shape: tuple[int, ...], grid: int) -> dict:
@@ -111,7 +126,7 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.
     if roll < dc.clean_prob:
         return image, Truth([_fresh(t) for t in templates["regions"]], w, h)
     if roll < dc.clean_prob + dc.whole_image_prob:
-        chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image), dc.min_severity)
+        chain = sample_chain(rng, rng.random() < dc.dao_prob, is_grey(image), dc.min_severity, dc.family_set)
         whole = _fresh(templates["whole"], chain)
         return D.apply_in_region(image, whole.mask, chain, seed=int(rng.integers(2**31))), Truth([whole], w, h)
 
@@ -123,7 +138,7 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.
     for slot, k in enumerate(chosen):
         region = regions[int(k)]
         region.distortions = sample_chain(rng, slot == dao_slot, is_grey(image[region.mask]),
-                                          dc.min_severity)
+                                          dc.min_severity, dc.family_set)
         out = D.apply_in_region(out, region.mask, region.distortions, seed=int(rng.integers(2**31)),
                                 feather_px=dc.feather_px)
     return out, Truth(regions, w, h)
@@ -400,6 +415,7 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     from iqa_spider.raycluster import ensure_ray
 
     started = time.monotonic()
+    check_families(cfg.distort)
     sources, ignored = list_sources(cfg)
     shards = plan_shards(sources, cfg)
     done, todo = [], []

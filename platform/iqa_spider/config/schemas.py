@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from iqa_spider.config.loader import (ConfigError, ConfigValueError, check_at_least, check_choice, load_config,
                                       read_yaml)
+from iqa_spider.vocab import DISTORTION_FAMILIES
 
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -161,6 +162,13 @@ class DistortConfig:
     # Severities are drawn uniformly from min_severity..5. Above 1 it makes a curriculum's
     # first, easier dataset (strong damage only); the default 1 is the paper's full range.
     min_severity: int = 1
+    # The distortion families drawn, uniformly; null: all of vocab.DISTORTION_FAMILIES. A subset
+    # makes a narrower dataset: the families a user's own pipeline produces, or an easier first one.
+    families: Optional[list[str]] = None
+
+    @property
+    def family_set(self) -> tuple[str, ...]:
+        return tuple(self.families) if self.families is not None else DISTORTION_FAMILIES
 
     def __post_init__(self) -> None:
         check_at_least(1, ("distort.views_per_image", self.views_per_image),
@@ -169,6 +177,11 @@ class DistortConfig:
             raise ConfigValueError("distort.view_min_side", "must be in (0, 1]")
         if isinstance(self.min_severity, bool) or self.min_severity not in (1, 2, 3, 4, 5):
             raise ConfigValueError("distort.min_severity", f"must be an int in 1..5, got {self.min_severity!r}")
+        if self.families is not None:
+            unknown = [f for f in self.families if f not in DISTORTION_FAMILIES]
+            if unknown or not self.families or len(set(self.families)) < len(self.families):
+                raise ConfigValueError("distort.families", f"must be distinct names among {list(DISTORTION_FAMILIES)} "
+                                       f"(or null for all), got {list(self.families)!r}")
 
 
 @dataclass
