@@ -299,3 +299,27 @@ def test_referring_and_description_metrics_per_truth_stratum_beside_their_own_ch
     # records from before the strata (no truth_stratum) give no section, not an empty one
     assert "by_stratum" not in compute_metrics([{k: v for k, v in s.items() if k != "truth_stratum"}
                                                 for s in samples], (), "paper")["referring_short"]
+
+
+def test_referring_chance_reads_the_region_the_question_names():
+    """On whole-image damage every question about a quadrant is about a clean region: a
+    constant answer per region the question names gets those right without the image."""
+    from iqa_spider.infer.chance import chance_baselines
+
+    def ref(question, truth):
+        return {"task": "referring_short", "pred": "x", "question": question, "truth_families": truth,
+                "truth_pairs": []}
+
+    samples = [ref("What distortions affect the whole image?", ["noise"]),
+               ref("Which distortions can be seen in the whole image?", ["blur"]),
+               ref("What distortions affect the whole image?", ["noise"]),
+               ref("What distortions affect the bottom left region of the image?", []),
+               ref("What is wrong with the quality of the top right region of the image?", [])]
+    chance, basis = chance_baselines(samples, [])
+    # whole image: 'noise' right 2 of 3; each quadrant: 'none' right 1 of 1 -> 4 of 5
+    # (one constant answer for all would get 2 of 5)
+    assert chance["referring_short"]["type_acc"] == pytest.approx(4 / 5)
+    assert "bottom left: 'none'" in basis["referring_short.type_acc"]
+    assert "whole image: 'noise'" in basis["referring_short.type_acc"]
+    # naming noise on whole-image questions and nothing on quadrants: tp 2, fp 1, fn 1
+    assert chance["referring_short"]["type_f1"] == pytest.approx(2 / 3)

@@ -13,10 +13,12 @@ taken from that same truth (an upper bound on what a constant answer could know 
   mean fraction; ``position_acc`` of always naming the most frequent truth position ("top
   left", ..., or "whole image"; 0.25 on a balanced 2x2 split); ``whole_image_acc`` of the
   majority of whole / not whole.
-- ``referring_short`` / ``referring_long``: ``type_acc`` of always answering the most
-  frequent truth family *set* (a single family where regions carry one distortion, "none"
-  for a clean region); ``type_precision`` / ``type_recall`` / ``type_f1`` of always naming
-  the family most samples' truth contains.
+- ``referring_short`` / ``referring_long``: per region the question names (the whole image,
+  or a position), ``type_acc`` of always answering that region's most frequent truth family
+  *set* (a single family where regions carry one distortion, "none" for a clean region) and
+  ``type_precision`` / ``type_recall`` / ``type_f1`` of always naming the family most of its
+  samples' truth contains. The question is part of what an answer that ignores the image
+  sees: on whole-image damage, a question about a quadrant is always about a clean one.
 - ``global_desc`` / ``local_desc``: type precision / recall / F1 of always naming that
   majority family; ``global_desc.level_acc`` of the majority level; ``global_desc.position_*``
   of always naming the most frequent truth position (over the samples that have one).
@@ -33,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from iqa_spider.infer.metrics import GROUNDING_SUBTASKS, PRF, by_stratum
+from iqa_spider.infer.text_to_point import answer_position_words
 
 
 def _majority(values: Sequence) -> tuple[Any, float]:
@@ -59,12 +62,35 @@ def _constant_prf(name: str, truth_sets: Sequence[set], answer: str | None) -> d
     return prf.as_dict(name)
 
 
+def question_region(sample: dict) -> str:
+    """The region a referring question names ("whole image" when it names no position). An
+    answer that ignores the image can still read it: where the whole image is damaged, every
+    question about a quadrant is about a clean one."""
+    said = answer_position_words(sample.get("question") or "")
+    return " ".join(w for pair in said for w in pair if w) or "whole image"
+
+
+def _referring_chance(ss: Sequence[dict]) -> tuple[dict[str, float], tuple[str, str]]:
+    """Type P/R/F1 and type_acc of the constant answers per region the question names, and
+    what those answers are (for chance_basis)."""
+    groups: dict[str, list[dict]] = {}
+    for s in ss:
+        groups.setdefault(question_region(s), []).append(s)
+    prf, right, fams, fsets = PRF(), 0.0, [], []
+    for region, g in sorted(groups.items()):
+        truth_sets = [set(s["truth_families"]) for s in g]
+        fam, _ = _majority([f for t in truth_sets for f in t])
+        for t in truth_sets:
+            prf.add({fam} if fam else set(), t)
+        fset, share = _majority([_family_set_name(s["truth_families"]) for s in g])
+        right += share * len(g)
+        fams.append(f"{region}: {fam!r}" if fam else f"{region}: no distortion")
+        fsets.append(f"{region}: {fset!r}")
+    return {**prf.as_dict("type_"), "type_acc": right / len(ss)}, ("; ".join(fams), "; ".join(fsets))
+
+
 # Per stratum of the truth, the constant answer is that stratum's own majority (the same upper
 # bound as above: a constant answer that knew each stratum's truth in advance).
-def _type_acc_of_majority(ss: Sequence[dict]) -> dict[str, float]:
-    return {"type_acc": _majority([_family_set_name(s["truth_families"]) for s in ss])[1]}
-
-
 def _type_f1_of_majority(ss: Sequence[dict]) -> dict[str, float]:
     truth_sets = [set(s["truth_families"]) for s in ss]
     fam, _ = _majority([f for t in truth_sets for f in t])
@@ -111,18 +137,20 @@ def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[
         ss = [s for s in samples if s["task"] == task]
         if not ss:
             continue
+        if task.startswith("referring"):
+            d, said = _referring_chance(ss)
+            basis[f"{task}.type_f1"] = f"per region the question names, always its most frequent family: {said[0]}"
+            basis[f"{task}.type_acc"] = f"per region the question names, always its most frequent family set: {said[1]}"
+            if strata := by_stratum(ss, lambda sub: {"type_acc": _referring_chance(sub)[0]["type_acc"]}):
+                d["by_stratum"] = strata
+            chance[task] = d
+            continue
         truth_sets = [set(s["truth_families"]) for s in ss]
         fam, _ = _majority([f for t in truth_sets for f in t])
-        d: dict[str, float] = _constant_prf("type_", truth_sets, fam)
+        d = _constant_prf("type_", truth_sets, fam)
         basis[f"{task}.type_f1"] = (f"always naming {fam!r}, the family most samples' truth contains" if fam
                                     else "always naming no distortion (no sample's truth has one)")
-        if task.startswith("referring"):
-            fset, share = _majority([_family_set_name(s["truth_families"]) for s in ss])
-            d["type_acc"] = share
-            basis[f"{task}.type_acc"] = f"always answering {fset!r}, the most frequent truth family set"
-            if strata := by_stratum(ss, _type_acc_of_majority):
-                d["by_stratum"] = strata
-        elif strata := by_stratum(ss, _type_f1_of_majority):
+        if strata := by_stratum(ss, _type_f1_of_majority):
             d["by_stratum"] = strata
         if task == "global_desc":
             level, share = _majority([s.get("target_level") for s in ss])
