@@ -158,7 +158,8 @@ def test_check_gate_above_chance_is_a_floor_relative_to_the_reported_chance():
 
     gate = [GateMetric("referring_short.type_acc", "higher", 0.02, None, above_chance=0.05)]
     key = "referring_short.type_acc"
-    assert check_gate(gate, {key: 0.26, CHANCE + key: 0.2}, None)[0].passed
+    passed = check_gate(gate, {key: 0.26, CHANCE + key: 0.2}, None)[0]
+    assert passed.passed and "beats chance 0.2000 by at least 0.05 (no champion)" in passed.reason
     near = check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, None)[0]
     assert not near.passed and "does not beat chance 0.2000 by 0.05" in near.reason
     assert not check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, {key: 0.1})[0].passed  # a champion does not lift it

@@ -190,8 +190,10 @@ def check_gate(gate: Sequence[GateMetric], candidate: dict[str, float],
             passed, reason = False, (f"{g.name}: candidate {c:.4f} does not beat chance "
                                      f"{candidate[CHANCE + g.name]:.4f} by {g.above_chance}")
         elif champion is None:
-            floor = f"meets the floor {g.floor}" if g.floor is not None else "no floor set"
-            passed, reason = True, f"{g.name}: candidate {c:.4f} {floor} (no champion)"
+            met = [f"meets the floor {g.floor}"] if g.floor is not None else []
+            if g.above_chance is not None:
+                met.append(f"beats chance {candidate[CHANCE + g.name]:.4f} by at least {g.above_chance}")
+            passed, reason = True, f"{g.name}: candidate {c:.4f} {' and '.join(met) or 'no floor set'} (no champion)"
         elif not _finite(ch):
             passed, reason = True, f"{g.name}: champion value {ch} is not finite, nothing to compare against"
         elif sign * (c - ch) < -g.tolerance:
