@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from common import REPO, command, record  # first: it sets the benchmarks' environment
+from iqa_spider.infer.metrics import STRATA
 
 RESULTS = REPO / "bench" / "results" / "quality.json"
 # What the quality run changes in configs/annotate.yaml: images at the training size, many views
@@ -62,6 +63,10 @@ GENERATED_SIDE = 224
 HEADLINE = ("referring_short.type_acc", "rating.srcc", "grounding.hyd.position_acc", "grounding.hyd.point_acc",
             "grounding.hyd.miou", "global_desc.type_f1")
 SHUFFLED_KEYS = tuple(k for k in HEADLINE if k != "grounding.hyd.miou")
+# Where in the truth the model names the damage (STRATA): strong whole-image damage is learnt
+# first, so the split-wide figure alone can hide a model that learnt it.
+STRATUM_KEYS = tuple(f"{task}.by_stratum.{s}.{m}" for task, m in (("referring_short", "type_acc"),
+                                                                   ("global_desc", "type_f1")) for s in STRATA)
 # (target, how it is judged) per headline metric, from the learning issue.
 TARGETS = {
     "referring_short.type_acc": 0.6,
@@ -207,6 +212,9 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "warmup_minutes": [round(t["wall_s"] / 60, 2) for t in warmups or []],
         # seed 0's first stage alone, on the first stage's own held-out split (None without one)
         "warmup": stage_figures(*warmup_eval, WARMUP_HEADLINE) if warmup_eval else None,
+        # seed 0 per stratum of the truth, beside each stratum's chance and shuffled control
+        "by_stratum": {**stage_figures(reports[0], control, STRATUM_KEYS),
+                       "n": {k: flat(reports[0]).get(k.rsplit(".", 1)[0] + ".n") for k in STRATUM_KEYS}},
         "generated_sources": generated,  # dead-leaves train sources beside the photos (--generated)
         "images": first["images"], "samples": first["samples"],
         "minutes": round(minutes, 2), "command": command,
@@ -227,6 +235,13 @@ def markdown(q: dict) -> str:
               "| --- | ---: | --- | ---: | --- |"]
     for m, v in q["mappings"].items():
         lines.append(f"| {m} | {v['point_acc']:.3f} | {v['seeds']} | {v['miou']:.3f} | {v['seeds_miou']} |")
+    if st := q.get("by_stratum"):
+        lines += ["", "| seed 0 per stratum of the truth | samples | trained | chance | shuffled images |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for k in (k for k in st["metrics"] if st["n"].get(k)):
+            task, _, stratum, metric = k.split(".")
+            lines.append(f"| {task}.{metric}, {stratum} | {st['n'][k]:.0f} | {f(st['metrics'][k])} | "
+                         f"{f(st['chance'][k])} | {f(st['shuffled'][k])} |")
     if w := q.get("warmup"):
         lines += ["", f"| first stage alone ({q['warmup_steps']} steps), its own held-out split: "
                       f"{w['images']} images, strong whole-image damage | trained (seed 0) | chance | shuffled images |",

@@ -82,3 +82,22 @@ def test_the_curriculum_stage_loads_against_the_shipped_configs():
                       ["data.uri=d", "model.path=m", "output.uri=o", *quality.WARMUP_TRAIN])
     kept = {t for t, w in cfg.data.task_weights.items() if w > 0}
     assert kept == {"rating", "referring_short", "global_desc"}
+
+
+def test_summary_gives_seed_0_per_stratum_of_the_truth_beside_its_chance_and_control():
+    def with_strata(report: dict, acc: float) -> dict:
+        report["metrics"]["referring_short"]["by_stratum"] = {"whole_strong": {"n": 12.0, "type_acc": acc}}
+        report["chance"]["referring_short"]["by_stratum"] = {"whole_strong": {"type_acc": 0.25}}
+        return report
+
+    mapped = {"paper": 0.3, "expected_bin_centre": 0.3}
+    reports = [with_strata(_report(mapped, mapped), 0.5)]
+    control = with_strata(_report(mapped, mapped), 0.1)
+    q = quality.summarise(reports, control, [{"steps": 10, "global_batch": 16, "wall_s": 60.0}], 2.0, 1)
+    key = "referring_short.by_stratum.whole_strong.type_acc"
+    st = q["by_stratum"]
+    assert (st["metrics"][key], st["chance"][key], st["shuffled"][key], st["n"][key]) == (0.5, 0.25, 0.1, 12.0)
+    assert set(st["metrics"]) == set(quality.STRATUM_KEYS)
+    table = quality.markdown(q)
+    assert "| referring_short.type_acc, whole_strong | 12 | 0.500 | 0.250 | 0.100 |" in table
+    assert "local_weak" not in table                 # a stratum with no sample has no row
