@@ -171,6 +171,8 @@ def test_predictions_carry_the_truth(report, dataset):
     ref = rep["metrics"]["referring_short"]
     assert set(ref["by_stratum"]) <= set(STRATA) and sum(v["n"] for v in ref["by_stratum"].values()) == ref["n"]
     assert set(rep["chance"]["referring_short"]["by_stratum"]) == set(ref["by_stratum"])
+    html = (out / "report.html").read_text()   # the summary table has a row per stratum present
+    assert all(f"referring_short.by_stratum.{s}" in html for s in ref["by_stratum"])
 
 
 def test_shuffled_donors_is_a_seeded_derangement_across_sources():

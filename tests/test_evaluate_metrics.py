@@ -290,9 +290,10 @@ def test_referring_and_description_metrics_per_truth_stratum_beside_their_own_ch
     assert m["referring_short"]["type_acc"] == pytest.approx(3 / 5)           # the split-wide figure is unchanged
     desc = m["global_desc"]["by_stratum"]
     assert desc["whole_strong"]["type_f1"] == 1.0 and desc["local_weak"]["type_f1"] == 0.0
-    chance, _ = chance_baselines(samples, [])
-    # each stratum's own majority: {noise} in 2 of 3 whole_strong truths
-    assert chance["referring_short"]["by_stratum"]["whole_strong"]["type_acc"] == pytest.approx(2 / 3)
+    chance, basis = chance_baselines(samples, [])
+    # each stratum's own majority: {noise} in 2 of 3 whole_strong truths; the counts are the metrics'
+    assert chance["referring_short"]["by_stratum"]["whole_strong"] == {"type_acc": pytest.approx(2 / 3)}
+    assert "own majority" in basis["referring_short.by_stratum.whole_strong.type_acc"]
     assert chance["global_desc"]["by_stratum"]["local_weak"]["type_f1"] == 1.0   # always naming noise
     flat = flatten_metrics(m)
     assert flat["referring_short.by_stratum.whole_strong.type_acc"] == pytest.approx(2 / 3)
@@ -302,8 +303,9 @@ def test_referring_and_description_metrics_per_truth_stratum_beside_their_own_ch
 
 
 def test_referring_chance_reads_the_region_the_question_names():
-    """On whole-image damage every question about a quadrant is about a clean region: a
-    constant answer per region the question names gets those right without the image."""
+    """Only whole-image damage is asked about as the whole image, so with no local damage in
+    the data a quadrant question is about a clean image: a constant answer per region the
+    question names gets those right without the image."""
     from iqa_spider.infer.chance import chance_baselines
 
     def ref(question, truth):

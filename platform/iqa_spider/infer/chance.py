@@ -18,12 +18,14 @@ taken from that same truth (an upper bound on what a constant answer could know 
   *set* (a single family where regions carry one distortion, "none" for a clean region) and
   ``type_precision`` / ``type_recall`` / ``type_f1`` of always naming the family most of its
   samples' truth contains. The question is part of what an answer that ignores the image
-  sees: on whole-image damage, a question about a quadrant is always about a clean one.
+  sees: only whole-image damage is asked about as "the whole image", and a quadrant only on a
+  clean or locally damaged image (on data with no local damage, always a clean one).
 - ``global_desc`` / ``local_desc``: type precision / recall / F1 of always naming that
   majority family; ``global_desc.level_acc`` of the majority level; ``global_desc.position_*``
   of always naming the most frequent truth position (over the samples that have one).
 - ``<task>.by_stratum.<stratum>`` (:data:`iqa_spider.infer.metrics.STRATA`): the same
-  ``type_acc`` (referring) or ``type_f1`` (descriptions), of that stratum's own majority.
+  ``type_acc`` (referring) or ``type_f1`` (descriptions), of that stratum's own majority (no
+  ``n``: the sample counts are the metrics').
 
 ``chance_basis`` says, per flattened key, which answer the figure is for.
 """
@@ -64,8 +66,8 @@ def _constant_prf(name: str, truth_sets: Sequence[set], answer: str | None) -> d
 
 def question_region(sample: dict) -> str:
     """The region a referring question names ("whole image" when it names no position). An
-    answer that ignores the image can still read it: where the whole image is damaged, every
-    question about a quadrant is about a clean one."""
+    answer that ignores the image can still read it: only whole-image damage is asked about as
+    the whole image, so a quadrant question is about a clean or locally damaged image."""
     said = answer_position_words(sample.get("question") or "")
     return " ".join(w for pair in said for w in pair if w) or "whole image"
 
@@ -89,12 +91,23 @@ def _referring_chance(ss: Sequence[dict]) -> tuple[dict[str, float], tuple[str, 
     return {**prf.as_dict("type_"), "type_acc": right / len(ss)}, ("; ".join(fams), "; ".join(fsets))
 
 
-# Per stratum of the truth, the constant answer is that stratum's own majority (the same upper
-# bound as above: a constant answer that knew each stratum's truth in advance).
-def _type_f1_of_majority(ss: Sequence[dict]) -> dict[str, float]:
+def _majority_family_prf(ss: Sequence[dict]) -> tuple[dict[str, float], str | None]:
+    """Type P/R/F1 of always naming the family most samples' truth contains, and that family."""
     truth_sets = [set(s["truth_families"]) for s in ss]
     fam, _ = _majority([f for t in truth_sets for f in t])
-    return {"type_f1": _constant_prf("type_", truth_sets, fam)["type_f1"]}
+    return _constant_prf("type_", truth_sets, fam), fam
+
+
+# Per stratum of the truth, the constant answer is that stratum's own majority (the same upper
+# bound as above: a constant answer that knew each stratum's truth in advance). The counts are
+# the metrics' own, so the chance sections carry none.
+def _chance_by_stratum(ss: Sequence[dict], section) -> dict[str, dict]:
+    return {name: {k: v for k, v in d.items() if k != "n"} for name, d in by_stratum(ss, section).items()}
+
+
+def _stratum_basis(task: str, strata: dict[str, dict]) -> dict[str, str]:
+    return {f"{task}.by_stratum.{name}.{key}": "the same constant answer, with this stratum's own majority"
+            for name, d in strata.items() for key in d}
 
 
 def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -138,20 +151,20 @@ def chance_baselines(samples: Sequence[dict], mappings: Sequence[str]) -> tuple[
         if not ss:
             continue
         if task.startswith("referring"):
-            d, said = _referring_chance(ss)
-            basis[f"{task}.type_f1"] = f"per region the question names, always its most frequent family: {said[0]}"
-            basis[f"{task}.type_acc"] = f"per region the question names, always its most frequent family set: {said[1]}"
-            if strata := by_stratum(ss, lambda sub: {"type_acc": _referring_chance(sub)[0]["type_acc"]}):
+            d, (families, family_sets) = _referring_chance(ss)
+            basis[f"{task}.type_f1"] = f"per region the question names, always its most frequent family: {families}"
+            basis[f"{task}.type_acc"] = f"per region the question names, always its most frequent family set: {family_sets}"
+            if strata := _chance_by_stratum(ss, lambda sub: {"type_acc": _referring_chance(sub)[0]["type_acc"]}):
                 d["by_stratum"] = strata
+                basis.update(_stratum_basis(task, strata))
             chance[task] = d
             continue
-        truth_sets = [set(s["truth_families"]) for s in ss]
-        fam, _ = _majority([f for t in truth_sets for f in t])
-        d = _constant_prf("type_", truth_sets, fam)
+        d, fam = _majority_family_prf(ss)
         basis[f"{task}.type_f1"] = (f"always naming {fam!r}, the family most samples' truth contains" if fam
                                     else "always naming no distortion (no sample's truth has one)")
-        if strata := by_stratum(ss, _type_f1_of_majority):
+        if strata := _chance_by_stratum(ss, lambda sub: {"type_f1": _majority_family_prf(sub)[0]["type_f1"]}):
             d["by_stratum"] = strata
+            basis.update(_stratum_basis(task, strata))
         if task == "global_desc":
             level, share = _majority([s.get("target_level") for s in ss])
             d["level_acc"] = share

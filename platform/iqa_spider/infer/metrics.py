@@ -310,9 +310,8 @@ def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: s
         ss = [s for s in samples if s["task"] == task]
         if not ss:
             continue
-        types, pairs = PRF(), PRF()
+        types, pairs = _type_prf(ss), PRF()
         for s in ss:
-            types.add(distortion_families(s["pred"]), set(s["truth_families"]))
             pairs.add({f"{t}:{v}" for t, v in distortion_pairs(s["pred"])}, set(s["truth_pairs"]))
         metrics[task] = {"n": float(len(ss)), **types.as_dict("type_"), "type_acc": types.exact / types.n,
                          "pair_f1": pairs.f1, "exact_match": pairs.exact / pairs.n}

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from iqa_spider.infer.config import EvaluateConfig
-from iqa_spider.infer.metrics import flatten_metrics
+from iqa_spider.infer.metrics import STRATA, flatten_metrics
 
 
 def publish(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
@@ -66,7 +66,10 @@ SUMMARY_KEYS = (("rating", "srcc"), ("rating", "plcc"), ("rating", "level_acc"),
                 ("referring_short", "type_acc"), ("referring_short", "type_f1"),
                 ("referring_long", "type_acc"), ("referring_long", "type_f1"),
                 ("global_desc", "type_f1"), ("global_desc", "position_f1"), ("global_desc", "level_acc"),
-                ("local_desc", "type_f1"))
+                ("local_desc", "type_f1"),
+                # per stratum of the truth (the demo gates on whole_strong): rows only where present
+                *((f"{task}.by_stratum.{s}", key) for task, key in (("referring_short", "type_acc"),
+                                                                    ("global_desc", "type_f1")) for s in STRATA))
 
 
 def _fmt(v) -> str:
