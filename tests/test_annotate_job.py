@@ -288,12 +288,15 @@ def test_families_annotates_only_those_families_and_refuses_a_set_it_cannot_draw
     from iqa_spider.config import ConfigError
 
     name, img = next(iter_builtin_photos())
-    cfg = view_config(tmp_path, "distort.variants_per_image=12", "distort.clean_prob=0", "distort.whole_image_prob=0.5",
-                      "distort.dao_prob=0.5", "distort.families=[blur,noise,compression,brighten]")
+    overrides = ("distort.variants_per_image=12", "distort.clean_prob=0", "distort.whole_image_prob=0.5",
+                 "distort.dao_prob=0.5", "distort.families=[blur,noise,compression,brighten]")
+    cfg = view_config(tmp_path, *overrides)
     rows = annotate_one(cfg, name, img)
-    written = {d["type"] for r in rows for reg in r["target"]["regions"] for d in reg["distortions"]}
+    chains = [reg["distortions"] for r in rows for reg in r["target"]["regions"] if reg["distortions"]]
+    assert any(len(c) == 2 for c in chains)                                    # DAO chains among them
+    written = {d["type"] for c in chains for d in c}
     assert written and written <= {"blur", "noise", "compression", "brighten"}
-    with pytest.raises(ConfigError, match="dao_prob"):   # no accumulation order within one family
+    with pytest.raises(ConfigError, match="dao_prob"):   # no accumulation order within [blur]
         check_families(view_config(tmp_path, "distort.families=[blur]", "distort.dao_prob=0.3").distort)
     check_families(view_config(tmp_path, "distort.families=[blur]", "distort.dao_prob=0").distort)
     with pytest.raises(ConfigError, match="dao_prob"):   # its only order starts with a saturation change
@@ -302,6 +305,7 @@ def test_families_annotates_only_those_families_and_refuses_a_set_it_cannot_draw
         check_families(view_config(tmp_path, "distort.families=[saturate_weaken]", "distort.dao_prob=0").distort)
     assert (content_fingerprint(view_config(tmp_path, "distort.families=null"))
             == content_fingerprint(view_config(tmp_path)))
+    assert content_fingerprint(cfg) != content_fingerprint(view_config(tmp_path, *overrides[:-1]))  # new data, new shards
 
 
 def test_view_boxes_lie_in_the_photo():

@@ -277,6 +277,9 @@ def test_a_family_subset_keeps_the_stream_and_the_paper_orders_within_it():
     before, after = np.random.default_rng(5), np.random.default_rng(5)
     plain = [D.sample_distortion(before) for _ in range(50)]
     assert plain == [D.sample_distortion(after, families=DISTORTION_FAMILIES) for _ in range(50)]
+    assert ([D.sample_dao_chain(before) for _ in range(50)]
+            == [D.sample_dao_chain(after, families=DISTORTION_FAMILIES) for _ in range(50)])
+    assert D.accumulation_orders() == D.ACCUMULATION_ORDERS
     rng = np.random.default_rng(3)
     four = ("blur", "noise", "compression", "brighten")
     assert {D.sample_distortion(rng, families=four).type for _ in range(400)} == set(four)

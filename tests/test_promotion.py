@@ -160,6 +160,8 @@ def test_check_gate_above_chance_is_a_floor_relative_to_the_reported_chance():
     key = "referring_short.type_acc"
     passed = check_gate(gate, {key: 0.26, CHANCE + key: 0.2}, None)[0]
     assert passed.passed and "beats chance 0.2000 by at least 0.05 (no champion)" in passed.reason
+    both = check_gate([GateMetric(key, "higher", 0.02, 0.25, above_chance=0.05)], {key: 0.26, CHANCE + key: 0.2}, None)[0]
+    assert both.passed and "meets the floor 0.25 and beats chance 0.2000 by at least 0.05" in both.reason
     near = check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, None)[0]
     assert not near.passed and "does not beat chance 0.2000 by 0.05" in near.reason
     assert not check_gate(gate, {key: 0.24, CHANCE + key: 0.2}, {key: 0.1})[0].passed  # a champion does not lift it
