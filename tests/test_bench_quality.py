@@ -77,7 +77,7 @@ def test_the_curriculum_stage_loads_against_the_shipped_configs():
     full = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                        ["input.uri=a", "output.uri=b", *quality.QUALITY_ANNOTATE])
     assert ann.test_fraction == full.test_fraction and ann.distort.views_per_image == full.distort.views_per_image
-    assert (ann.distort.min_severity, ann.distort.whole_image_prob, ann.distort.dao_prob) == (4, 1.0, 0.0)
+    assert (ann.distort.min_severity, ann.distort.whole_image_prob, ann.distort.dao_prob) == (4, 0.85, 0.0)
     cfg = load_config(TrainConfig, REPO / "configs/train/small_cpu.yaml",
                       ["data.uri=d", "model.path=m", "output.uri=o", *quality.WARMUP_TRAIN])
     kept = {t for t, w in cfg.data.task_weights.items() if w > 0}

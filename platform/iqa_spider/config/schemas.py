@@ -175,6 +175,15 @@ class DistortConfig:
                        ("distort.variants_per_image", self.variants_per_image))
         if not 0.0 < self.view_min_side <= 1.0:
             raise ConfigValueError("distort.view_min_side", "must be in (0, 1]")
+        for key in ("whole_image_prob", "dao_prob", "clean_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigValueError(f"distort.{key}", f"must be a probability in [0, 1], got {getattr(self, key)}")
+        # Both are shares of all variants (clean is drawn first, whole-image next, the rest is local)
+        if self.clean_prob + self.whole_image_prob > 1.0 + 1e-9:
+            raise ConfigValueError("distort.whole_image_prob",
+                                   f"clean_prob + whole_image_prob must be at most 1 (shares of all variants), got "
+                                   f"{self.clean_prob} + {self.whole_image_prob}; for no local damage set "
+                                   f"whole_image_prob={1 - self.clean_prob:g}")
         if isinstance(self.min_severity, bool) or self.min_severity not in (1, 2, 3, 4, 5):
             raise ConfigValueError("distort.min_severity", f"must be an int in 1..5, got {self.min_severity!r}")
         if self.families is not None:
