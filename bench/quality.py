@@ -42,9 +42,11 @@ EVAL_TASKS = "[rating,grounding,referring_short,global_desc]"
 # test_fraction, so the same ones held out) with only strong damage over the whole image, some
 # photos left clean, trained on the short answers that name type and level. The second stage is
 # the full recipe started from its weights: two ordinary SFT jobs, as a user would run on a 7B.
-# Distortion chains stay at annotate.yaml's share: a first stage without them named single
-# families but never a pair, and pairs are half the full split's strong whole-image damage.
-WARMUP_ANNOTATE = ["distort.whole_image_prob=0.85", "distort.clean_prob=0.15", "distort.min_severity=4"]
+# No distortion chains: a first stage with them (annotate.yaml's share) named more of the full
+# split's strong whole-image damage, but the second stage lost it again and the whole run came
+# out worse on every headline figure but mIoU (BENCHMARKS.md, 2026-12-06).
+WARMUP_ANNOTATE = ["distort.whole_image_prob=0.85", "distort.dao_prob=0", "distort.clean_prob=0.15",
+                   "distort.min_severity=4"]
 WARMUP_TRAIN = ["data.task_weights.grounding=0", "data.task_weights.local_desc=0",
                 "data.task_weights.referring_long=0"]
 # The first stage is also evaluated alone, on its own held-out split (the same held-out photos,
