@@ -44,7 +44,7 @@ EVAL_TASKS = "[rating,grounding,referring_short,global_desc]"
 # the full recipe started from its weights: two ordinary SFT jobs, as a user would run on a 7B.
 # No distortion chains: a first stage with them (annotate.yaml's share) named more of the full
 # split's strong whole-image damage, but the second stage lost it again and the whole run came
-# out worse on every headline figure but mIoU (BENCHMARKS.md, 2026-12-06).
+# out no better on any headline figure but mIoU (BENCHMARKS.md, 2026-12-06).
 WARMUP_ANNOTATE = ["distort.whole_image_prob=0.85", "distort.dao_prob=0", "distort.clean_prob=0.15",
                    "distort.min_severity=4"]
 WARMUP_TRAIN = ["data.task_weights.grounding=0", "data.task_weights.local_desc=0",
