@@ -20,6 +20,13 @@ the same few. Run from the repo root:
 
 `--shapes` compares vision towers (or any field of the small preset): each shape gets its own
 model and processor, trained for the same minutes, so a costlier shape pays in steps.
+
+`--task where` asks the other half of the question: where is the damage? Each crop is distorted
+in one quadrant, or (`--whole-share`) over the whole image, and the model answers the position
+("The top left region of the image.", "The whole image."). `--family qwen2_5_vl,qwen3_vl`
+compares the two model classes at the same preset sizes:
+    .venv/bin/python bench/seeing.py --task where --family qwen2_5_vl,qwen3_vl --minutes 5 \
+        --vision-lrs 1e-4 --families darken,saturate_weaken --train-images 1200 --test-images 200
 """
 from __future__ import annotations
 
@@ -40,14 +47,22 @@ import numpy as np  # noqa: E402
 
 FAMILIES = ("blur", "noise", "compression", "brighten")
 QUESTION = "What is wrong with the quality of the whole image?"
+WHERE_QUESTION = "Which region of the image is the most distorted?"
+TASKS = ("name", "where")
+# --task where: the quadrants' words (vertical, horizontal) by index, and the whole image last.
+QUADRANTS = (("top", "left"), ("top", "right"), ("bottom", "left"), ("bottom", "right"))
+WHOLE = len(QUADRANTS)
 TRAIN_PHOTOS = 16
 CONTENTS = ("photos", "procedural", "mixed")
 SIDE = 224
 
 
 def make_images(pool: list[np.ndarray], n: int, severities: tuple[int, ...], seed: int,
-                families: tuple[str, ...] = FAMILIES):
-    """n seeded square crops of the pool's images (round robin), each distorted as a whole by one family."""
+                families: tuple[str, ...] = FAMILIES, whole_share: float | None = None):
+    """n seeded square crops of the pool's images (round robin), each distorted by one family:
+    as a whole, labelled by the family's index (``whole_share`` None: the name task); or, for the
+    where task, over the whole image with probability ``whole_share`` (label WHOLE) and else in one
+    quadrant (label: its index in QUADRANTS)."""
     from PIL import Image
 
     from iqa_spider.annotate import distortions as D
@@ -63,9 +78,20 @@ def make_images(pool: list[np.ndarray], n: int, severities: tuple[int, ...], see
         k = int(rng.integers(len(families)))
         family = families[k]
         d = D.Distortion(family, D.SUBTYPES[family][0], int(rng.choice(severities)))
+        if whole_share is None:
+            image, label = D.apply(crop, d, seed=int(rng.integers(1 << 30))), k
+        else:
+            mask = np.ones((SIDE, SIDE), bool)
+            label = WHOLE if rng.random() < whole_share else int(rng.integers(len(QUADRANTS)))
+            if label != WHOLE:
+                half = SIDE // 2
+                top, left = half * (label // 2), half * (label % 2)
+                mask[:] = False
+                mask[top:top + half, left:left + half] = True
+            image = D.apply_in_region(crop, mask, [d], seed=int(rng.integers(1 << 30)))
         buf = io.BytesIO()
-        Image.fromarray(D.apply(crop, d, seed=int(rng.integers(1 << 30)))).save(buf, "PNG")
-        out.append((buf.getvalue(), k))
+        Image.fromarray(image).save(buf, "PNG")
+        out.append((buf.getvalue(), label))
     return out
 
 
@@ -103,22 +129,45 @@ def parse_shape(text: str):
     return dataclasses.replace(base, **overrides)
 
 
-def encode(pre, items, families: tuple[str, ...], answers_from=None):
-    """Preprocessed samples; answers_from pairs each image with another sample's answer (the control)."""
+def answer_of(task: str, label: int, families: tuple[str, ...]) -> tuple[str, str]:
+    """(question, answer) of a sample of ``task`` with this label."""
     from iqa_spider.vocab import DISTORTION_TERMS
 
+    if task == "name":
+        return QUESTION, f"Severe {DISTORTION_TERMS[families[label]]}."
+    if label == WHOLE:
+        return WHERE_QUESTION, "The whole image."
+    return WHERE_QUESTION, f"The {' '.join(QUADRANTS[label])} region of the image."
+
+
+def encode(pre, items, families: tuple[str, ...], answers_from=None, task: str = "name"):
+    """Preprocessed samples; answers_from pairs each image with another sample's answer (the control)."""
     rows = []
     for i, (png, k) in enumerate(items):
         label = k if answers_from is None else items[answers_from[i]][1]
-        e = pre.encode({"image": png, "image_uri": None, "question": QUESTION, "task": "referring_short",
-                        "answer": f"Severe {DISTORTION_TERMS[families[label]]}."})
+        question, answer = answer_of(task, label, families)
+        e = pre.encode({"image": png, "image_uri": None, "question": question, "task": "referring_short",
+                        "answer": answer})
         e["k"] = label
         rows.append(e)
     return rows
 
 
+def decision_words(tok, task: str, families: tuple[str, ...]) -> list[list[int]]:
+    """The answer's decisions as sets of token ids: at each answer token that is in one of the
+    sets, the model's choice is its argmax within that set. Name: the family word. Where: the
+    vertical word or 'whole', then the horizontal word."""
+    from iqa_spider.model.tokenizer import word_token_id
+    from iqa_spider.vocab import DISTORTION_TERMS
+
+    if task == "name":
+        return [[word_token_id(tok, DISTORTION_TERMS[f]) for f in families]]
+    return [[word_token_id(tok, w) for w in ("top", "bottom", "whole")],
+            [word_token_id(tok, w) for w in ("left", "right")]]
+
+
 def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: float, minutes: float,
-                   batch: int, seed: int, pad_id: int, family_ids: list[int], warmup_steps: int = 0) -> dict:
+                   batch: int, seed: int, pad_id: int, decisions: list[list[int]], warmup_steps: int = 0) -> dict:
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -148,11 +197,16 @@ def train_and_test(model_dir: str, train, test, shuffled, lr: float, vision_lr: 
             items = data[i:i + 16]
             labels, _, inputs = batch_of(items)
             logits = model(**inputs).logits
-            for j, item in enumerate(items):
-                # the family word: the first answer token that is one of the family terms
-                col = next(c for c in (labels[j] != -100).nonzero().flatten().tolist()
-                           if int(labels[j, c]) in family_ids)
-                hits += int(int(logits[j, col - 1][family_ids].argmax()) == item["k"])
+            for j in range(len(items)):
+                # right when, at every answer token that is a decision (a family word; a position
+                # word), the argmax among that decision's words is the true one
+                right = True
+                for col in (labels[j] != -100).nonzero().flatten().tolist():
+                    truth = int(labels[j, col])
+                    for ids in decisions:
+                        if truth in ids:
+                            right &= ids[int(logits[j, col - 1][ids].argmax())] == truth
+                hits += int(right)
         model.train()
         return hits / len(data)
 
@@ -199,80 +253,97 @@ def main() -> None:
     ap.add_argument("--severities", default="4,5")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help="comma-separated distortion families, or 'all' (the annotator's 12)")
-    ap.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_5_vl", "qwen3_vl"))
+    ap.add_argument("--family", default="qwen2_5_vl",
+                    help="comma-separated model classes to compare: qwen2_5_vl, qwen3_vl (the presets' sizes)")
+    ap.add_argument("--task", default="name", choices=TASKS,
+                    help="name: which family damages the whole image; where: which quadrant (or the whole image)")
+    ap.add_argument("--whole-share", type=float, default=0.2, help="--task where: the share of whole-image damage")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.REPO / "bench/results/seeing.json"))
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
 
-    import torch
-
-    from iqa_spider.annotate.pipeline import iter_builtin_photos
-    from iqa_spider.model.tiny import init_tiny
-    from iqa_spider.model.tokenizer import word_token_id
-    from iqa_spider.train.preprocess import Preprocessor
-    from iqa_spider.vocab import DISTORTION_TERMS
-
-    torch.set_num_threads(a.threads)
-    severities = tuple(int(s) for s in a.severities.split(","))
     from iqa_spider.annotate.distortions import SUBTYPES
+    from iqa_spider.model.tiny import FAMILIES as MODEL_FAMILIES
 
+    # every argument checked before anything is built: a typo must not cost a run
+    severities = tuple(int(s) for s in a.severities.split(","))
     families = tuple(SUBTYPES) if a.families == "all" else tuple(a.families.split(","))
     unknown = set(families) - set(SUBTYPES)
     if unknown:
         ap.error(f"--families: unknown {sorted(unknown)}; known: {', '.join(SUBTYPES)}")
+    model_families = a.family.split(",")
+    if set(model_families) - set(MODEL_FAMILIES):
+        ap.error(f"--family: unknown {sorted(set(model_families) - set(MODEL_FAMILIES))}; "
+                 f"known: {', '.join(MODEL_FAMILIES)}")
     contents = a.train_content.split(",")
-    if set(contents) - set(CONTENTS):  # before anything is built: a typo must not cost a run
+    if set(contents) - set(CONTENTS):
         ap.error(f"--train-content: unknown {sorted(set(contents) - set(CONTENTS))}; known: {', '.join(CONTENTS)}")
     try:
         shapes = [(name, parse_shape(name)) for name in a.shapes.split(";")]
     except ValueError as e:
         ap.error(f"--shapes: {e}")
+
+    import torch
+
+    from iqa_spider.annotate.pipeline import iter_builtin_photos
+    from iqa_spider.model.tiny import init_tiny
+    from iqa_spider.train.preprocess import Preprocessor
+
+    torch.set_num_threads(a.threads)
+    whole_share = a.whole_share if a.task == "where" else None
     photos = [img for _, img in iter_builtin_photos()]
-    test_items = make_images(photos[TRAIN_PHOTOS:], a.test_images, severities, seed=1, families=families)
+    test_items = make_images(photos[TRAIN_PHOTOS:], a.test_images, severities, seed=1, families=families,
+                             whole_share=whole_share)
     perm = list(range(len(test_items)))
     random.Random(2).shuffle(perm)
-    majority = max(np.bincount([k for _, k in test_items], minlength=len(families))) / len(test_items)
+    classes = len(families) if a.task == "name" else len(QUADRANTS) + 1
+    majority = max(np.bincount([k for _, k in test_items], minlength=classes)) / len(test_items)
     train_items = {c: make_images(train_pool(c, photos, a.train_images), a.train_images, severities, seed=0,
-                                  families=families) for c in contents}
+                                  families=families, whole_share=whole_share) for c in contents}
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for index, (shape_name, preset) in enumerate(shapes):
-            # a model and a processor per shape: the patch side changes the preprocessing too
-            model_dir = str(Path(tmp, f"model{index}"))
-            init_tiny(a.family, model_dir, seed=0, size=preset)
-            pre = Preprocessor(model_dir, 512, 64_000_000)
-            tok = pre.processor.tokenizer
-            family_ids = [word_token_id(tok, DISTORTION_TERMS[f]) for f in families]
-            test = encode(pre, test_items, families)
-            shuffled = encode(pre, test_items, families, answers_from=perm)  # each image asked for another's answer
-            for content in contents:
-                train = encode(pre, train_items[content], families)
-                for v in a.vision_lrs.split(","):
-                    run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch, 0,
-                                         int(tok.pad_token_id or 0), family_ids, a.warmup_steps)
-                    runs.append({"shape": shape_name, "train_content": content, **run})
-    result = {"task": f"whole-image {'/'.join(families)} at severity {a.severities}", "family": a.family,
+        for family in model_families:
+            for index, (shape_name, preset) in enumerate(shapes):
+                # a model and a processor per shape: the patch side changes the preprocessing too
+                model_dir = str(Path(tmp, f"{family}-model{index}"))
+                init_tiny(family, model_dir, seed=0, size=preset)
+                pre = Preprocessor(model_dir, 512, 64_000_000)
+                tok = pre.processor.tokenizer
+                decisions = decision_words(tok, a.task, families)
+                test = encode(pre, test_items, families, task=a.task)
+                # each image asked for another's answer
+                shuffled = encode(pre, test_items, families, answers_from=perm, task=a.task)
+                for content in contents:
+                    train = encode(pre, train_items[content], families, task=a.task)
+                    for v in a.vision_lrs.split(","):
+                        run = train_and_test(model_dir, train, test, shuffled, a.lr, float(v), a.minutes, a.batch,
+                                             0, int(tok.pad_token_id or 0), decisions, a.warmup_steps)
+                        runs.append({"model": family, "shape": shape_name, "train_content": content, **run})
+    where = ("whole-image" if a.task == "name"
+             else f"one quadrant or ({a.whole_share:g} of the crops) the whole image, damaged by")
+    result = {"task": f"{a.task}: {where} {'/'.join(families)} at severity {a.severities}", "families": model_families,
               "train_images": a.train_images, "test_images": a.test_images, "chance_majority": majority,
-              "chance_uniform": 1 / len(families), "minutes_per_run": a.minutes, "runs": runs}
+              "chance_uniform": 1 / classes, "minutes_per_run": a.minutes, "runs": runs}
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     for r in runs:
-        print(f"{r['shape']}, {r['train_content']}, vision lr {r['vision_lr']:g}: held-out {r['held_out_acc']:.3f}, "
-              f"shuffled {r['shuffled_acc']:.3f}, train {r['train_acc']:.3f} after {r['steps']} steps")
+        print(f"{r['model']}, {r['shape']}, {r['train_content']}, vision lr {r['vision_lr']:g}: held-out "
+              f"{r['held_out_acc']:.3f}, shuffled {r['shuffled_acc']:.3f}, train {r['train_acc']:.3f} "
+              f"after {r['steps']} steps")
     if a.no_record:
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
-    lines = ["| shape | params | train content | vision lr | LM lr | steps | held-out acc | shuffled control "
+    lines = ["| model | shape | params | train content | vision lr | LM lr | steps | held-out acc | shuffled control "
              "| train acc | chance (majority / uniform) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f} M | {r['train_content']} | {r['vision_lr']:g} "
-                     f"| {r['lr']:g} | {r['steps']}"
+        lines.append(f"| {r['model']} | {r['shape']} | {r['params'] / 1e6:.1f} M | {r['train_content']} "
+                     f"| {r['vision_lr']:g} | {r['lr']:g} | {r['steps']}"
                      f"{f' ({w} warm-up)' if (w := r.get('warmup_steps')) else ''} | {r['held_out_acc']:.3f} | "
-                     f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / len(families):.3f} |")
-    common.record(f"Seeing: can the small {a.family} name a whole-image distortion? "
-                  f"({a.minutes:g} min per learning rate)",
+                     f"{r['shuffled_acc']:.3f} | {r['train_acc']:.3f} | {majority:.3f} / {1 / classes:.3f} |")
+    question = "name a whole-image distortion" if a.task == "name" else "say where the distortion is"
+    common.record(f"Seeing: can the small {'/'.join(model_families)} {question}? ({a.minutes:g} min per run)",
                   "\n".join(lines),
                   f"{result['task']}; {a.train_images} train crops of {TRAIN_PHOTOS} photos (photos), of as many "
                   f"generated dead-leaves images (procedural) or half each (mixed); {a.test_images} held-out "
