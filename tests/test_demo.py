@@ -16,9 +16,10 @@ import sys
 from conftest import BIN, REPO, check_score_report
 
 
-# The demo at reduced size: the tiny model, one view per photo, a few training steps, two
-# evaluation images, no floors (a 4-step model is at chance).
-SHORT = ["tiny.size=tiny", "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
+# The demo at reduced size: the tiny model of the demo's class (the small preset's, Qwen3-VL),
+# one view per photo, a few training steps, two evaluation images, no floors (a 4-step model
+# is at chance).
+SHORT = ["tiny.size=tiny", "tiny.family=qwen3_vl", "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
          "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
          # the description path runs, with answers cut short (the tiny model never stops on its own)
          "stages.score_overrides=[output.overlays=true,'tasks=[score,ground,describe]',infer.max_new_tokens=12,"
@@ -63,6 +64,9 @@ def test_demo_in_s3_on_a_remote_cluster_is_one_config_change(ray_head, moto_s3, 
     assert f"champion       models:/{name}@champion -> version 1" in proc.stderr
     assert f"scores         {work}/scores/data" in proc.stderr
 
+    # the base model is of the demo's class, and every stage after it (ZeRO-3 training, export,
+    # evaluation, promotion, scoring) ran on it
+    assert json.loads(storage.read_bytes(f"{work}/base_model/config.json"))["model_type"] == "qwen3_vl"
     summary = json.loads(storage.read_bytes(f"{work}/dataset/_summary.json"))
     assert summary["annotated"] == summary["sources"] > 0
     assert json.loads(storage.read_bytes(f"{work}/evaluate/report.json"))["images"] == 2

@@ -266,3 +266,17 @@ def test_a_preset_of_another_patch_side_keeps_model_and_processor_consistent(tmp
     assert [int(v) for v in inputs["image_grid_thw"][0]] == [1, 32, 32]  # 224 px / 7 px
     with torch.no_grad():
         assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("size, family", [("tiny", "qwen2_5_vl"), ("small", "qwen3_vl")])
+def test_init_tiny_builds_each_size_of_its_own_class_unless_one_is_named(size, family, tmp_path, capsys):
+    """`model init-tiny --size small` is a Qwen3-VL: the small Qwen2.5-VL cannot learn where the
+    damage is (model/tiny.py, DEFAULT_FAMILY); --family still picks either class."""
+    from iqa_spider.cli import main
+
+    assert main(["model", "init-tiny", "--size", size, "--out", str(tmp_path / "default")]) == 0
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["model_type"] == family
+    assert f"{size} {family} model written" in capsys.readouterr().out
+    other = next(f for f in FAMILIES if f != family)
+    assert main(["model", "init-tiny", "--size", size, "--family", other, "--out", str(tmp_path / "named")]) == 0
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["model_type"] == other

@@ -26,10 +26,11 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _model_init_tiny(args: argparse.Namespace) -> int:
-    from iqa_spider.model.tiny import init_tiny
+    from iqa_spider.model.tiny import DEFAULT_FAMILY, init_tiny
 
-    out = init_tiny(args.family, args.out, seed=args.seed, size=args.size)
-    print(f"{args.size} {args.family} model written to {out}")
+    family = args.family or DEFAULT_FAMILY[args.size]
+    out = init_tiny(family, args.out, seed=args.seed, size=args.size)
+    print(f"{args.size} {family} model written to {out}")
     return 0
 
 
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
     tiny = model.add_parser("init-tiny", help="write the project's tiny random-initialised Qwen-VL")
-    tiny.add_argument("--family", choices=MODEL_FAMILIES, default="qwen2_5_vl")
+    tiny.add_argument("--family", choices=MODEL_FAMILIES, default=None,
+                      help="model class (default: the size's own, tiny qwen2_5_vl, small qwen3_vl)")
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=SIZES, default="tiny",

@@ -47,6 +47,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.score.job import run_score
     from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.train.export import HF_DIR
+    from iqa_spider.model.tiny import DEFAULT_FAMILY
     from iqa_spider.train.job import run_train
 
     work = workdir_uri(cfg.workdir)
@@ -60,9 +61,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     st = cfg.stages
     out: dict[str, str] = {}
 
-    log.info("demo 1/7: %s %s model, random init (seed %d)", cfg.tiny.size, cfg.tiny.family, cfg.tiny.seed)
-    model = write_tiny_model(cfg.tiny.family, cfg.tiny.seed, storage.join(work, "base_model"), cfg.tiny.size)
+    family = cfg.tiny.family or DEFAULT_FAMILY[cfg.tiny.size]
+    log.info("demo 1/7: %s %s model, random init (seed %d)", cfg.tiny.size, family, cfg.tiny.seed)
+    model = write_tiny_model(family, cfg.tiny.seed, storage.join(work, "base_model"), cfg.tiny.size)
     out["base model"] = model
+    # every stage that loads the model is told its class (the shipped configs name the 7B's)
+    model_family = f"model.family={family}"
 
     log.info("demo 2/7: scikit-image's bundled photos as the pristine collection")
     photos = storage.join(work, "photos")
@@ -77,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
 
     log.info("demo 4/7: train (Ray Train, DeepSpeed ZeRO-3) and register in MLflow")
     trained = run_train(stage_config(TrainConfig, st.train, st.train_overrides,
-                                     [f"data.uri={dataset}", f"model.path={model}",
+                                     [f"data.uri={dataset}", f"model.path={model}", model_family,
                                       f"output.uri={storage.join(work, 'runs')}", f"tracking.uri={mlflow_uri}"]))
     out["trained model"] = storage.join(trained["checkpoint"], HF_DIR)
     if trained.get("model_version"):
@@ -85,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
 
     log.info("demo 5/7: evaluate the trained model on the held-out split")
     run_evaluate(stage_config(EvaluateConfig, st.evaluate, st.evaluate_overrides,
-                                       [f"model.path={out['trained model']}", f"data.uri={dataset}",
+                                       [f"model.path={out['trained model']}", model_family, f"data.uri={dataset}",
                                         f"output.uri={storage.join(work, 'evaluate')}"]))
     out["evaluation"] = storage.join(work, "evaluate", "report.html")
 
@@ -93,7 +97,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
         log.info("demo 6/7: gated promotion of the new version to champion")
         decision = run_promote(stage_config(PromoteConfig, st.promote, st.promote_overrides,
                                             [f"registered_model={trained['registered_model']}",
-                                             f"candidate={trained['model_version']}", f"data.uri={dataset}",
+                                             f"candidate={trained['model_version']}", model_family,
+                                             f"data.uri={dataset}",
                                              f"tracking.uri={mlflow_uri}"]))
         if decision["champion_after"] is not None:
             out["champion"] = f"models:/{trained['registered_model']}@champion -> version {decision['champion_after']}"
@@ -107,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     champion = (f"models:/{trained['registered_model']}@champion" if out.get("champion")
                 else out["trained model"])
     scored = run_score(stage_config(ScoreConfig, st.score, st.score_overrides,
-                                    [f"model.path={champion}", f"input.uri={incoming}",
+                                    [f"model.path={champion}", model_family, f"input.uri={incoming}",
                                      f"output.uri={storage.join(work, 'scores')}"]))
     out["scores"] = storage.join(work, "scores", "data")
     out["score report"] = scored.get("report", storage.join(work, "scores", "_summary.json"))

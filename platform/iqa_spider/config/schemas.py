@@ -47,13 +47,15 @@ class ModelConfig:
 class TinyModelConfig:
     """How `model init-tiny` builds the project's own random-initialised model."""
 
-    family: str = "qwen2_5_vl"
+    # null: the size's own class (iqa_spider.model.tiny.DEFAULT_FAMILY: tiny qwen2_5_vl, small qwen3_vl)
+    family: Optional[str] = None
     seed: int = 0
     # tiny: fast tests (learns templates only); small: learns from the image on 2 cores.
     size: str = "small"
 
     def __post_init__(self) -> None:
-        check_choice("tiny.family", self.family, MODEL_FAMILIES)
+        if self.family is not None:
+            check_choice("tiny.family", self.family, MODEL_FAMILIES)
         check_choice("tiny.size", self.size, MODEL_SIZES)
 
 

@@ -70,6 +70,19 @@ PRESETS: dict[str, Preset] = {
 }
 SIZES: tuple[str, ...] = tuple(PRESETS)
 
+# The model class a preset is built of unless one is named. The small preset is a Qwen3-VL
+# because the small Qwen2.5-VL cannot learn *where* anything is in the image, measured in
+# bench/seeing.py --task where (BENCHMARKS.md): asked which quadrant is darkened or
+# desaturated, it stays at chance after 5 minutes while the Qwen3-VL of the same sizes learns
+# it. Two reasons in the classes themselves: the Qwen2.5-VL vision tower has no absolute
+# positions (only relative RoPE), and its language model's multimodal RoPE gives the width
+# axis the last, slowest frequencies, which with this preset's 64-wide heads and theta 1e6
+# turn by 1.8e-4 to 1.5e-6 rad per token (height: 0.03 to 2.7e-4), too little to tell left
+# from right. A released 7B learnt its positions from pre-training; a model from random init
+# must learn them from our data, and Qwen3-VL's learned position embeddings and interleaved
+# RoPE give it something to learn from. The tiny preset stays Qwen2.5-VL, the 7B recipes' class.
+DEFAULT_FAMILY: dict[str, str] = {"tiny": "qwen2_5_vl", "small": "qwen3_vl"}
+
 # The tiny preset's sizes under their old names (tests and benchmarks read them).
 TEXT_HIDDEN = PRESETS["tiny"].text_hidden
 HEAD_DIM = PRESETS["tiny"].head_dim
