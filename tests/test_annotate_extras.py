@@ -320,3 +320,32 @@ def test_quality_rule_worked_example_of_the_docs():
     # the bins, at their edges
     assert [level_for_score(s) for s in (5.0, 4.2, 4.19, 3.4, 2.6, 2.59, 1.8, 1.79, 1.0)] == \
         ["excellent", "excellent", "good", "good", "fair", "poor", "poor", "bad", "bad"]
+
+
+# ---------------------------------------------------------------- grid regions
+@pytest.mark.parametrize("grid, cells", [(2, {("top", "left"), ("top", "right"), ("bottom", "left"),
+                                               ("bottom", "right")}),
+                                         (3, {(v, h) for v in ("top", "middle", "bottom")
+                                              for h in ("left", "center", "right")})])
+def test_grid_regions_are_the_cells_their_position_words_name(grid, cells):
+    """regions.method=grid: whatever the content (a crop view too), the regions tile the image
+    and each one's position words name exactly its own cell."""
+    from iqa_spider.annotate.pipeline import ShardAnnotator, region_templates
+
+    cfg = config("in/", "out/", "regions.method=grid", f"regions.grid={grid}")
+    annotator = ShardAnnotator(cfg)
+    image = small_photos(1)[0][1][:100, :90]  # an odd size: cells of unequal sides
+    proposals = annotator.proposals(image, seed=0, masks=None)
+    masks = np.stack([p.mask for p in proposals])
+    assert masks.shape == (grid * grid, 100, 90) and (masks.sum(0) == 1).all()
+    regions = region_templates(proposals, image.shape, grid)["regions"]
+    assert {r.position for r in regions} == cells
+    for r in regions:
+        ys, xs = np.nonzero(r.mask)
+        # the cell is one rectangle, 1/grid of each side, and its words name where it is
+        rows, cols = np.ptp(ys) + 1, np.ptp(xs) + 1
+        assert r.mask.sum() == rows * cols
+        assert abs(rows - 100 / grid) < 1 and abs(cols - 90 / grid) < 1
+        v_index = {"top": 0, "middle": 1, "bottom": grid - 1}[r.position[0]]
+        h_index = {"left": 0, "center": 1, "right": grid - 1}[r.position[1]]
+        assert int(ys.mean() / 100 * grid) == v_index and int(xs.mean() / 90 * grid) == h_index

@@ -220,6 +220,8 @@ class ShardAnnotator:
             if not props:
                 raise ImageError("no_regions", "method masks but the row has no usable mask")
             return props
+        if rc.method == "grid":
+            return R.grid_regions(*image.shape[:2], rc.grid)
         if self.sam is not None:
             props = self.sam(image)
             if len(props) >= rc.min_regions:

@@ -1,9 +1,11 @@
-"""Region proposals: where distortions can be applied. Three kinds behind one function.
+"""Region proposals: where distortions can be applied. Four kinds behind one function.
 
 - `superpixel` (default, no weights): SLIC superpixels, small pieces merged into their most
   similar neighbour until every region is a useful size, 3..12 regions per image.
 - `masks`: the user's own masks (COCO RLE) that came with the image.
 - `sam`: SAM automatic masks (transformers' mask-generation pipeline) from a local checkpoint.
+- `grid`: the cells of the position vocabulary's grid (2x2 or 3x3): every region's position
+  words name exactly the cell it covers, the cleanest data for learning positions.
 A region without a semantic label is named by its position words by the writers.
 """
 from __future__ import annotations

@@ -97,7 +97,7 @@ class ModelRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
-REGION_METHODS = ("superpixel", "masks", "sam")
+REGION_METHODS = ("superpixel", "masks", "sam", "grid")
 
 
 # Why the annotation job skips a source (its shard summary counts them): decode_image's
