@@ -41,7 +41,9 @@ def fixed_input(processor: Any) -> dict:
     img = np.stack([xx * 2 % 256, yy * 2 % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
     text = processor.apply_chat_template(chat(SCORE_QUESTION, SCORE_ANSWER_PREFIX), tokenize=False)
     enc = processor(text=[text], images=[Image.fromarray(img)], return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+    # mm_token_type_ids (1 on image tokens) too: Qwen3-VL refuses image inputs without them
+    keep = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    return {k: v for k, v in enc.items() if k in keep}
 
 
 def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any) -> None:
