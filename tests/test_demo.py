@@ -19,7 +19,8 @@ from conftest import BIN, REPO, check_score_report
 # The demo at reduced size: the tiny model of the demo's class (the small preset's, Qwen3-VL),
 # one view per photo, a few training steps, two evaluation images, no floors (a 4-step model
 # is at chance).
-SHORT = ["tiny.size=tiny", "tiny.family=qwen3_vl", "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
+SHORT = ["tiny.size=tiny", "tiny.family=qwen3_vl",
+         "stages.annotate_overrides=[distort.max_side=224,test_fraction=0.3]",
          "stages.evaluate_overrides=[data.max_images=2,infer.describe=false]",
          # the description path runs, with answers cut short (the tiny model never stops on its own)
          "stages.score_overrides=[output.overlays=true,'tasks=[score,ground,describe]',infer.max_new_tokens=12,"

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output directory")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--size", choices=SIZES, default="tiny",
-                      help="tiny: fast tests (~0.2 M parameters); small: learns on 2 cores (~6 M)")
+                      help="tiny: fast tests (~0.2 M parameters); small: learns on 2 cores (~7 M)")
     tiny.set_defaults(func=_model_init_tiny)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="action", required=True)

@@ -41,13 +41,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import run_evaluate
+    from iqa_spider.model.tiny import DEFAULT_FAMILY
     from iqa_spider.registry.config import PromoteConfig
     from iqa_spider.registry.promotion import run_promote
     from iqa_spider.score.config import ScoreConfig
     from iqa_spider.score.job import run_score
     from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.train.export import HF_DIR
-    from iqa_spider.model.tiny import DEFAULT_FAMILY
     from iqa_spider.train.job import run_train
 
     work = workdir_uri(cfg.workdir)
