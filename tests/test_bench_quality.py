@@ -84,6 +84,24 @@ def test_the_curriculum_stage_loads_against_the_shipped_configs():
     assert kept == {"rating", "referring_short", "global_desc"}
 
 
+def test_the_demo_tier_is_the_demos_data_and_recipe_with_the_steps_given_last():
+    """--data demo: configs/demo.yaml's annotate overrides win over the quality run's own, its
+    train overrides keep the demo's tasks, and the steps are --steps (the demo's 400 by default)."""
+    from iqa_spider.config import load_config
+    from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
+
+    ann = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
+                      ["input.uri=a", "output.uri=b", *quality.QUALITY_ANNOTATE, *quality.DEMO_ANNOTATE])
+    assert (ann.regions.method, sorted(ann.distort.families), ann.distort.views_per_image) == (
+        "grid", ["darken", "saturate_weaken"], 16)
+    assert quality.DEMO_STEPS == 400
+    cfg = load_config(TrainConfig, REPO / "configs/train/small_cpu.yaml",
+                      ["data.uri=d", "model.path=m", "output.uri=o", *quality.DEMO_TRAIN, "optim.max_steps=600"])
+    assert cfg.optim.max_steps == 600
+    assert {t for t, w in cfg.data.task_weights.items() if w > 0} == {
+        "rating", "grounding", "referring_short", "global_desc"}
+
+
 def test_summary_gives_seed_0_per_stratum_of_the_truth_beside_its_chance_and_control():
     def with_strata(report: dict, acc: float) -> dict:
         report["metrics"]["referring_short"]["by_stratum"] = {"whole_strong": {"n": 12.0, "type_acc": acc}}
