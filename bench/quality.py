@@ -97,6 +97,11 @@ TARGETS = {
 }
 
 
+def last_wins(overrides: list[str]) -> list[str]:
+    """Config overrides as they take effect: one per key, the last one given."""
+    return list({o.split("=", 1)[0]: o for o in overrides}.values())
+
+
 def flat(report: dict, part: str = "metrics") -> dict[str, float]:
     from iqa_spider.infer.metrics import flatten_metrics
 
@@ -294,16 +299,17 @@ def main() -> None:
     if args.data == "demo" and args.steps is None:
         args.steps = DEMO_STEPS
 
-    import ray
-
     from iqa_spider.entrypoint import setup_logging
+    from iqa_spider.raycluster import ensure_ray
 
     setup_logging()
     started = time.monotonic()
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    ray.init(num_cpus=2, include_dashboard=False)  # worker logs: the step-by-step progress
+    # the jobs' own local Ray: with the dashboard, whose State API Ray Train's placement-group
+    # cleaner polls (without it, it warns at every step); worker logs show the step-by-step progress
+    ensure_ray(num_cpus=2)
     data = build_data(work, extra=annotate_extra, generated=args.generated)
     warmup_data = (build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE), args.generated)
                    if args.warmup_steps else None)
@@ -348,7 +354,7 @@ def main() -> None:
     notes = (f"Small {FAMILY} ({q['params'] / 1e6:.1f} M parameters, random init), full fine-tuning with "
              f"configs/train/small_cpu.yaml: {curriculum}{q['steps']} steps of global batch {q['global_batch']} per seed "
              f"({', '.join(map(str, q['train_minutes']))} min){recipe}, on "
-             f"{', '.join(QUALITY_ANNOTATE + list(annotate_extra))}{generated}. "
+             f"{', '.join(last_wins(QUALITY_ANNOTATE + list(annotate_extra)))}{generated}. "
              f"Held-out: {q['images']} images of photos never trained on ({q['samples']} samples; "
              f"tasks {EVAL_TASKS}). Chance: {json.dumps(q['chance_basis'])}. Shuffled: the same model, every "
              f"sample asked about another photo's image. Default mapping: {q['default_mapping']} "
