@@ -308,7 +308,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     # the jobs' own local Ray: with the dashboard, whose State API Ray Train's placement-group
-    # cleaner polls (without it, it warns at every step); worker logs show the step-by-step progress
+    # cleaner polls (without it, it warns at every step); worker logs show the step-by-step progress.
+    # It joins RAY_ADDRESS's cluster if that is set, so leave it unset: the work folder is local.
     ensure_ray(num_cpus=2)
     data = build_data(work, extra=annotate_extra, generated=args.generated)
     warmup_data = (build_data(work, "dataset_warmup", tuple(WARMUP_ANNOTATE), args.generated)

@@ -3,7 +3,7 @@
 `make quality` trains the whole recipe and showed the small model at chance. This benchmark
 asks the narrower question underneath: given whole-image distortions a CNN separates at a
 glance (blur, noise, compression, brightening at severity 4-5), does the project's small
-Qwen-VL learn to name them from the image? It trains the real model class, through the
+Qwen-VL (the small preset's own class, a Qwen3-VL, unless `--family` names another) learn to name them from the image? It trains the real model class, through the
 project's own preprocessing and collation, in a plain AdamW loop (no Ray: the question is the
 model and its learning rates, not the platform), for each vision-tower learning rate given,
 and reports held-out accuracy beside chance and a shuffled-image control.
@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets the offline environment first)
 
 import numpy as np  # noqa: E402
+from iqa_spider.model.tiny import DEFAULT_FAMILY  # noqa: E402
 
 FAMILIES = ("blur", "noise", "compression", "brighten")
 QUESTION = "What is wrong with the quality of the whole image?"
@@ -253,8 +254,9 @@ def main() -> None:
     ap.add_argument("--severities", default="4,5")
     ap.add_argument("--families", default=",".join(FAMILIES),
                     help="comma-separated distortion families, or 'all' (the annotator's 12)")
-    ap.add_argument("--family", default="qwen2_5_vl",
-                    help="comma-separated model classes to compare: qwen2_5_vl, qwen3_vl (the presets' sizes)")
+    ap.add_argument("--family", default=DEFAULT_FAMILY["small"],
+                    help="comma-separated model classes to compare: qwen2_5_vl, qwen3_vl (the presets' sizes; "
+                         "default: the small preset's own; the sections before 2026-12-07 ran qwen2_5_vl)")
     ap.add_argument("--task", default="name", choices=TASKS,
                     help="name: which family damages the whole image; where: which quadrant (or the whole image)")
     ap.add_argument("--whole-share", type=float, default=0.2, help="--task where: the share of whole-image damage")

@@ -84,22 +84,31 @@ def test_the_curriculum_stage_loads_against_the_shipped_configs():
     assert kept == {"rating", "referring_short", "global_desc"}
 
 
-def test_the_demo_tier_is_the_demos_data_and_recipe_with_the_steps_given_last():
-    """--data demo: configs/demo.yaml's annotate overrides win over the quality run's own, its
-    train overrides keep the demo's tasks, and the steps are --steps (the demo's 400 by default)."""
+def test_the_demo_tier_is_the_demos_data_and_recipe_with_the_steps_given_last(monkeypatch, tmp_path):
+    """--data demo: configs/demo.yaml's annotate overrides win over the quality run's own, and
+    quality.train() gives the train job the demo's tasks and --steps, over any steps in `extra`
+    (the job itself is replaced by one that records its config)."""
+    import iqa_spider.model.tiny as tiny
+    import iqa_spider.train.job as job
     from iqa_spider.config import load_config
-    from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
+    from iqa_spider.config.schemas import AnnotateConfig
 
     ann = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",
                       ["input.uri=a", "output.uri=b", *quality.QUALITY_ANNOTATE, *quality.DEMO_ANNOTATE])
     assert (ann.regions.method, sorted(ann.distort.families), ann.distort.views_per_image) == (
         "grid", ["darken", "saturate_weaken"], 16)
     assert quality.DEMO_STEPS == 400
-    cfg = load_config(TrainConfig, REPO / "configs/train/small_cpu.yaml",
-                      ["data.uri=d", "model.path=m", "output.uri=o", *quality.DEMO_TRAIN, "optim.max_steps=600"])
-    assert cfg.optim.max_steps == 600
+    seen = []
+    monkeypatch.setattr(tiny, "init_tiny", lambda family, path, seed, size: f"{path}-{family}-{size}")
+    monkeypatch.setattr(job, "run_train", lambda cfg: seen.append(cfg) or {"checkpoint": str(tmp_path / "ckpt")})
+    model_dir, summary = quality.train(tmp_path, tmp_path / "data", 1, 600,
+                                       extra=(*quality.DEMO_TRAIN, "optim.max_steps=7"))
+    (cfg,) = seen
+    assert (cfg.optim.max_steps, summary["steps"], cfg.optim.seed) == (600, 600, 1)
+    assert cfg.model.path.endswith(f"small_seed1-{quality.FAMILY}-small")
     assert {t for t, w in cfg.data.task_weights.items() if w > 0} == {
         "rating", "grounding", "referring_short", "global_desc"}
+    assert model_dir.startswith(str(tmp_path / "ckpt"))
 
 
 def test_summary_gives_seed_0_per_stratum_of_the_truth_beside_its_chance_and_control():

@@ -271,8 +271,12 @@ def test_a_preset_of_another_patch_side_keeps_model_and_processor_consistent(tmp
 @pytest.mark.parametrize("size, family", [("tiny", "qwen2_5_vl"), ("small", "qwen3_vl")])
 def test_init_tiny_builds_each_size_of_its_own_class_unless_one_is_named(size, family, tmp_path, capsys):
     """`model init-tiny --size small` is a Qwen3-VL: the small Qwen2.5-VL cannot learn where the
-    damage is (model/tiny.py, DEFAULT_FAMILY); --family still picks either class."""
+    damage is (model/tiny.py, DEFAULT_FAMILY); --family still picks either class. The demo
+    resolves its `tiny.family: null` with the same family_for."""
     from iqa_spider.cli import main
+    from iqa_spider.model.tiny import family_for
+
+    assert family_for(size) == family == family_for(size, None)
 
     assert main(["model", "init-tiny", "--size", size, "--out", str(tmp_path / "default")]) == 0
     assert json.loads((tmp_path / "default" / "config.json").read_text())["model_type"] == family
@@ -280,3 +284,4 @@ def test_init_tiny_builds_each_size_of_its_own_class_unless_one_is_named(size, f
     other = next(f for f in FAMILIES if f != family)
     assert main(["model", "init-tiny", "--size", size, "--family", other, "--out", str(tmp_path / "named")]) == 0
     assert json.loads((tmp_path / "named" / "config.json").read_text())["model_type"] == other
+    assert family_for(size, other) == other

@@ -26,9 +26,9 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _model_init_tiny(args: argparse.Namespace) -> int:
-    from iqa_spider.model.tiny import DEFAULT_FAMILY, init_tiny
+    from iqa_spider.model.tiny import family_for, init_tiny
 
-    family = args.family or DEFAULT_FAMILY[args.size]
+    family = family_for(args.size, args.family)
     out = init_tiny(family, args.out, seed=args.seed, size=args.size)
     print(f"{args.size} {family} model written to {out}")
     return 0

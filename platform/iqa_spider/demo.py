@@ -41,12 +41,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
     from iqa_spider.infer.config import EvaluateConfig
     from iqa_spider.infer.evaluate import run_evaluate
-    from iqa_spider.model.tiny import DEFAULT_FAMILY
+    from iqa_spider.model.tiny import family_for
     from iqa_spider.registry.config import PromoteConfig
     from iqa_spider.registry.promotion import run_promote
+    from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.score.config import ScoreConfig
     from iqa_spider.score.job import run_score
-    from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.train.export import HF_DIR
     from iqa_spider.train.job import run_train
 
@@ -61,7 +61,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, str]:
     st = cfg.stages
     out: dict[str, str] = {}
 
-    family = cfg.tiny.family or DEFAULT_FAMILY[cfg.tiny.size]
+    family = family_for(cfg.tiny.size, cfg.tiny.family)
     log.info("demo 1/7: %s %s model, random init (seed %d)", cfg.tiny.size, family, cfg.tiny.seed)
     model = write_tiny_model(family, cfg.tiny.seed, storage.join(work, "base_model"), cfg.tiny.size)
     out["base model"] = model

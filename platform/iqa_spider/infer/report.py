@@ -67,7 +67,7 @@ SUMMARY_KEYS = (("rating", "srcc"), ("rating", "plcc"), ("rating", "level_acc"),
                 ("referring_long", "type_acc"), ("referring_long", "type_f1"),
                 ("global_desc", "type_f1"), ("global_desc", "position_f1"), ("global_desc", "level_acc"),
                 ("local_desc", "type_f1"),
-                # per stratum of the truth (the demo gates on whole_strong): rows only where present
+                # per stratum of the truth (strong whole-image damage is learnt first): rows only where present
                 *((f"{task}.by_stratum.{s}", key) for task, key in (("referring_short", "type_acc"),
                                                                     ("global_desc", "type_f1")) for s in STRATA))
 

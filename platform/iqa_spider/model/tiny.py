@@ -62,9 +62,12 @@ PRESETS: dict[str, Preset] = {
                    vision_hidden=32, vision_intermediate=64, vision_heads=2, vision_depth=2, lm_head_std=0.3),
     # A model that learns on 2 cores; trained with `method: full`, which trains the head too, so
     # it keeps the model's own initialiser. Its tower (the released patch, 128 wide, 4 deep) was
-    # measured against a 7 px patch, a 256-wide, a 64-wide and a 2-deep one in the same 6 minutes
-    # (bench/seeing.py --shapes, BENCHMARKS.md): bigger towers get too few steps, smaller ones
-    # plateau lower, and this one named held-out whole-image damage best.
+    # measured, as a Qwen2.5-VL (14 px patches), against a 7 px patch, a 256-wide, a 64-wide and a
+    # 2-deep one in the same 6 minutes (bench/seeing.py --shapes, BENCHMARKS.md): bigger towers
+    # get too few steps, smaller ones plateau lower, and this one named held-out whole-image
+    # damage best. The same sizes as a Qwen3-VL (16 px patches, DEFAULT_FAMILY) name it about as
+    # well (`make quality`'s first stage: 0.45, the Qwen2.5-VL's 0.38-0.47) and also learn where
+    # it is (bench/seeing.py --task where).
     "small": Preset(text_hidden=256, text_intermediate=768, text_layers=4, text_heads=4, text_kv_heads=2,
                     vision_hidden=128, vision_intermediate=512, vision_heads=4, vision_depth=4, lm_head_std=None),
 }
@@ -82,6 +85,11 @@ SIZES: tuple[str, ...] = tuple(PRESETS)
 # must learn them from our data, and Qwen3-VL's learned position embeddings and interleaved
 # RoPE give it something to learn from. The tiny preset stays Qwen2.5-VL, the 7B recipes' class.
 DEFAULT_FAMILY: dict[str, str] = {"tiny": "qwen2_5_vl", "small": "qwen3_vl"}
+
+
+def family_for(size: str, family: str | None = None) -> str:
+    """The class to build a preset in: the one named, else the size's own (DEFAULT_FAMILY)."""
+    return family or DEFAULT_FAMILY[size]
 
 # The tiny preset's sizes under their old names (tests and benchmarks read them).
 TEXT_HIDDEN = PRESETS["tiny"].text_hidden
