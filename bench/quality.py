@@ -37,8 +37,7 @@ from iqa_spider.model.tiny import DEFAULT_FAMILY
 RESULTS = {"full": REPO / "bench" / "results" / "quality.json",
            "demo": REPO / "bench" / "results" / "quality_demo.json"}
 TITLES = {"full": "Quality: does the small model learn? Held-out, beside chance and shuffled images",
-          "demo": "Quality on the demo's data: two seeds of a model that names and locates, and the "
-                  "text-to-point mappings"}
+          "demo": "Quality on the demo's data: held-out figures per seed, and the text-to-point mappings"}
 # The small preset's own class (Qwen3-VL: at this size only it learns where the damage is).
 FAMILY = DEFAULT_FAMILY["small"]
 # What the quality run changes in configs/annotate.yaml: images at the training size, many views
@@ -168,14 +167,16 @@ def evaluate(model_dir: str, data: Path, out: Path, images: int, shuffled: bool 
     return run_evaluate(cfg)
 
 
-def mapping_figures(reports: list[dict]) -> dict[str, dict]:
-    """Per mapping: point-in-mask and mIoU on HyD grounding, mean over seeds and per seed."""
+def mapping_figures(reports: list[dict], answers: str = "mapping") -> dict[str, dict]:
+    """Per mapping: point-in-mask and mIoU on HyD grounding, mean over seeds and per seed.
+    `answers`: "mapping", the model's own answers; "forced", the true answers teacher-forced,
+    which judges each mapping on the right words whatever the model would have written."""
     from iqa_spider.infer.config import MAPPING_NAMES
 
     out = {}
     flats = [flat(r) for r in reports]
     for m in MAPPING_NAMES:
-        seeds = [(f.get(f"grounding.hyd.mapping.{m}.point_acc"), f.get(f"grounding.hyd.mapping.{m}.miou"))
+        seeds = [(f.get(f"grounding.hyd.{answers}.{m}.point_acc"), f.get(f"grounding.hyd.{answers}.{m}.miou"))
                  for f in flats]
         seeds = [s for s in seeds if s[0] is not None]
         if not seeds:
@@ -232,6 +233,7 @@ def summarise(reports: list[dict], control: dict, trains: list[dict], minutes: f
         "shuffled": {k: first["shuffled"][k] for k in SHUFFLED_KEYS},
         "targets": TARGETS,
         "mappings": mappings, "default_mapping": default, "default_mapping_why": why,
+        "mappings_forced": mapping_figures(reports, "forced"),  # on the true answers' words
         "params": params, "steps": trains[0]["steps"], "global_batch": trains[0]["global_batch"],
         "train_minutes": [round(t["wall_s"] / 60, 2) for t in trains],
         # the curriculum's first stage (--warmup-steps), before `steps` of the full recipe
@@ -262,6 +264,9 @@ def markdown(q: dict) -> str:
               "| --- | ---: | --- | ---: | --- |"]
     for m, v in q["mappings"].items():
         lines.append(f"| {m} | {v['point_acc']:.3f} | {v['seeds']} | {v['miou']:.3f} | {v['seeds_miou']} |")
+    for m, v in q.get("mappings_forced", {}).items():
+        lines.append(f"| {m}, true answers forced | {v['point_acc']:.3f} | {v['seeds']} | {v['miou']:.3f} | "
+                     f"{v['seeds_miou']} |")
     if st := q.get("by_stratum"):
         lines += ["", "| seed 0 per stratum of the truth | samples | trained | chance | shuffled images |",
                   "| --- | ---: | ---: | ---: | ---: |"]
@@ -288,6 +293,9 @@ def main() -> None:
     ap.add_argument("--data", choices=tuple(RESULTS), default="full",
                     help="full: the full mix of families, severities and regions (the targets); "
                          "demo: configs/demo.yaml's data and recipe (DEMO_ANNOTATE), results in quality_demo.json")
+    ap.add_argument("--annotate", action="append", default=[], metavar="KEY=VALUE",
+                    help="an annotate override after the tier's own (repeatable), e.g. regions.method=superpixel")
+    ap.add_argument("--out", default=None, help="the results file (default: the tier's, RESULTS)")
     ap.add_argument("--eval-images", type=int, default=EVAL_IMAGES, help="held-out images evaluated")
     ap.add_argument("--work", default=str(REPO / "bench" / "results" / "quality_work"),
                     help="scratch folder (replaced); the dataset, checkpoints and reports stay there")
@@ -296,6 +304,7 @@ def main() -> None:
     if args.data == "demo" and (args.warmup_steps or args.generated):
         ap.error("--data demo is the demo's one-stage recipe on the photos: no --warmup-steps, no --generated")
     annotate_extra, train_extra = (DEMO_ANNOTATE, DEMO_TRAIN) if args.data == "demo" else ((), ())
+    annotate_extra = (*annotate_extra, *args.annotate)
     if args.data == "demo" and args.steps is None:
         args.steps = DEMO_STEPS
 
@@ -343,7 +352,7 @@ def main() -> None:
     print(f"default mapping: {q['default_mapping']} ({q['default_mapping_why']})")
     if args.no_record:
         return
-    results = RESULTS[args.data]
+    results = Path(args.out).resolve() if args.out else RESULTS[args.data]
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(q, indent=2) + "\n")
     curriculum = (f"first {q['warmup_steps']} steps ({', '.join(map(str, q['warmup_minutes']))} min) on "
@@ -360,7 +369,7 @@ def main() -> None:
              f"tasks {EVAL_TASKS}). Chance: {json.dumps(q['chance_basis'])}. Shuffled: the same model, every "
              f"sample asked about another photo's image. Default mapping: {q['default_mapping']} "
              f"({q['default_mapping_why']}). Whole run {q['minutes']:.0f} min; figures also in "
-             f"{results.relative_to(REPO)}.")
+             f"{results.relative_to(REPO) if results.is_relative_to(REPO) else results}.")
     record(TITLES[args.data], table, notes)
 
 
