@@ -91,6 +91,7 @@ def family_for(size: str, family: str | None = None) -> str:
     """The class to build a preset in: the one named, else the size's own (DEFAULT_FAMILY)."""
     return family or DEFAULT_FAMILY[size]
 
+
 # The tiny preset's sizes under their old names (tests and benchmarks read them).
 TEXT_HIDDEN = PRESETS["tiny"].text_hidden
 HEAD_DIM = PRESETS["tiny"].head_dim
