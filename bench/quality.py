@@ -70,7 +70,7 @@ EVAL_IMAGES = 240
 DEMO = OmegaConf.load(REPO / "configs" / "demo.yaml").stages
 DEMO_ANNOTATE = tuple(DEMO.annotate_overrides)  # after QUALITY_ANNOTATE, so the demo's settings win
 DEMO_TRAIN = tuple(o for o in DEMO.train_overrides if not o.startswith(("checkpoint.", "optim.max_steps=")))
-DEMO_STEPS = next(int(o.split("=")[1]) for o in DEMO.train_overrides if o.startswith("optim.max_steps="))
+DEMO_STEPS = OmegaConf.from_dotlist(list(DEMO.train_overrides)).optim.max_steps
 # Generated pristine sources (--generated N): dead-leaves images (annotate/procedural.py), each a
 # content of its own (more contents did not help the small model in bench/seeing.py, so the
 # default is none). Annotated like the photos (the same distortions and tasks, QUALITY_ANNOTATE and any

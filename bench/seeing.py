@@ -3,10 +3,11 @@
 `make quality` trains the whole recipe and showed the small model at chance. This benchmark
 asks the narrower question underneath: given whole-image distortions a CNN separates at a
 glance (blur, noise, compression, brightening at severity 4-5), does the project's small
-Qwen-VL (the small preset's own class, a Qwen3-VL, unless `--family` names another) learn to name them from the image? It trains the real model class, through the
-project's own preprocessing and collation, in a plain AdamW loop (no Ray: the question is the
-model and its learning rates, not the platform), for each vision-tower learning rate given,
-and reports held-out accuracy beside chance and a shuffled-image control.
+Qwen-VL (the small preset's own class, a Qwen3-VL, unless `--family` names another) learn to
+name them from the image? It trains the real model class, through the project's own
+preprocessing and collation, in a plain AdamW loop (no Ray: the question is the model and its
+learning rates, not the platform), for each vision-tower learning rate given, and reports
+held-out accuracy beside chance and a shuffled-image control.
 
 Sources are split by photo: the test crops come from 6 bundled photos; the train crops from the
 other 16, or (`--train-content procedural`) each from a generated dead-leaves image of its own,
