@@ -17,7 +17,6 @@ from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset
 from iqa_spider.images import decode_image, encode_png, resize_max_side
-from iqa_spider.vocab import position_words
 from conftest import REPO
 
 MAX_SIDE = 128
@@ -100,8 +99,11 @@ def test_grounding_masks_are_where_the_distortion_is(local_run):
         inside = diff[m].mean()
         outside = diff[untouched].mean() if untouched.any() else 0.0
         assert inside > outside + 0.5, (row["question"], inside, outside)
-        # position words: the bbox rule, and the answer says them
-        assert tuple(region["position"]) == position_words(region["bbox"])
+        # position words: the 2x2 cell holding the most of the region's area, and the answer says them
+        h, w = m.shape
+        quarter = {("top", "left"): m[:h // 2, :w // 2].sum(), ("top", "right"): m[:h // 2, w // 2:].sum(),
+                   ("bottom", "left"): m[h // 2:, :w // 2].sum(), ("bottom", "right"): m[h // 2:, w // 2:].sum()}
+        assert quarter[tuple(region["position"])] == max(quarter.values()), (region["position"], quarter)
         assert " ".join(region["position"]) in row["answer"]
         checked += 1
     assert checked >= 3

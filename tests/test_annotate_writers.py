@@ -149,6 +149,25 @@ def test_sid_target_is_the_most_severe_instance_and_a_tie_goes_to_the_larger_reg
     assert grounding_sid(np.random.default_rng(0), tie, "noise").target_ids == ["b"]
 
 
+def test_position_words_name_the_cell_holding_most_of_the_region():
+    """A free-form region is named by where most of it is, not by its bbox centre."""
+    h = w = 100
+    blob = mask(h, w, 0, 60, 0, 60) | mask(h, w, 95, 100, 0, 100)  # a top-left blob and a thin strip along the bottom
+    region = Region("r0", blob, None, [Distortion("blur", "gaussian", 4)])
+    assert position_words(region.bbox) == ("bottom", "right")  # the bbox spans the image
+    assert region.position == ("top", "left")
+    assert region.position_share == pytest.approx(50 * 50 / blob.sum())
+    truth = Truth([region, Region("r1", ~blob, None, [])], w, h)
+    (hyd,) = [s for s in write_all(np.random.default_rng(0), truth) if s.subtask == "hyd"]
+    assert "top left" in hyd.answer
+    # a compact region or a grid cell keeps the bbox rule's words, wholly inside its cell
+    cell = Region("c", mask(h, w, 50, 100, 0, 50), None)
+    assert cell.position == position_words(cell.bbox) == ("bottom", "left") and cell.position_share == 1.0
+    assert Region("w", np.ones((h, w), bool)).position == position_words([0.0, 0.0, 1.0, 1.0])
+    third = Region("t", mask(90, 90, 30, 60, 60, 90), None, grid=3)
+    assert third.position == ("middle", "right") and third.position_share == 1.0
+
+
 def test_grounding_of_whole_image_says_whole_image():
     w = Region("whole", np.ones((8, 8), bool), None, [Distortion("darken", "gamma", 5)])
     samples = write_all(np.random.default_rng(0), Truth([w], 8, 8))

@@ -50,18 +50,30 @@ SCORE_QUESTION = "How would you rate the quality of this image?"
 SCORE_ANSWER_PREFIX = "The quality of the image is"
 
 
-def position_words(bbox: tuple[float, float, float, float] | list[float], grid: int = 2) -> tuple[str, str]:
-    """(vertical, horizontal) words for a region from its bbox centre, as ARCHITECTURE.md rules.
+def position_cell(bbox: tuple[float, float, float, float] | list[float], grid: int = 2) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the bbox centre.
 
     grid=2 is the paper's vocabulary: left if cx < 0.5 else right; top if cy < 0.5 else bottom.
     grid=3 splits each axis in thirds: left/center/right x top/middle/bottom.
     """
+    if grid not in (2, 3):
+        raise ValueError(f"grid must be 2 or 3, got {grid}")
     x0, y0, x1, y1 = bbox
     cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    return (min(grid - 1, int(cy * grid)), min(grid - 1, int(cx * grid)))
+
+
+def cell_words(row: int, column: int, grid: int = 2) -> tuple[str, str]:
+    """(vertical, horizontal) words of one cell of the 2x2 or 3x3 position grid."""
     if grid == 2:
-        return (VERTICAL_2[int(cy >= 0.5)], HORIZONTAL_2[int(cx >= 0.5)])
+        return (VERTICAL_2[row], HORIZONTAL_2[column])
     if grid == 3:
-        def third(v: float) -> int:
-            return min(2, int(v * 3))
-        return (VERTICAL_3[third(cy)], HORIZONTAL_3[third(cx)])
+        return (VERTICAL_3[row], HORIZONTAL_3[column])
     raise ValueError(f"grid must be 2 or 3, got {grid}")
+
+
+def position_words(bbox: tuple[float, float, float, float] | list[float], grid: int = 2) -> tuple[str, str]:
+    """(vertical, horizontal) words of the bbox centre's cell: the rule for a region known only
+    by its box. A region with a mask is named by the cell holding most of its area instead
+    (`annotate.truth.Region.position`), which is the same cell for a compact region."""
+    return cell_words(*position_cell(bbox, grid), grid)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.segmentation import slic
 
+from iqa_spider.annotate.truth import cell_edges
+
 log = logging.getLogger(__name__)
 
 
@@ -92,11 +94,12 @@ def _neighbours(labels: np.ndarray, k: int) -> set[int]:
 
 
 def grid_regions(h: int, w: int, n: int) -> list[Proposal]:
+    rows, cols = cell_edges(h, n), cell_edges(w, n)
     out = []
     for i in range(n):
         for j in range(n):
             m = np.zeros((h, w), bool)
-            m[i * h // n:(i + 1) * h // n, j * w // n:(j + 1) * w // n] = True
+            m[rows[i]:rows[i + 1], cols[j]:cols[j + 1]] = True
             if m.any():
                 out.append(Proposal(m))
     return out

@@ -14,7 +14,7 @@ import numpy as np
 
 from iqa_spider.annotate.distortions import Distortion
 from iqa_spider.data import rle
-from iqa_spider.vocab import LEVEL_WORDS, position_words
+from iqa_spider.vocab import LEVEL_WORDS, cell_words, position_cell
 
 # How much one region at a severity hurts the whole image, before its area is counted.
 SEVERITY_WEIGHT = {1: 0.25, 2: 0.45, 3: 0.65, 4: 0.85, 5: 1.0}
@@ -45,9 +45,42 @@ class Region:
         return box if box is not None else [0.0, 0.0, 1.0, 1.0]
 
     @cached_property
+    def cell_shares(self) -> np.ndarray:
+        """grid x grid: the fraction of the region's area in each cell of the position grid."""
+        rows, cols = cell_edges(self.mask.shape[0], self.grid), cell_edges(self.mask.shape[1], self.grid)
+        area = np.array([[self.mask[rows[i]:rows[i + 1], cols[j]:cols[j + 1]].sum() for j in range(self.grid)]
+                         for i in range(self.grid)], dtype=np.float64)
+        return area / max(1.0, area.sum())
+
+    @cached_property
+    def cell(self) -> tuple[int, int]:
+        """(row, column) of the position-grid cell holding most of the region's area.
+
+        Not simply the bbox centre's cell: a free-form region (a superpixel, an object) often
+        has its bbox centre in one cell and most of its pixels in another, and then its words
+        point the model, and text-to-point, at the wrong place (bench/results/
+        quality_demo_large_regions.json: regions of a cell's size had a median 62% of their
+        area in the bbox-centre cell, and a third had under half). Where the bbox centre's cell
+        ties with the best, as it does for a grid cell, the whole image or any compact region,
+        it is kept, so those regions keep the bbox rule's words.
+        """
+        shares = self.cell_shares
+        centre = position_cell(self.bbox, self.grid)
+        if shares[centre] >= shares.max() - 1e-9:
+            return centre
+        row, col = np.unravel_index(int(np.argmax(shares)), shares.shape)
+        return int(row), int(col)
+
+    @cached_property
     def position(self) -> tuple[str, str]:
-        """(vertical, horizontal) words of the bbox centre."""
-        return position_words(self.bbox, self.grid)
+        """(vertical, horizontal) words of `cell`."""
+        return cell_words(*self.cell, self.grid)
+
+    @property
+    def position_share(self) -> float:
+        """How much of the region its position words cover: 1 for a grid cell, under 0.5 for a
+        region spread over several cells, whose words then name only its largest part."""
+        return float(self.cell_shares[self.cell])
 
     @cached_property
     def is_whole_image(self) -> bool:
@@ -90,6 +123,13 @@ class Truth:
 
     def most_degraded(self) -> Region | None:
         return max(self.distorted, key=lambda r: (r.damage(), r.severity), default=None)
+
+
+def cell_edges(length: int, grid: int) -> list[int]:
+    """Pixel boundaries of the position grid along one axis: cell k is [edges[k], edges[k+1]).
+    `annotate.regions.grid_regions` cuts its cells at the same edges, so a grid region lies
+    wholly in one cell."""
+    return [k * length // grid for k in range(grid + 1)]
 
 
 def score_from_damages(damages: list[float]) -> float:
