@@ -25,7 +25,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python jobs/demo.py --config configs/demo.yaml
 
+# Lint (ruff) and the layers contract (import-linter, docs/architecture.md) first: both take
+# seconds and fail the build on a violation, before the 12-minute suite starts.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 # Every CPU benchmark, each appending its figures to BENCHMARKS.md (about 4 minutes on 2 cores, 2026-11-30).

@@ -44,9 +44,10 @@ SIDE = 512  # the default --side
 
 def write_inputs(folder: Path, n: int, side: int = SIDE) -> list[Path]:
     """n PNG files at `side` px: the bundled photos, repeated under new names as needed."""
+    from PIL import Image
+
     from iqa_spider.annotate.pipeline import iter_builtin_photos
     from iqa_spider.images import encode_png, resize_max_side
-    from PIL import Image
 
     photos = []
     for name, img in iter_builtin_photos():

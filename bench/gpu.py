@@ -421,7 +421,7 @@ def measure_inference(args, rep: Report, torch, device, model, processor, cfg, p
         try:
             log(f"predictor, batch {bs}: {len(images)} images x {args.repeats}")
             gen_counts.clear()
-            t, out = median_time(lambda: bench_infer.predictor_path(p, images, HYD_QUESTION), args.repeats)
+            t, out = median_time(lambda p=p: bench_infer.predictor_path(p, images, HYD_QUESTION), args.repeats)
             pred_runs[bs] = (t, out, statistics.mean(gen_counts) if gen_counts else float("nan"))
             f[f"pred_ips_bs{bs}"] = len(images) / t
             f[f"pred_gen_bs{bs}"] = pred_runs[bs][2]
@@ -556,7 +556,7 @@ def measure_training(args, rep: Report, torch, device, model, processor, cfg, pc
     f["train_lora"] = n_lora
 
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
         have_ds = not args.no_deepspeed
         if args.no_deepspeed:
             rep.notes.append("--no-deepspeed: training ran as plain torch + peft")
@@ -729,7 +729,8 @@ def render(args, rep: Report, device_name: str, dtype_name: str) -> str:
                   f"| mode | {f.get('train_mode')} |",
                   f"| micro-batch x grad-accum, sequence | {f['train_micro_batch']} x {f['train_grad_accum']}, "
                   f"{f['train_seq']} tokens (padded) |",
-                  f"| trainable parameters (LoRA r{args.lora_r_note} + vision tower + merger) | {f['train_trainable'] / 1e6:.1f} M "
+                  f"| trainable parameters (LoRA r{args.lora_r_note} + vision tower + merger) | "
+                  f"{f['train_trainable'] / 1e6:.1f} M "
                   f"(LoRA {f['train_lora'] / 1e6:.1f} M) |",
                   f"| step time (median of timed steps) | {f['train_step_s']:.3f} s |",
                   f"| tokens/s (real tokens) | {f['train_tokens_per_s']:.0f} |",
@@ -737,7 +738,8 @@ def render(args, rep: Report, device_name: str, dtype_name: str) -> str:
                   f"| model FLOPs per step | {fmt_flops(f['train_flops_step'])}FLOP |",
                   f"| MFU | {g('train_mfu', '{:.1%}')} (HFU with recomputation {g('train_hfu', '{:.1%}')}) |",
                   f"| peak memory allocated / reserved (CUDA) | {alloc_s} / {resv_s} |",
-                  f"| loss, first / last micro-batch (finite check; DeepSpeed's LR warm-up starts at 0) | {f['train_loss'][0]:.3f} -> {f['train_loss'][1]:.3f} |",
+                  "| loss, first / last micro-batch (finite check; DeepSpeed's LR warm-up starts at 0) | "
+                  f"{f['train_loss'][0]:.3f} -> {f['train_loss'][1]:.3f} |",
                   "",
                   "MFU = model FLOPs / (step time x peak): 3 x vision forward + 2 x (LM layers + LM head) forward "
                   "+ 6 x LoRA params x tokens (frozen weights need input gradients only, trained ones weight "

@@ -33,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def make_images(n: int, side: int, seed: int = 0):
@@ -136,9 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    import common  # noqa: F401 - sets the benchmarks' environment before torch and transformers
     import torch
 
+    import common  # noqa: F401 - sets the benchmarks' environment before torch and transformers
     from iqa_spider.config.schemas import ModelConfig
     from iqa_spider.infer.config import HYD_QUESTION, InferConfig
     from iqa_spider.infer.predictor import GroundingHead, Predictor
@@ -196,7 +195,8 @@ def main(argv=None) -> int:
         f"{n} images, crops of about {args.side} px (varied aspect); grounding answers up to "
         f"{args.max_new_tokens} new tokens (mean {gen_tokens:.1f} words written); batch size {args.batch_size}; "
         f"segmenter: {'superpixel masks on both paths' if head else 'none (model work only)'}; "
-        f"median of {args.repeats} interleaved runs per path. Both paths checked to give the same level probabilities (1e-4) and the "
+        f"median of {args.repeats} interleaved runs per path. Both paths checked to give the same level probabilities "
+        "(1e-4) and the "
         "same greedy answers.",
         "",
         "| path | what it does per image | seconds | images/s |",

@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, command, record  # first: it sets the benchmarks' environment
 from omegaconf import OmegaConf
 
-from iqa_spider.infer.metrics import STRATA
+from common import REPO, command, record  # first: it sets the benchmarks' environment
+from iqa_spider.evaluate.metrics import STRATA
 from iqa_spider.model.tiny import DEFAULT_FAMILY
 
 RESULTS = {"full": REPO / "bench" / "results" / "quality.json",
@@ -102,7 +102,7 @@ def last_wins(overrides: list[str]) -> list[str]:
 
 
 def flat(report: dict, part: str = "metrics") -> dict[str, float]:
-    from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     return flatten_metrics(report.get(part) or {})
 
@@ -157,8 +157,8 @@ def train(work: Path, data: Path, seed: int, steps: int | None, start: str | Non
 def evaluate(model_dir: str, data: Path, out: Path, images: int, shuffled: bool = False,
              tasks: str = EVAL_TASKS) -> dict:
     from iqa_spider.config import load_config
-    from iqa_spider.infer.config import EvaluateConfig
-    from iqa_spider.infer.evaluate import run_evaluate
+    from iqa_spider.evaluate.config import EvaluateConfig
+    from iqa_spider.evaluate.job import run_evaluate
 
     cfg = load_config(EvaluateConfig, REPO / "configs/evaluate.yaml", [
         f"model.path={model_dir}", f"model.family={FAMILY}", f"data.uri={data}", f"output.uri={out}",
@@ -340,8 +340,9 @@ def main() -> None:
         reports.append(evaluate(model_dir, data, work / f"evaluate_seed{seed}", args.eval_images))
         if seed == args.seeds[0]:
             control = evaluate(model_dir, data, work / f"evaluate_seed{seed}_shuffled", args.eval_images, shuffled=True)
-            from iqa_spider.model.tiny import count_parameters
             from transformers import AutoModelForImageTextToText
+
+            from iqa_spider.model.tiny import count_parameters
 
             params = count_parameters(AutoModelForImageTextToText.from_pretrained(model_dir))
     # the command that made the figures: `make quality`, or the script with the flags it was given

@@ -124,11 +124,11 @@ def main() -> int:
             results.append((f"actors={n}", n, s))
             print(f"job, {n} actor(s): {s['seconds']}", flush=True)
         if args.serve:
+            import socket
+
             from ray import serve
 
             from iqa_spider.serve.app import build_app
-
-            import socket
 
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))

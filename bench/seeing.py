@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (sets the offline environment first)
+import numpy as np
 
-import numpy as np  # noqa: E402
-from iqa_spider.model.tiny import DEFAULT_FAMILY  # noqa: E402
+import common
+from iqa_spider.model.tiny import DEFAULT_FAMILY
 
 FAMILIES = ("blur", "noise", "compression", "brighten")
 QUESTION = "What is wrong with the quality of the whole image?"

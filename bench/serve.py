@@ -99,7 +99,7 @@ def bench_served(url: str, payloads: list[bytes], levels, n_requests: int, field
             before = requests.get(url + "/v1/stats", timeout=30).json()
             sem = threading.Semaphore(c)
 
-            def gated(i: int) -> float:
+            def gated(i: int, sem: threading.Semaphore = sem) -> float:
                 with sem:
                     return one(i)
 
@@ -140,7 +140,6 @@ def main(argv=None) -> int:
     levels = [int(x) for x in args.levels.split(",")]
 
     from common import record
-
     from iqa_spider.config.schemas import ModelConfig
     from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
     from iqa_spider.infer.predictor import GroundingHead
@@ -178,8 +177,8 @@ def main(argv=None) -> int:
     with socket.socket() as probe:  # a free port for Serve's HTTP proxy
         probe.bind(("127.0.0.1", 0))
         port_no = probe.getsockname()[1]
-    ray.init(num_cpus=max(args.num_cpus, args.threads + 1), include_dashboard=False, configure_logging=True, logging_level="WARNING",
-             log_to_driver=False)
+    ray.init(num_cpus=max(args.num_cpus, args.threads + 1), include_dashboard=False, configure_logging=True,
+             logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port_no})
         app_args = {

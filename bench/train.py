@@ -124,9 +124,9 @@ QUALITY_KEYS = (  # (label, flattened metric key)
 
 def evaluate(model_dir: str, data: Path) -> dict[str, float]:
     from iqa_spider.config import load_config
-    from iqa_spider.infer.config import EvaluateConfig
-    from iqa_spider.infer.evaluate import evaluate as run_eval
-    from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.evaluate.config import EvaluateConfig
+    from iqa_spider.evaluate.job import evaluate as run_eval
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     cfg = load_config(EvaluateConfig, REPO / "configs/evaluate.yaml",
                       [f"model.path={model_dir}", f"data.uri={data}", "mlflow.enabled=false"])
@@ -138,7 +138,7 @@ def chance_point_in_mask(data: Path) -> float:
     import numpy as np
 
     from iqa_spider.data.io import read_dataset
-    from iqa_spider.infer.metrics import target_mask
+    from iqa_spider.evaluate.metrics import target_mask
 
     t = read_dataset(str(data)).to_pylist()
     fracs = []

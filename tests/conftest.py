@@ -255,7 +255,7 @@ def register_model(client, name: str, model_dir: Path, experiment: str, tags: di
     """What training does: a run in ``experiment``, the HF directory logged as its pyfunc model,
     a new registered version of ``name``; returns the version."""
     from iqa_spider.registry.pyfunc import log_and_register
-    from iqa_spider.registry.tracking import experiment_id
+    from iqa_spider.tracking import experiment_id
 
     run_id = client.create_run(experiment_id(client, experiment), tags=tags or {}).info.run_id
     for key, value in (metrics or {}).items():

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import BIN, REPO
 from iqa_spider import storage
 from iqa_spider.annotate.mos import import_mos
 from iqa_spider.annotate.pipeline import iter_builtin_photos, run_annotate
@@ -23,7 +24,6 @@ from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset
 from iqa_spider.images import decode_image, encode_png, resize_max_side
 from iqa_spider.vocab import LEVEL_WORDS, SCORE_ANSWER_PREFIX, SCORE_QUESTION
-from conftest import BIN, REPO
 
 MAX_SIDE = 128
 

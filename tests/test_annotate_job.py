@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO
 from iqa_spider import storage
 from iqa_spider.annotate.pipeline import iter_builtin_photos, run_annotate
 from iqa_spider.config import load_config
@@ -17,7 +18,6 @@ from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset
 from iqa_spider.images import decode_image, encode_png, resize_max_side
-from conftest import REPO
 
 MAX_SIDE = 128
 N_PHOTOS = 4

@@ -4,11 +4,11 @@ import re
 import numpy as np
 import pytest
 
+from iqa_spider.annotate import templates
 from iqa_spider.annotate.distortions import Distortion
 from iqa_spider.annotate.rewrite import keeps_truth, truth_words
 from iqa_spider.annotate.truth import Region, Truth, level_for_score, score_from_damages
 from iqa_spider.annotate.writers import write_all
-from iqa_spider.annotate import templates
 from iqa_spider.vocab import DISTORTION_TERMS, LEVEL_WORDS, SEVERITY_WORDS, position_words
 
 
@@ -53,7 +53,9 @@ def test_global_pool_has_26_questions():
 def test_quality_rule():
     assert score_from_damages([]) == 5.0 and level_for_score(5.0) == "excellent"
     assert level_for_score(1.0) == "bad"
-    whole = lambda s: Truth([Region("w", np.ones((4, 4), bool), None, [Distortion("noise", "gaussian", s)])], 4, 4)
+    def whole(severity):
+        return Truth([Region("w", np.ones((4, 4), bool), None, [Distortion("noise", "gaussian", severity)])], 4, 4)
+
     scores = [whole(s).quality_score() for s in range(1, 6)]
     assert scores == sorted(scores, reverse=True) and scores[-1] == 1.0
     # the same severity on a larger area is worse

@@ -6,7 +6,7 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-import quality  # noqa: E402
+import quality
 
 
 def _report(point: dict[str, float], miou: dict[str, float], **metrics) -> dict:

@@ -3,12 +3,12 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
-import seeing  # noqa: E402
-
-from iqa_spider.model.tiny import PRESETS  # noqa: E402
+import seeing
+from iqa_spider.model.tiny import PRESETS
 
 
 def test_a_shape_overrides_only_the_fields_it_names():

@@ -5,11 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from iqa_spider.cli import main as cli_main
 from iqa_spider.config import ConfigError, load_config
 from iqa_spider.config.schemas import DemoConfig, ModelRecipe
-from conftest import REPO
-
 
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:

@@ -7,8 +7,7 @@ import pytest
 
 from iqa_spider.data import rle
 from iqa_spider.data.io import read_dataset, write_shard
-from iqa_spider.data.schema import (DATASET_SCHEMA, DatasetError, image_id, sample_id, split_for,
-                                    validate)
+from iqa_spider.data.schema import DATASET_SCHEMA, DatasetError, image_id, sample_id, split_for, validate
 from iqa_spider.vocab import position_words
 
 
@@ -79,9 +78,11 @@ BAD_ROWS = {
     "bad split": (lambda r: r.update(split="val"), "split"),
     "bbox outside 0..1": (lambda r: r["target"]["regions"][0].update(bbox=[0.5, 0.1, 1.5, 0.3]), "target.regions[0].bbox"),
     "severity 9": (lambda r: r["target"]["regions"][0]["distortions"][0].update(severity=9), "target.regions[0].distortions"),
-    "unknown distortion": (lambda r: r["target"]["regions"][0]["distortions"][0].update(type="fog"), "target.regions[0].distortions"),
+    "unknown distortion": (lambda r: r["target"]["regions"][0]["distortions"][0].update(type="fog"),
+                           "target.regions[0].distortions"),
     "dangling target id": (lambda r: r["target"].update(target_region_ids=["r7"]), "target.target_region_ids"),
-    "mask of the wrong size": (lambda r: r["target"]["regions"][0].update(mask_rle=rle.encode(np.zeros((5, 5), bool))), "target.regions[0].mask_rle"),
+    "mask of the wrong size": (lambda r: r["target"]["regions"][0].update(mask_rle=rle.encode(np.zeros((5, 5), bool))),
+                               "target.regions[0].mask_rle"),
     "score out of range": (lambda r: r["target"].update(quality_score=7.0), "target.quality_score"),
     "unknown level": (lambda r: r["target"].update(quality_level="meh"), "target.quality_level"),
     "zero width": (lambda r: r.update(width=0), "width"),
@@ -169,11 +170,11 @@ def test_copies_of_one_photo_under_other_names_share_a_split(tmp_path):
     import itertools
     from collections import Counter
 
+    from conftest import REPO
     from iqa_spider.annotate.pipeline import ShardAnnotator, iter_builtin_photos
     from iqa_spider.config import load_config
     from iqa_spider.config.schemas import AnnotateConfig
     from iqa_spider.images import encode_png
-    from conftest import REPO
 
     inp = tmp_path / "in"
     cfg = load_config(AnnotateConfig, REPO / "configs/annotate.yaml",

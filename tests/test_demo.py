@@ -15,7 +15,6 @@ import sys
 
 from conftest import BIN, REPO, check_score_report
 
-
 # The demo at reduced size: the tiny model of the demo's class (the small preset's, Qwen3-VL),
 # one view per photo, a few training steps, two evaluation images, no floors (a 4-step model
 # is at chance).

@@ -192,7 +192,8 @@ def test_apply_in_region_tiny_image():
     img = np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     mask = np.zeros((8, 8), bool)
     mask[2:5, 3:6] = True
-    for chain in ([Distortion("blur", "motion", 5)], [Distortion("compression", "jpeg2000", 3), Distortion("noise", "speckle", 5)]):
+    for chain in ([Distortion("blur", "motion", 5)],
+                  [Distortion("compression", "jpeg2000", 3), Distortion("noise", "speckle", 5)]):
         out = D.apply_in_region(img, mask, chain, seed=1, feather_px=1.0)
         assert out.shape == img.shape and out.dtype == np.uint8
 

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from iqa_spider.config import load_config
-from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
 from conftest import REPO
-
+from iqa_spider.config import load_config
+from iqa_spider.evaluate.config import EvaluateConfig
+from iqa_spider.infer.config import MAPPING_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def eval_config(model_dir, data_uri, *extra):
 
 @pytest.fixture(scope="module")
 def report(dataset, tiny_model_dir, mlflow_server, tmp_path_factory):
-    from iqa_spider.infer.evaluate import evaluate
+    from iqa_spider.evaluate.job import evaluate
 
     out = tmp_path_factory.mktemp("eval_out")
     cfg = eval_config(tiny_model_dir, dataset, f"output.uri={out}", "mlflow.experiment=eval-test")
@@ -46,7 +46,7 @@ def in_unit(value):
 
 
 def test_every_metric_exists_is_finite_and_in_range(report):
-    from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     rep, _ = report
     m = rep["metrics"]
@@ -135,7 +135,7 @@ def test_chance_baselines_in_the_report(report):
     assert in_unit(chance["referring_short"]["type_acc"]) and in_unit(chance["global_desc"]["type_f1"])
     assert "most frequent" in basis["referring_short.type_acc"]
     # keys match the metric keys
-    from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     assert set(flatten_metrics(chance)) <= set(flatten_metrics(m))
     assert in_unit(m["referring_short"]["type_acc"])
@@ -145,7 +145,7 @@ def test_predictions_carry_the_truth(report, dataset):
     import pyarrow.parquet as pq
 
     from iqa_spider.data.io import read_dataset
-    from iqa_spider.infer.metrics import STRATA, target_mask, target_regions, truth_families, truth_stratum
+    from iqa_spider.evaluate.metrics import STRATA, target_mask, target_regions, truth_families, truth_stratum
 
     rep, out = report
     preds = {p["sample_id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
@@ -176,7 +176,7 @@ def test_predictions_carry_the_truth(report, dataset):
 
 
 def test_shuffled_donors_is_a_seeded_derangement_across_sources():
-    from iqa_spider.infer.evaluate import shuffled_donors
+    from iqa_spider.evaluate.job import shuffled_donors
 
     sources = list("aabbbccd")
     d = shuffled_donors(sources, 3)
@@ -199,8 +199,8 @@ def test_shuffled_image_control(report, dataset, tiny_model_dir, tmp_path):
     from PIL import Image
 
     from iqa_spider.data.io import read_dataset
+    from iqa_spider.evaluate.job import _image_of, evaluate
     from iqa_spider.images import prepare_image
-    from iqa_spider.infer.evaluate import _image_of, evaluate
     from iqa_spider.infer.predictor import GroundingHead
 
     tasks = "data.tasks=[rating,grounding,referring_short]"
@@ -277,7 +277,7 @@ def test_a_registered_versions_evaluation_run_is_named_and_tagged_after_it(datas
     from mlflow import MlflowClient
 
     from conftest import register_model
-    from iqa_spider.infer.evaluate import evaluate
+    from iqa_spider.evaluate.job import evaluate
 
     client = MlflowClient(mlflow_server.uri)
     version = register_model(client, "eval-naming", tiny_model_dir, "eval-naming-train")
@@ -294,7 +294,7 @@ def test_a_registered_versions_evaluation_run_is_named_and_tagged_after_it(datas
 
 def test_rating_only_dataset(dataset, tiny_model_dir):
     """A MOS table imported as rating samples gets rating metrics only."""
-    from iqa_spider.infer.evaluate import evaluate
+    from iqa_spider.evaluate.job import evaluate
 
     rep = evaluate(eval_config(tiny_model_dir, dataset, "data.tasks=[rating]", "mlflow.enabled=false"))
     assert set(rep["metrics"]) == {"rating"} and rep["metrics"]["rating"]["n"] == 4
@@ -304,14 +304,14 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys, caplog):
     import subprocess
     import sys
 
-    from iqa_spider.infer.evaluate import main
+    from iqa_spider.evaluate.job import main
 
     # a bad config fails before anything loads, naming the key
     bad = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--config", str(REPO / "configs/evaluate.yaml"),
                           f"model.path={tiny_model_dir}", f"data.uri={dataset}", "infer.mapping=nearest"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
     assert bad.returncode == 2 and "infer.mapping" in bad.stderr
-    caplog.set_level("INFO", logger="iqa_spider.infer.evaluate")
+    caplog.set_level("INFO", logger="iqa_spider.evaluate.job")
     code = main(["--config", str(REPO / "configs/evaluate.yaml"), f"model.path={tiny_model_dir}",
                  f"data.uri={dataset}", "model.device=cpu", "data.max_images=1", "infer.max_new_tokens=4",
                  "infer.describe_max_new_tokens=4", "mlflow.enabled=false", f"output.uri={tmp_path / 'r'}"])
@@ -328,7 +328,7 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys, caplog):
     first = min(r["image_id"] for r in test_rows)
     assert written["samples"] == sum(r["image_id"] == first for r in test_rows) > 0
     # the printed metrics are the report's, value for value
-    from iqa_spider.infer.metrics import flatten_metrics
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     printed = dict(line.rsplit(None, 1) for line in out.splitlines() if line.startswith("grounding."))
     flat = flatten_metrics(written["metrics"])

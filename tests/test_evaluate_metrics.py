@@ -5,10 +5,23 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from iqa_spider.infer.metrics import (PRF, answer_level, compute_metrics, distortion_families, distortion_pairs,
-                                      flatten_metrics, grounding_sample_metrics, iou, logistic4, plcc,
-                                      point_in_mask, rating_metrics, srcc, target_mask)
 from iqa_spider.data import rle
+from iqa_spider.evaluate.metrics import (
+    PRF,
+    answer_level,
+    compute_metrics,
+    distortion_families,
+    distortion_pairs,
+    flatten_metrics,
+    grounding_sample_metrics,
+    iou,
+    logistic4,
+    plcc,
+    point_in_mask,
+    rating_metrics,
+    srcc,
+    target_mask,
+)
 
 
 def test_srcc_matches_scipy_and_is_nan_when_undefined():
@@ -206,7 +219,7 @@ def test_global_desc_position_f1_leaves_out_samples_without_truth_positions():
 
 
 def test_chance_baselines_on_a_hand_made_truth():
-    from iqa_spider.infer.chance import chance_baselines
+    from iqa_spider.evaluate.chance import chance_baselines
 
     def g(sub, pos, frac, whole=False):
         return {"task": "grounding", "subtask": sub, "truth_position": pos, "truth_area_frac": frac,
@@ -254,7 +267,7 @@ def test_chance_baselines_on_a_hand_made_truth():
 
 
 def test_truth_stratum_from_extent_and_worst_severity():
-    from iqa_spider.infer.metrics import truth_stratum
+    from iqa_spider.evaluate.metrics import truth_stratum
 
     whole, corner = np.ones((4, 6), bool), np.zeros((4, 6), bool)
     corner[:2, :3] = True
@@ -271,7 +284,7 @@ def test_truth_stratum_from_extent_and_worst_severity():
 
 
 def test_referring_and_description_metrics_per_truth_stratum_beside_their_own_chance():
-    from iqa_spider.infer.chance import chance_baselines
+    from iqa_spider.evaluate.chance import chance_baselines
 
     def ref(pred, truth, stratum):
         return {"task": "referring_short", "pred": pred, "truth_families": truth, "truth_pairs": [],
@@ -306,7 +319,7 @@ def test_referring_chance_reads_the_region_the_question_names():
     """Only whole-image damage is asked about as the whole image, so with no local damage in
     the data a quadrant question is about a clean image: a constant answer per region the
     question names gets those right without the image."""
-    from iqa_spider.infer.chance import chance_baselines
+    from iqa_spider.evaluate.chance import chance_baselines
 
     def ref(question, truth):
         return {"task": "referring_short", "pred": "x", "question": question, "truth_families": truth,

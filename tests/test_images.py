@@ -3,8 +3,8 @@ and every refusal has a stable reason and a deterministic message."""
 import io
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from iqa_spider.images import ImageError, decode_image
 

@@ -9,8 +9,7 @@ import pytest
 
 from conftest import register_model
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.infer.loading import (find_hf_dir, load_model, resolve_device, resolve_dtype,
-                                      resolve_model_path)
+from iqa_spider.model.loading import find_hf_dir, load_model, resolve_device, resolve_dtype, resolve_model_path
 
 torch = pytest.importorskip("torch")
 
@@ -210,7 +209,7 @@ def test_a_store_filled_again_is_not_served_from_the_old_download(tmp_path):
 
     script = """
 import json, os, sys, mlflow, mlflow.pyfunc
-from iqa_spider.infer.loading import resolve_model_path
+from iqa_spider.model.loading import resolve_model_path
 class Noop(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input):
         return model_input
@@ -241,7 +240,7 @@ print(json.load(open(os.path.join(resolve_model_path("models:/m/1", sys.argv[2])
 def test_a_served_model_is_named_not_located():
     """What a service shows of model.path: registry, run and bucket URIs as given; a local
     folder by its name only (its path names the server's user and disks)."""
-    from iqa_spider.infer.loading import public_model_uri
+    from iqa_spider.model.loading import public_model_uri
 
     for shown in ("models:/iqa-spider@champion", "models:/iqa-spider/3", "runs:/0a1b/export", "s3://models/iqa/v3"):
         assert public_model_uri(shown) == shown

@@ -267,7 +267,8 @@ def test_analyze_and_rows_follow_the_contract(head):
 
 def odd_inputs() -> dict[str, bytes]:
     base = photo("chelsea", (96, 64))
-    out = {"grey": png(base.convert("L")), "palette": png(base.convert("P")), "one_pixel": png(Image.new("RGB", (1, 1), (9, 9, 9)))}
+    out = {"grey": png(base.convert("L")), "palette": png(base.convert("P")),
+           "one_pixel": png(Image.new("RGB", (1, 1), (9, 9, 9)))}
     buf = io.BytesIO()
     base.convert("CMYK").save(buf, format="JPEG")
     out["cmyk"] = buf.getvalue()
@@ -323,7 +324,7 @@ def test_a_failing_image_in_a_batch_only_errors_itself(head, monkeypatch):
 
 def test_infer_config_is_checked():
     from iqa_spider.config import ConfigError, load_config
-    from iqa_spider.infer.config import EvaluateConfig
+    from iqa_spider.evaluate.config import EvaluateConfig
 
     with pytest.raises(ConfigError, match="infer.mapping"):
         load_config(EvaluateConfig, None, ["model.path=x", "data.uri=y", "infer.mapping=nearest"])

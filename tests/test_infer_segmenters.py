@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from iqa_spider.config import ConfigError, load_config
-from iqa_spider.infer.config import EvaluateConfig, SegmenterConfig
+from iqa_spider.evaluate.config import EvaluateConfig
+from iqa_spider.infer.config import SegmenterConfig
 from iqa_spider.infer.segmenters import SEGMENTERS, SamSegmenter, Segmenter, SuperpixelSegmenter, build_segmenter
 
 

@@ -5,10 +5,22 @@ import numpy as np
 import pytest
 
 from iqa_spider.infer.config import MAPPING_NAMES
-from iqa_spider.infer.text_to_point import (MAPPINGS, PositionPair, PositionStep, PositionVocab,
-                                            answer_position_words, find_pairs, get_mapping, is_whole_image,
-                                            map_bins3x3, map_expected_bin_centre, map_multi_point, map_paper,
-                                            softmax_words, two_way)
+from iqa_spider.infer.text_to_point import (
+    MAPPINGS,
+    PositionPair,
+    PositionStep,
+    PositionVocab,
+    answer_position_words,
+    find_pairs,
+    get_mapping,
+    is_whole_image,
+    map_bins3x3,
+    map_expected_bin_centre,
+    map_multi_point,
+    map_paper,
+    softmax_words,
+    two_way,
+)
 
 
 def v(step, word, top=0.0, middle=0.0, bottom=0.0):

@@ -3,9 +3,8 @@ line naming the key, exit 2), not a job that "succeeds" on an empty listing or a
 Local paths and the moto S3 server, for each job that lists or reads an input."""
 import pytest
 
-from iqa_spider import storage
-
 from conftest import REPO
+from iqa_spider import storage
 
 
 def job_args(job: str, missing: str, tmp_path) -> tuple:
@@ -20,7 +19,7 @@ def job_args(job: str, missing: str, tmp_path) -> tuple:
 
         return main, ["--config", str(REPO / "configs/annotate.yaml"), f"input.uri={missing}",
                       f"output.uri={tmp_path / 'out'}"], "input.uri"
-    from iqa_spider.infer.evaluate import main
+    from iqa_spider.evaluate.job import main
 
     return main, ["--config", str(REPO / "configs/evaluate.yaml"), f"data.uri={missing}",
                   f"model.path={tmp_path / 'model'}", f"output.uri={tmp_path / 'out'}"], "data.uri"

@@ -13,7 +13,7 @@ from conftest import BIN, REPO
 from iqa_spider.annotate.procedural import dead_leaves, write_procedural_images
 
 sys.path.insert(0, str(REPO / "bench"))
-import quality  # noqa: E402
+import quality
 
 
 def test_dead_leaves_is_reproducible_and_each_seed_a_new_content():

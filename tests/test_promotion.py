@@ -1,5 +1,5 @@
 """Gated promotion against a real `mlflow server`: decisions come from real evaluations with
-the harness (iqa_spider.infer.evaluate) of registered versions downloaded from the server.
+the harness (iqa_spider.evaluate.job) of registered versions downloaded from the server.
 
 Better and worse models. Random tiny models are near chance on every metric, and which of
 two random models scores higher depends on the data, so the models here are made by exact
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, env_vars, register_model
 from iqa_spider.config import load_config
 from iqa_spider.registry.config import GateMetric, PromoteConfig
-from conftest import REPO, env_vars, register_model
 
 # Floors null: with no champion the candidate only needs defined (finite) values.
 GATE = ("gate=[{name: rating.srcc, direction: higher, tolerance: 0.05, floor: null},"
@@ -76,8 +76,8 @@ def eval_data(tmp_path_factory, models) -> str:
     from iqa_spider.config.schemas import AnnotateConfig
     from iqa_spider.data.io import read_dataset, write_table
     from iqa_spider.data.schema import DATASET_SCHEMA
-    from iqa_spider.infer.config import EvaluateConfig
-    from iqa_spider.infer.evaluate import evaluate
+    from iqa_spider.evaluate.config import EvaluateConfig
+    from iqa_spider.evaluate.job import evaluate
 
     root = tmp_path_factory.mktemp("promo_data")
     write_builtin_photos(str(root / "photos"), limit=3)
@@ -262,7 +262,7 @@ def flow(client, models, eval_data, mlflow_server, tmp_path_factory):
 
     The gate names its server (tracking.uri) while MLFLOW_TRACKING_URI points at an empty store:
     the versions must be read from the gate's server, not the environment's."""
-    from iqa_spider.infer.loading import resolve_model_path
+    from iqa_spider.model.loading import resolve_model_path
     from iqa_spider.registry.promotion import promote, rollback
 
     name = "promo-flow"

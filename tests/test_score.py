@@ -65,7 +65,7 @@ def make_inputs() -> tuple[dict[str, bytes], dict[str, str | None], dict[str, tu
         "modes/palette.png": _png(base.convert("P")),
         "modes/rgba.png": _png(base.convert("RGBA")),
         "modes/la.png": _png(base.convert("LA")),
-        "modes/sixteen_bit.png": _png(Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))),
+        "modes/sixteen_bit.png": _png(Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)),
         "modes/one_by_one.png": _png(Image.new("RGB", (1, 1), (200, 30, 30))),
         "modes/no extension image": _png(base),  # found by its magic bytes
     }
@@ -250,7 +250,7 @@ def test_alias_is_pinned_once_on_the_driver(monkeypatch, tmp_path):
     """models:/name@alias -> one version for every actor (no registry needed: the resolver is
     the inference engine's, tested against a real MLflow server in test_infer_loading)."""
     from iqa_spider.config import ConfigError
-    from iqa_spider.infer import loading
+    from iqa_spider.model import loading
     from iqa_spider.score.job import resolve_model
 
     seen = []
@@ -444,7 +444,7 @@ def test_serve_backend_gives_the_same_rows(first_run, s3_inputs, ray_local, tiny
             if k in ("scored_at",):
                 continue
             if k == "model_uri":  # the service names a local model by its folder, never its server path
-                from iqa_spider.infer.loading import public_model_uri
+                from iqa_spider.model.loading import public_model_uri
 
                 assert row[k] == public_model_uri(ref[k]), (row[k], ref[k])
             elif k == "level_probs":

@@ -383,11 +383,11 @@ def test_serve_run_of_the_shipped_config_becomes_ready_on_two_cores(tiny_model_d
 
 
 def test_serving_config_file_is_valid():
-    from iqa_spider.config.schemas import job_schema
-    from iqa_spider.serve.config import ServeAppConfig, check_serve_config_file, load_serve_config
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
+
+    from iqa_spider.config.schemas import job_schema
+    from iqa_spider.serve.config import ServeAppConfig, check_serve_config_file, load_serve_config
 
     path = REPO / "serving" / "config.yaml"
     serve_cfg = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))  # what `serve deploy` checks

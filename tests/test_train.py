@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from iqa_spider.config import load_config
 from iqa_spider.config.schemas import TrainConfig
 from iqa_spider.train.export import HF_DIR, REFERENCE_FILE, REPORT_FILE
 from iqa_spider.train.job import run_train
-
-from conftest import REPO
 
 RECIPE = REPO / "configs/train/tiny_cpu.yaml"
 STEPS = 24
@@ -85,7 +84,7 @@ def test_per_task_losses_rates_and_params_are_tracked(trained):
 
 
 def test_credentials_are_redacted_from_uris():
-    from iqa_spider.registry.tracking import redact
+    from iqa_spider.tracking import redact
 
     assert redact("http://user:pw@host:5000/x") == "http://***@host:5000/x"
     assert redact("https://token@mlflow.example.com") == "https://***@mlflow.example.com"
@@ -102,7 +101,7 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_it_not_in_the_working_directo
     artifacts beside the database instead."""
     from mlflow.tracking import MlflowClient
 
-    from iqa_spider.registry.tracking import experiment_id
+    from iqa_spider.tracking import experiment_id
 
     started_in = tmp_path / "repo"
     started_in.mkdir()

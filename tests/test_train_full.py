@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, env_vars
 from iqa_spider.config import load_config
 from iqa_spider.config.schemas import TASK_NAMES, TrainConfig
 from iqa_spider.train.export import ADAPTER_DIR, HF_DIR, REFERENCE_FILE, REPORT_FILE
-
 from iqa_spider.train.loop import FAIL_AT_STEP_ENV, FAIL_MARKER_ENV
-
-from conftest import REPO, env_vars
 
 RECIPE = REPO / "configs/train/tiny_cpu.yaml"
 FULL_7B = REPO / "configs/train/qwen2_5_vl_7b_full_zero3.yaml"
@@ -62,7 +60,7 @@ def test_full_export_matches_training_logits_and_loads_downstream(full_trained, 
     from transformers import AutoModelForImageTextToText
 
     from iqa_spider.config.schemas import ModelConfig
-    from iqa_spider.infer.loading import load_model
+    from iqa_spider.model.loading import load_model
 
     _, summary, _ = full_trained
     assert summary["metrics"]["step"] == STEPS

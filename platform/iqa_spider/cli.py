@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
@@ -75,7 +75,7 @@ JOB_COMMANDS = {
     "demo": ("iqa_spider.demo:main", "the main job end to end on embedded defaults"),
     "annotate": ("iqa_spider.annotate.pipeline:main", "pristine images -> four-task dataset (Ray Data)"),
     "train": ("iqa_spider.train.job:main", "stage-1 LoRA fine-tuning, DeepSpeed ZeRO on Ray Train"),
-    "evaluate": ("iqa_spider.infer.evaluate:main", "model (+ segmenter) metrics on a test split: JSON, HTML, MLflow"),
+    "evaluate": ("iqa_spider.evaluate.job:main", "model (+ segmenter) metrics on a test split: JSON, HTML, MLflow"),
     "score": ("iqa_spider.score.job:main", "image collection (local or S3) -> scores, points, masks as Parquet (Ray Data)"),
 }
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from iqa_spider import storage
 from iqa_spider.config import ConfigError, load_config
@@ -39,14 +39,14 @@ def stage_config(schema: type, path: str, overrides: Sequence[str], wiring: Sequ
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
     from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
-    from iqa_spider.infer.config import EvaluateConfig
-    from iqa_spider.infer.evaluate import run_evaluate
+    from iqa_spider.evaluate.config import EvaluateConfig
+    from iqa_spider.evaluate.job import run_evaluate
     from iqa_spider.model.tiny import family_for
     from iqa_spider.registry.config import PromoteConfig
     from iqa_spider.registry.promotion import run_promote
-    from iqa_spider.registry.tracking import tracking_uri
     from iqa_spider.score.config import ScoreConfig
     from iqa_spider.score.job import run_score
+    from iqa_spider.tracking import tracking_uri
     from iqa_spider.train.export import HF_DIR
     from iqa_spider.train.job import run_train
 

@@ -18,7 +18,8 @@ import random
 import re
 import time
 import uuid
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -104,7 +105,7 @@ def require_input(uri: str, key: str) -> None:
         fs, path = get_fs(uri)
         fs.invalidate_cache(path)
         found = fs.exists(path)
-    except Exception as exc:  # no credentials, access denied, endpoint down: say which, in one line
+    except Exception as exc:  # noqa: BLE001 - no credentials, access denied, endpoint down: say which, in one line
         raise ConfigError(f"{uri} cannot be read: {type(exc).__name__}: {exc}", key=key) from None
     if not found:
         raise ConfigError(f"{uri}: no such file or folder", key=key)

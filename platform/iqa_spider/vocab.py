@@ -45,7 +45,7 @@ def single_token_words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-# Fixed prompts of the model conventions (ARCHITECTURE.md, "Model conventions").
+# Fixed prompts of the model conventions (docs/architecture.md, "Model conventions").
 SCORE_QUESTION = "How would you rate the quality of this image?"
 SCORE_ANSWER_PREFIX = "The quality of the image is"
 

@@ -4,7 +4,7 @@ Region-level synthetic distortions on pristine images: the 12 families of
 `vocab.DISTORTION_FAMILIES`, each with sub-types and five severities (1 = mild, just
 visible .. 5 = extreme, `vocab.SEVERITY_WORDS`), applied to a whole image (`apply`) or, as an
 accumulated chain, composited into a region (`apply_in_region`) with a feathered edge.
-Accumulation orders for DAO-G follow the paper (ARCHITECTURE.md, "Distortions and positions").
+Accumulation orders for DAO-G follow the paper (docs/annotation.md, "Distortions").
 
 Conventions
 - Images are HxWx3 uint8 RGB in and out. Every step of a chain returns uint8, as a stored
@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -165,7 +165,7 @@ assert all(len(v) == len(SEVERITIES) for t in PARAMS.values() for v in t.values(
 
 SUBTYPES: dict[str, tuple[str, ...]] = {family: tuple(table) for family, table in PARAMS.items()}
 
-# DAO-G accumulation orders of the paper (ARCHITECTURE.md): first family -> second families.
+# DAO-G accumulation orders of the paper (docs/architecture.md): first family -> second families.
 ACCUMULATION_ORDERS: dict[str, tuple[str, ...]] = {
     "blur": ("compression", "noise"),
     "compression": ("blur", "noise"),

@@ -16,9 +16,9 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -310,7 +310,7 @@ class ShardAnnotator:
             except transient as exc:  # missing, denied, S3 errors left after every retry
                 why = "unreadable"
                 log.warning("skipped %s: unreadable (%s: %s)", source, type(exc).__name__, exc)
-            except Exception as exc:  # noqa: BLE001 - one odd image must not stop a million-image job
+            except Exception as exc:
                 why = f"failed:{type(exc).__name__}"
                 log.exception("skipped %s: annotation failed", source)
             skipped[why] += 1

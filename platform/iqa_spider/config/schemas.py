@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import (ConfigError, ConfigValueError, check_at_least, check_choice, load_config,
-                                      read_yaml)
+from iqa_spider.config.loader import ConfigError, ConfigValueError, check_at_least, check_choice, load_config, read_yaml
 from iqa_spider.vocab import DISTORTION_FAMILIES
 
 MODEL_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
@@ -30,13 +28,13 @@ class ModelConfig:
     # (models:/iqa-spider@champion, models:/iqa-spider/3, runs:/<id>/model).
     path: str = MISSING
     # The MLflow server that models:/ and runs:/ paths are read from; null: MLFLOW_TRACKING_URI.
-    tracking_uri: Optional[str] = None
+    tracking_uri: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"
     # Bounds on the image processor's resize, in pixels; null keeps the checkpoint's own.
-    min_pixels: Optional[int] = None
-    max_pixels: Optional[int] = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("model.family", self.family, MODEL_FAMILIES)
@@ -48,7 +46,7 @@ class TinyModelConfig:
     """How `model init-tiny` builds the project's own random-initialised model."""
 
     # null: the size's own class (iqa_spider.model.tiny.DEFAULT_FAMILY: tiny qwen2_5_vl, small qwen3_vl)
-    family: Optional[str] = None
+    family: str | None = None
     seed: int = 0
     # tiny: fast tests (learns templates only); small: learns from the image on 2 cores.
     size: str = "small"
@@ -136,7 +134,7 @@ class RegionConfig:
     min_regions: int = 3
     max_regions: int = 12
     min_area_frac: float = 0.04
-    sam_path: Optional[str] = None  # a local SAM checkpoint directory, for method=sam
+    sam_path: str | None = None  # a local SAM checkpoint directory, for method=sam
     grid: int = 2                   # position vocabulary: 2 (paper) or 3 (3x3)
 
     def __post_init__(self) -> None:
@@ -166,7 +164,7 @@ class DistortConfig:
     min_severity: int = 1
     # The distortion families drawn, uniformly; null: all of vocab.DISTORTION_FAMILIES. A subset
     # makes a narrower dataset: the families a user's own pipeline produces, or an easier first one.
-    families: Optional[list[str]] = None
+    families: list[str] | None = None
 
     @property
     def family_set(self) -> tuple[str, ...]:
@@ -204,14 +202,14 @@ class TaskMix:
 @dataclass
 class RewriteConfig:
     enabled: bool = False
-    model_path: Optional[str] = None  # a local HF instruct model directory
+    model_path: str | None = None  # a local HF instruct model directory
     max_new_tokens: int = 96
 
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None   # null: connect to RAY_ADDRESS if set, else start a local Ray
-    num_cpus: Optional[int] = None  # CPUs of a local Ray (null: all)
+    address: str | None = None   # null: connect to RAY_ADDRESS if set, else start a local Ray
+    num_cpus: int | None = None  # CPUs of a local Ray (null: all)
 
 
 @dataclass
@@ -279,13 +277,13 @@ class DeepSpeedSettings:
 @dataclass
 class OptimSettings:
     lr: float = 1e-4                   # LoRA and trained modules
-    vision_lr: Optional[float] = None  # vision tower + merger (null: same as lr)
+    vision_lr: float | None = None  # vision tower + merger (null: same as lr)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_steps: int = 100
     micro_batch_size: int = 1          # per worker, per forward
     grad_accum: int = 1
-    global_batch_size: Optional[int] = None  # if set, must equal micro * accum * workers
+    global_batch_size: int | None = None  # if set, must equal micro * accum * workers
     grad_clip: float = 1.0
     seed: int = 0
     # Loss weight of the answer tokens that carry content (distortion, level and position
@@ -308,12 +306,12 @@ class ScalingSettings:
 class CheckpointSettings:
     every_steps: int = 10
     keep: int = 2
-    resume_from: Optional[str] = None  # a checkpoint URI of an earlier run to continue from
+    resume_from: str | None = None  # a checkpoint URI of an earlier run to continue from
 
 
 @dataclass
 class TrackingSettings:
-    uri: Optional[str] = None          # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    uri: str | None = None          # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "iqa-spider-train"
     registered_model: str = "iqa-spider"
     register: bool = True
@@ -324,7 +322,7 @@ class TrackingSettings:
 @dataclass
 class TrainOutput:
     uri: str = MISSING                 # run storage: checkpoints and the exported model (any URI)
-    run_name: Optional[str] = None     # null: derived from the config hash (same config -> same run)
+    run_name: str | None = None     # null: derived from the config hash (same config -> same run)
 
 
 TRAIN_METHODS = ("lora", "full")
@@ -377,7 +375,7 @@ JOB_SCHEMAS: dict[str, type] = {
 }
 # Schemas that live beside their job (they import this module, so they register lazily).
 LAZY_JOB_SCHEMAS: dict[str, str] = {
-    "evaluate": "iqa_spider.infer.config:EvaluateConfig",
+    "evaluate": "iqa_spider.evaluate.config:EvaluateConfig",
     "promote": "iqa_spider.registry.config:PromoteConfig",
     "serve": "iqa_spider.serve.config:ServeAppConfig",
     "score": "iqa_spider.score.config:ScoreConfig",

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 from iqa_spider import storage
 from iqa_spider.data.schema import DATASET_SCHEMA, check
 
-
 # Jobs that write shards (annotation, scoring) keep each shard's summary in its Parquet
 # metadata: a re-run reads footers only to know what is done and to total the run.
 SUMMARY_KEY = b"iqa_spider.shard_summary"

@@ -1,4 +1,4 @@
-"""The dataset contract of ARCHITECTURE.md as a pyarrow schema, plus `validate()`.
+"""The dataset contract (docs/architecture.md, docs/dataset.md) as a pyarrow schema, plus `validate()`.
 
 One row per (image, task sample). Images are either embedded (`image` bytes) or referenced
 (`image_uri`); `target` holds the machine-readable truth the answer was written from, so
@@ -7,8 +7,9 @@ evaluation never has to parse text to know what was right.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 

@@ -1,20 +1,16 @@
-"""Structured configs of the inference engine and the evaluation job.
+"""Structured configs of the inference engine: the engine, its text-to-point mapping and the segmenter.
 
 Same style as :mod:`iqa_spider.config.schemas`: plain dataclasses loaded by OmegaConf, with
 enumerated fields checked in ``__post_init__`` so a typo fails at start naming the key.
-Batch scoring and serving reuse :class:`InferConfig` and :class:`SegmenterConfig` next to
-the shared :class:`~iqa_spider.config.schemas.ModelConfig`.
+Evaluation, batch scoring and serving reuse :class:`InferConfig` and :class:`SegmenterConfig`
+next to the shared :class:`~iqa_spider.config.schemas.ModelConfig`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
-
-from omegaconf import MISSING
 
 from iqa_spider.config.loader import ConfigValueError, check_at_least, check_choice
-from iqa_spider.config.schemas import ModelConfig
 
 # Names of the text-to-point mappings (iqa_spider.infer.text_to_point.MAPPINGS) and of the
 # segmenters (iqa_spider.infer.segmenters.SEGMENTERS). Kept here as plain tuples so loading a
@@ -49,7 +45,7 @@ class SegmenterConfig:
     """Point(s) + image -> mask. `superpixel` needs no weights; `sam` loads SamModel/Sam2Model."""
 
     kind: str = "superpixel"
-    path: Optional[str] = None         # SAM checkpoint directory (kind=sam)
+    path: str | None = None         # SAM checkpoint directory (kind=sam)
     device: str = "auto"               # auto | cpu | cuda | cuda:N (kind=sam)
     multimask: bool = True             # sam: predict 3 masks per point, keep the best by predicted IoU
     # superpixel: SLIC pieces are grown from the one under the point while their mean colour
@@ -86,7 +82,7 @@ class InferConfig:
     describe: bool = True
     ground_questions: list[str] = field(default_factory=lambda: [HYD_QUESTION])
     max_pixels: int = 64_000_000      # inputs with more pixels get error too_many_pixels
-    cache_dir: Optional[str] = None   # where MLflow/S3 models are downloaded (null: ~/.cache/iqa-spider/models)
+    cache_dir: str | None = None   # where MLflow/S3 models are downloaded (null: ~/.cache/iqa-spider/models)
 
     def __post_init__(self) -> None:
         check_choice("infer.mapping", self.mapping, MAPPING_NAMES)
@@ -97,65 +93,4 @@ class InferConfig:
             raise ConfigValueError("infer.tau", "must be > 0")
 
 
-@dataclass
-class EvalData:
-    uri: str = MISSING                # a dataset in the contract (folder of shards or one .parquet)
-    split: str = "test"               # test | train | all
-    tasks: list[str] = field(default_factory=lambda: [
-        "rating", "grounding", "referring_short", "referring_long", "global_desc", "local_desc"])
-    max_images: Optional[int] = None  # evaluate at most this many images (first by image_id)
-    # The shuffled-image control: every sample is asked about another sample's image (a
-    # permutation of the images across image_ids with no fixed points, from `shuffle_seed`,
-    # donors from another source photo where the split allows), truth kept. A model whose
-    # metrics equal the control's does not use the image.
-    shuffle_images: bool = False
-    shuffle_seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice("data.split", self.split, ("test", "train", "all"))
-        from iqa_spider.data.schema import TASKS
-
-        for t in self.tasks:
-            check_choice("data.tasks", t, TASKS)
-
-
-@dataclass
-class EvalOutput:
-    uri: Optional[str] = None         # report folder: report.json, predictions.parquet, report.html
-    html: bool = True
-    html_max_items: int = 24          # grounding samples drawn in the HTML page
-    plots: bool = True                # PNG plots (matplotlib) beside report.html, logged to MLflow too
-
-
-@dataclass
-class EvalMlflow:
-    # auto: log when MLFLOW_TRACKING_URI is set; true: always (./mlflow.db if unset, artifacts
-    # beside it in ./mlartifacts); false: never
-    enabled: str = "auto"
-    experiment: str = "iqa-spider-evaluate"
-    run_name: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        self.enabled = str(self.enabled).lower()  # YAML true/false arrive as "True"/"False"
-        check_choice("mlflow.enabled", self.enabled, ("auto", "true", "false"))
-
-
-@dataclass
-class EvaluateConfig:
-    job: str = "evaluate"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    data: EvalData = field(default_factory=EvalData)
-    output: EvalOutput = field(default_factory=EvalOutput)
-    mlflow: EvalMlflow = field(default_factory=EvalMlflow)
-    # Mappings whose point accuracy / mIoU are reported next to the configured one (empty: all).
-    mappings: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        for m in self.mappings:
-            check_choice("mappings", m, MAPPING_NAMES)
-
-
-__all__ = ["SegmenterConfig", "InferConfig", "EvaluateConfig", "EvalData", "EvalOutput", "EvalMlflow",
-           "MAPPING_NAMES", "SEGMENTER_KINDS", "DEFAULT_MAPPING", "HYD_QUESTION"]
+__all__ = ["SegmenterConfig", "InferConfig", "MAPPING_NAMES", "SEGMENTER_KINDS", "DEFAULT_MAPPING", "HYD_QUESTION"]

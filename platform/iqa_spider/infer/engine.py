@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class PromptParts:
     tail: str
 
     @classmethod
-    def from_processor(cls, processor) -> "PromptParts":
+    def from_processor(cls, processor) -> PromptParts:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if text.count(_SENTINEL) != 1:
@@ -257,7 +258,7 @@ class Engine:
                     else:
                         groups.append((key, [r]))
                 for _, group in groups:
-                    for (b, i, k, q), res in zip(group, self._continue(prefix, group)):
+                    for (_, i, k, _), res in zip(group, self._continue(prefix, group)):
                         results[i][k] = res
                 del prefix
         return [[r for r in rs] for rs in results]  # type: ignore[misc]

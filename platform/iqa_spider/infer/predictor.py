@@ -20,8 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ from PIL import Image
 from iqa_spider.annotate import templates as T
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.images import ImageError, decode_image, prepare_image
+from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
@@ -134,8 +135,8 @@ class Predictor:
         self.engine = Engine(model, processor, batch_size=self.cfg.batch_size, max_rows=self.cfg.max_rows)
 
     @classmethod
-    def load(cls, model_cfg: ModelConfig, infer: InferConfig | None = None) -> "Predictor":
-        from iqa_spider.infer.loading import load_model
+    def load(cls, model_cfg: ModelConfig, infer: InferConfig | None = None) -> Predictor:
+        from iqa_spider.model.loading import load_model
 
         infer = infer or InferConfig()
         loaded = load_model(model_cfg, infer.cache_dir)
@@ -234,7 +235,7 @@ class GroundingHead:
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, infer: InferConfig | None = None,
-                    segmenter: SegmenterConfig | None = None) -> "GroundingHead":
+                    segmenter: SegmenterConfig | None = None) -> GroundingHead:
         from iqa_spider.infer.segmenters import build_segmenter
 
         return cls(Predictor.load(model_cfg, infer), build_segmenter(segmenter or SegmenterConfig()))
@@ -280,8 +281,6 @@ class GroundingHead:
         Never raises for a bad input: an undecodable image, or one the model fails on, gets a
         row with ``error`` set, and every input appears exactly once.
         """
-        from iqa_spider.infer import results as R
-
         scored_at = dt.datetime.now(dt.timezone.utc)
         meta = {"model_uri": self.predictor.model_uri, "model_version": self.predictor.model_version,
                 "scored_at": scored_at}
@@ -316,7 +315,7 @@ def isolate_failures(run, items: list) -> list:
     result, which is then the exception it raised (every batch caller turns it into an error row)."""
     try:
         return run(items)
-    except Exception:  # noqa: BLE001 - isolate the item that fails, answer the rest
+    except Exception:
         log.exception("a batch of %d images failed; retrying one by one", len(items))
         out: list = []
         for item in items:

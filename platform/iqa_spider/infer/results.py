@@ -1,4 +1,4 @@
-"""The result contract (ARCHITECTURE.md, "Result contract") as a pyarrow schema and row builders.
+"""The result contract (docs/architecture.md, "Result contract") as a pyarrow schema and row builders.
 
 Batch scoring writes these rows to Parquet and serving returns them as JSON, so both give
 the same fields:
@@ -12,16 +12,22 @@ the same fields:
 | level | the most probable level word |
 | level_probs | p(excellent, good, fair, poor, bad), sums to 1 |
 | description | the global description (null if not asked) |
-| regions | one entry per point of each grounding answer: query, answer, point_x, point_y (pixels), p_right, p_bottom, mask_rle (COCO RLE), mask_area (pixels), bbox (x0, y0, x1, y1 of the mask in 0..1). An answer about the whole image has a null point and the full mask; an answer that names no position has a null point and no mask. |
+| regions | one entry per point of each grounding answer (below) |
 | model_uri, model_version | what was loaded (version: the MLflow registry version, null for a plain directory) |
 | error | null, or why this input could not be scored (e.g. "corrupt: ...", "too_many_pixels: ...") |
 | scored_at | UTC timestamp |
+
+A region entry: query, answer, point_x, point_y (pixels), p_right, p_bottom, mask_rle (COCO
+RLE), mask_area (pixels), bbox (x0, y0, x1, y1 of the mask in 0..1). An answer about the whole
+image has a null point and the full mask; an answer that names no position has a null point
+and no mask.
 """
 from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -69,7 +75,7 @@ def _mask_fields(mask) -> dict[str, Any]:
     return {"mask_rle": rle.encode(mask), "mask_area": int(mask.sum()), "bbox": rle.bbox_normalized(mask)}
 
 
-def region_entries(g: "Grounding") -> list[dict]:
+def region_entries(g: Grounding) -> list[dict]:
     """Result-contract region entries of one grounding answer (one per point)."""
     base = {"query": g.query, "answer": g.answer}
     if g.whole_image:
@@ -90,7 +96,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def analysis_row(a: "Analysis", image_uri: str | None, image_sha256: str, model_uri: str | None = None,
+def analysis_row(a: Analysis, image_uri: str | None, image_sha256: str, model_uri: str | None = None,
                  model_version: str | None = None, scored_at: dt.datetime | None = None) -> dict:
     """One result row from a predictor/grounding-head analysis."""
     return {

@@ -16,7 +16,8 @@ image embedding or the superpixels). Kinds, in ``SEGMENTERS``:
 from __future__ import annotations
 
 import heapq
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -141,7 +142,7 @@ class SamSegmenter(Segmenter):
         import torch
         from transformers import AutoConfig
 
-        from iqa_spider.infer.loading import resolve_device
+        from iqa_spider.model.loading import resolve_device
 
         self.torch = torch
         self.device = resolve_device(device)

@@ -22,8 +22,8 @@ logits of the position words at every decoding step and hands them here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

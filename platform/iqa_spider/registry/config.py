@@ -6,11 +6,11 @@ file imports neither MLflow nor torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from iqa_spider.config.loader import ConfigValueError, check_at_least, check_choice
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.infer.config import EvalData, InferConfig, SegmenterConfig
+from iqa_spider.evaluate.config import EvalData
+from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
 DIRECTIONS = ("higher", "lower")
 EVALUATED_PATH = "models:/<registered_model>/<version>"  # model.path is set per evaluated version
@@ -32,8 +32,8 @@ class GateMetric:
     name: str = ""
     direction: str = "higher"
     tolerance: float = 0.0
-    floor: Optional[float] = None
-    above_chance: Optional[float] = None
+    floor: float | None = None
+    above_chance: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -60,7 +60,7 @@ class PromotionLockSettings:
 
 @dataclass
 class PromotionTracking:
-    uri: Optional[str] = None          # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    uri: str | None = None          # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "iqa-spider-promotion"
 
 
@@ -68,7 +68,7 @@ class PromotionTracking:
 class PromoteConfig:
     job: str = "promote"
     registered_model: str = "iqa-spider"
-    candidate: Optional[str] = None    # the version to promote (--candidate)
+    candidate: str | None = None    # the version to promote (--candidate)
     # How both models are evaluated (same sections as configs/evaluate.yaml; model.path is
     # replaced by models:/<registered_model>/<version> for each evaluated version).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path=EVALUATED_PATH))

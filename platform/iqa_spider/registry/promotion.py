@@ -31,9 +31,10 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from iqa_spider.config import ConfigError
 from iqa_spider.registry.config import GateMetric, PromoteConfig, PromotionLockSettings
@@ -59,7 +60,7 @@ def _now() -> str:
 def _client(uri: str | None = None):
     from mlflow import MlflowClient
 
-    from iqa_spider.registry.tracking import tracking_uri
+    from iqa_spider.tracking import tracking_uri
 
     return MlflowClient(tracking_uri(uri))
 
@@ -145,7 +146,7 @@ class RegistryLock:
             if "RESOURCE_DOES_NOT_EXIST" not in _error_code(exc):
                 raise
 
-    def __enter__(self) -> "RegistryLock":
+    def __enter__(self) -> RegistryLock:
         self.acquire()
         return self
 
@@ -220,12 +221,12 @@ def model_uri(name: str, version: str) -> str:
 
 
 def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[str, float]:
-    """The harness (:func:`iqa_spider.infer.evaluate.evaluate`) on one registered version ->
+    """The harness (:func:`iqa_spider.evaluate.job.evaluate`) on one registered version ->
     flattened metrics."""
-    from iqa_spider.infer.config import EvalMlflow, EvalOutput, EvaluateConfig
-    from iqa_spider.infer.evaluate import evaluate
-    from iqa_spider.infer.metrics import flatten_metrics
-    from iqa_spider.registry.tracking import tracking_uri
+    from iqa_spider.evaluate.config import EvalMlflow, EvalOutput, EvaluateConfig
+    from iqa_spider.evaluate.job import evaluate
+    from iqa_spider.evaluate.metrics import flatten_metrics
+    from iqa_spider.tracking import tracking_uri
 
     # The version is read from the server the gate decides on, whatever MLFLOW_TRACKING_URI says.
     model = replace(cfg.model, path=model_uri(cfg.registered_model, version),
@@ -280,7 +281,7 @@ def _record_run(client, cfg: PromoteConfig, decision: dict[str, Any]) -> str:
     """An MLflow run in the promotion experiment: params, both metric sets, decision.json."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from iqa_spider.registry.tracking import experiment_id, git_commit, redact
+    from iqa_spider.tracking import experiment_id, git_commit, redact
 
     exp_id = experiment_id(client, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{decision['action']}-{cfg.registered_model}-v{decision['candidate']}",

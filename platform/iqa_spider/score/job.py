@@ -33,7 +33,7 @@ FORWARD_ENV = (*DEFAULT_ENV, "AWS_ENDPOINT_URL_S3", "IQA_SPIDER_CACHE")
 def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:
     """Pin ``models:/name@alias`` to one version on the driver, so every actor loads (and
     every row reports) the same version even if the alias moves during the job."""
-    from iqa_spider.infer.loading import is_mlflow_uri, resolve_mlflow_version
+    from iqa_spider.model.loading import is_mlflow_uri, resolve_mlflow_version
 
     configured = cfg.model.path
     if not is_mlflow_uri(configured):

@@ -16,8 +16,8 @@ import hashlib
 import logging
 import posixpath
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from iqa_spider import storage
 from iqa_spider.data.io import read_shard_summary, read_table, shard_uris, write_table

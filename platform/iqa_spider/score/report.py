@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

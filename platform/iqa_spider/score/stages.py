@@ -225,7 +225,7 @@ class ServeScorer(_ScorerBase):
         for attempt in range(1, SERVE_ATTEMPTS + 1):
             try:
                 return response.result(timeout_s=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - Serve raises several kinds for one lost call
+            except Exception as exc:
                 if attempt == SERVE_ATTEMPTS:
                     raise RuntimeError(f"Serve call for {key} failed {SERVE_ATTEMPTS} times; last: "
                                        f"{type(exc).__name__}: {exc}") from exc

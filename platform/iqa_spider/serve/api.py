@@ -34,7 +34,7 @@ import json
 import logging
 import re
 import time
-from typing import Any, Literal, Optional, Protocol, Union
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -84,7 +84,7 @@ class AssessOptions(BaseModel):
 
     # Strict: `ground: 1` or `describe: "yes"` is a client bug to report (422), not a true.
     describe: StrictBool = Field(False, description="global quality description")
-    ground: Union[StrictBool, list[StrictStr]] = Field(
+    ground: StrictBool | list[StrictStr] = Field(
         False, description=f"grounding: true asks the HyD-G question ({HYD_QUESTION!r}); or a list of "
                            "grounding questions (HyD-G, SiD-G, DAO-G). Each answer gets point(s) and a mask.")
     refer: list[str] = Field(default_factory=list,
@@ -93,7 +93,7 @@ class AssessOptions(BaseModel):
     refer_long: StrictBool = Field(False, description="long referring answers (distortions and their effects)")
     describe_regions: list[str] = Field(default_factory=list,
                                         description="region texts to describe locally (answers in `local_descriptions`)")
-    mapping: Optional[MappingName] = Field(None, description="text-to-point mapping for this request "
+    mapping: MappingName | None = Field(None, description="text-to-point mapping for this request "
                                                              "(default: the deployment's)")
 
     def questions(self) -> list[str]:
@@ -107,21 +107,21 @@ class AssessOptions(BaseModel):
 class AssessJSON(AssessOptions):
     """JSON body: exactly one of image_base64 / image_uri, plus the task fields."""
 
-    image_base64: Optional[str] = Field(None, description="the encoded image (JPEG, PNG, ...) in base64; "
+    image_base64: str | None = Field(None, description="the encoded image (JPEG, PNG, ...) in base64; "
                                                           "a data: URL prefix is accepted")
-    image_uri: Optional[str] = Field(None, description="s3://bucket/key in one of the configured buckets")
+    image_uri: str | None = Field(None, description="s3://bucket/key in one of the configured buckets")
 
 
 class RegionOut(BaseModel):
     query: str
     answer: str
-    point_x: Optional[float] = None
-    point_y: Optional[float] = None
-    p_right: Optional[float] = None
-    p_bottom: Optional[float] = None
-    mask_rle: Optional[dict[str, Any]] = Field(None, description="COCO RLE {size: [h, w], counts: str}")
-    mask_area: Optional[int] = None
-    bbox: Optional[list[float]] = Field(None, description="x0, y0, x1, y1 of the mask in 0..1")
+    point_x: float | None = None
+    point_y: float | None = None
+    p_right: float | None = None
+    p_bottom: float | None = None
+    mask_rle: dict[str, Any] | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
+    mask_area: int | None = None
+    bbox: list[float] | None = Field(None, description="x0, y0, x1, y1 of the mask in 0..1")
 
 
 class TextAnswer(BaseModel):
@@ -131,20 +131,20 @@ class TextAnswer(BaseModel):
 
 
 class AssessResponse(BaseModel):
-    """One row of the result contract (ARCHITECTURE.md), plus the referring / local answers."""
+    """One row of the result contract (docs/architecture.md), plus the referring / local answers."""
 
-    image_uri: Optional[str] = None
+    image_uri: str | None = None
     image_sha256: str
-    width: Optional[int] = None
-    height: Optional[int] = None
-    score: Optional[float] = Field(None, description="Q-Align score 1..5")
-    level: Optional[str] = None
-    level_probs: Optional[list[float]] = Field(None, description="p(excellent, good, fair, poor, bad)")
-    description: Optional[str] = None
+    width: int | None = None
+    height: int | None = None
+    score: float | None = Field(None, description="Q-Align score 1..5")
+    level: str | None = None
+    level_probs: list[float] | None = Field(None, description="p(excellent, good, fair, poor, bad)")
+    description: str | None = None
     regions: list[RegionOut] = Field(default_factory=list)
-    model_uri: Optional[str] = None
-    model_version: Optional[str] = None
-    error: Optional[str] = None
+    model_uri: str | None = None
+    model_version: str | None = None
+    error: str | None = None
     scored_at: str
     referring: list[TextAnswer] = Field(default_factory=list)
     local_descriptions: list[TextAnswer] = Field(default_factory=list)

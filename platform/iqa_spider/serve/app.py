@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from iqa_spider.serve.config import ServeAppConfig, load_serve_config
 

@@ -15,9 +15,10 @@ key, before any replica starts. Nothing here imports Ray or torch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -54,7 +55,7 @@ class AutoscalingSettings:
     enabled: bool = False
     min_replicas: int = 1
     max_replicas: int = 4
-    initial_replicas: Optional[int] = None
+    initial_replicas: int | None = None
     target_ongoing_requests: float = 8.0   # per replica; the model's batch size is a good start
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0

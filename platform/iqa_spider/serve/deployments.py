@@ -46,9 +46,9 @@ def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
 @serve.deployment(name="IQAModel")
 class IQAModel:
     def __init__(self, cfg: dict):
-        from iqa_spider.infer.loading import load_model, public_model_uri
-        from iqa_spider.model.processor import processor_max_pixels
         from iqa_spider.infer.predictor import Predictor
+        from iqa_spider.model.loading import load_model, public_model_uri
+        from iqa_spider.model.processor import processor_max_pixels
 
         self.cfg: ServeAppConfig = config_from_args(cfg)
         t0 = time.perf_counter()
@@ -239,7 +239,7 @@ class IQAIngress:
         except asyncio.CancelledError:
             response.cancel()
             raise
-        except Exception as exc:  # noqa: BLE001 - a crashed or missing replica is "unavailable", not a 500
+        except Exception as exc:
             log.exception("%s call failed", what)  # the whole story here; the client gets the kind only
             raise BackendUnavailable(503, f"{what}_unavailable",
                                      f"the {what} deployment did not answer ({type(exc).__name__})") from None

@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from iqa_spider import storage
+from iqa_spider import storage, tracking
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.loader import config_to_flat_dict
 from iqa_spider.config.schemas import TrainConfig
-from iqa_spider.registry import tracking
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def check_before_start(cfg: TrainConfig) -> dict[str, int]:
     if storage.is_s3(path):
         try:
             found = storage.exists(storage.join(path, "config.json"))
-        except Exception as exc:  # credentials, endpoint, bucket: say so before Ray starts
+        except Exception as exc:  # noqa: BLE001 - credentials, endpoint, bucket: say so before Ray starts
             raise ConfigError(f"cannot read {path}: {type(exc).__name__}: {exc}", key="model.path") from None
         if not found:
             raise ConfigError(f"{path} is not a model folder (no config.json)", key="model.path")

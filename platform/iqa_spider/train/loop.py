@@ -17,8 +17,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from iqa_spider.config.schemas import TASK_NAMES, TrainConfig
 
@@ -220,7 +221,7 @@ class StepLogger:
         for i in range(0, len(batch), 1000):  # MLflow's per-call limit
             try:
                 self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
-            except Exception:  # noqa: BLE001 - a tracking hiccup must not kill training
+            except Exception:
                 log.exception("could not send %d step metrics to MLflow", len(batch[i:i + 1000]))
 
     def _run(self) -> None:
@@ -296,10 +297,10 @@ def newest_checkpoint(reported: Any, run_uri: str | None, world: int) -> Any:
 def local_model(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``model.path`` turned into a folder on this node.
 
-    A base model in S3 is copied once per node and content (infer.loading's cache) and every
+    A base model in S3 is copied once per node and content (model.loading's cache) and every
     load in this worker (model, export, processor) reads that copy.
     """
-    from iqa_spider.infer.loading import resolve_model_path
+    from iqa_spider.model.loading import resolve_model_path
 
     local = resolve_model_path(cfg.model.path).local_dir
     if local == cfg.model.path:

@@ -37,7 +37,7 @@ class Preprocessor:
 
     def __init__(self, model_path: str, max_seq_len: int, max_pixels: int,
                  min_image_pixels: int | None = None, max_image_pixels: int | None = None):
-        from iqa_spider.infer.loading import resolve_model_path
+        from iqa_spider.model.loading import resolve_model_path
         from iqa_spider.model.processor import load_processor
 
         local = resolve_model_path(model_path).local_dir  # s3:// models: one copy per node
@@ -134,9 +134,9 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int) -> dict[str, Any]:
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(seqs), length), dtype=torch.long)
     mm_token_type_ids = torch.zeros((len(seqs), length), dtype=torch.long)  # padding is text (0)
-    for i, (s, l, k) in enumerate(zip(seqs, labs, kinds)):
+    for i, (s, lab, k) in enumerate(zip(seqs, labs, kinds)):
         input_ids[i, : len(s)] = torch.from_numpy(s.copy())
-        labels[i, : len(l)] = torch.from_numpy(l.copy())
+        labels[i, : len(lab)] = torch.from_numpy(lab.copy())
         mm_token_type_ids[i, : len(k)] = torch.from_numpy(k.copy())
         attention[i, : len(s)] = 1
     # Each image contributes t*h*w patch rows; their width is the processor's patch size.

@@ -3,9 +3,9 @@
 For each image of the split the job asks, in one shared-prefix run, every question its
 samples ask (the dataset's own question), plus the Q-Align score when the image has a rating
 sample, plus a teacher-forced pass over each grounding sample's *true* answer. It scores each
-sample against its ``target`` (the metrics are in :mod:`iqa_spider.infer.metrics`) and writes
-the report (:mod:`iqa_spider.infer.report`): the metrics dict (returned, printed by the job),
-the chance baselines of the same truth (:mod:`iqa_spider.infer.chance`), ``report.json``,
+sample against its ``target`` (the metrics are in :mod:`iqa_spider.evaluate.metrics`) and writes
+the report (:mod:`iqa_spider.evaluate.report`): the metrics dict (returned, printed by the job),
+the chance baselines of the same truth (:mod:`iqa_spider.evaluate.chance`), ``report.json``,
 ``predictions.parquet``, ``report.html`` and its plots under ``output.uri``, and MLflow.
 
 With ``data.shuffle_images`` (the shuffled-image control) every image's samples are asked
@@ -22,11 +22,20 @@ from typing import Any
 import numpy as np
 
 from iqa_spider import storage
-from iqa_spider.infer.chance import chance_baselines
-from iqa_spider.infer.config import MAPPING_NAMES, EvaluateConfig
-from iqa_spider.infer.metrics import (compute_metrics, grounding_sample_metrics, is_whole_region, target_mask,
-                                      target_regions, truth_families, truth_pairs, truth_stratum)
-from iqa_spider.infer.report import format_metrics, publish
+from iqa_spider.evaluate.chance import chance_baselines
+from iqa_spider.evaluate.config import EvaluateConfig
+from iqa_spider.evaluate.metrics import (
+    compute_metrics,
+    grounding_sample_metrics,
+    is_whole_region,
+    target_mask,
+    target_regions,
+    truth_families,
+    truth_pairs,
+    truth_stratum,
+)
+from iqa_spider.evaluate.report import format_metrics, publish
+from iqa_spider.infer.config import MAPPING_NAMES
 from iqa_spider.infer.text_to_point import answer_position_words
 
 log = logging.getLogger(__name__)
@@ -189,7 +198,7 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
     score = None
     generated: dict[int, Any] = {}
     forced: dict[int, Any] = {}
-    for (k, kind), q, r in zip(slots, queries, results):
+    for (k, kind), _, r in zip(slots, queries, results):
         if kind == "score":
             score = predictor.score_of(r)
         elif kind == "generate":

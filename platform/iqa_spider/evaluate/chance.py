@@ -23,7 +23,7 @@ taken from that same truth (an upper bound on what a constant answer could know 
 - ``global_desc`` / ``local_desc``: type precision / recall / F1 of always naming that
   majority family; ``global_desc.level_acc`` of the majority level; ``global_desc.position_*``
   of always naming the most frequent truth position (over the samples that have one).
-- ``<task>.by_stratum.<stratum>`` (:data:`iqa_spider.infer.metrics.STRATA`): the same
+- ``<task>.by_stratum.<stratum>`` (:data:`iqa_spider.evaluate.metrics.STRATA`): the same
   ``type_acc`` (referring) or ``type_f1`` (descriptions), of that stratum's own majority (no
   ``n``: the sample counts are the metrics').
 
@@ -32,11 +32,12 @@ taken from that same truth (an upper bound on what a constant answer could know 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from iqa_spider.infer.metrics import GROUNDING_SUBTASKS, PRF, by_stratum
+from iqa_spider.evaluate.metrics import GROUNDING_SUBTASKS, PRF, by_stratum
 from iqa_spider.infer.text_to_point import answer_position_words
 
 

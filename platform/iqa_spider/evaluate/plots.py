@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _set_label(families) -> str:
 
 
 def _confusion(samples: Sequence[dict], folder: str):
-    from iqa_spider.infer.metrics import distortion_families
+    from iqa_spider.evaluate.metrics import distortion_families
 
     ss = [s for s in samples if s["task"] == "referring_short"]
     if not ss:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from iqa_spider.storage import redact  # noqa: F401  (re-exported: the jobs redact what they log)
+from iqa_spider.storage import redact
 
 DEFAULT_LOCAL_STORE = "mlflow.db"
 

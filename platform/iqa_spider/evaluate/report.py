@@ -1,6 +1,6 @@
 """The outputs of an evaluation: ``report.json`` (metrics, chance baselines, control flag,
 counts, provenance), ``predictions.parquet`` (one row per sample, prediction beside truth),
-``report.html`` (summary table with chance, the plots of :mod:`iqa_spider.infer.plots` as
+``report.html`` (summary table with chance, the plots of :mod:`iqa_spider.evaluate.plots` as
 ``plots/*.png`` next to it, the full metrics table; image, truth mask, predicted point and mask
 overlaid for grounding samples) under ``output.uri``, MLflow metrics and artifacts (the same
 folder, under ``evaluation/``), and the printed metrics table.
@@ -15,12 +15,12 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from iqa_spider.infer.config import EvaluateConfig
-from iqa_spider.infer.metrics import STRATA, flatten_metrics
+from iqa_spider.evaluate.config import EvaluateConfig
+from iqa_spider.evaluate.metrics import STRATA, flatten_metrics
 
 
 def publish(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
@@ -139,7 +139,7 @@ def _predictions_table(samples: Sequence[dict], mapping: str):
     shuffled-image control)."""
     import pyarrow as pa
 
-    from iqa_spider.infer.metrics import answer_level, distortion_families
+    from iqa_spider.evaluate.metrics import answer_level, distortion_families
 
     strs = pa.list_(pa.string())
     schema = pa.schema([
@@ -170,8 +170,7 @@ def _write_outputs(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], d
     """report.json, predictions.parquet and report.html into a local folder, then to output.uri."""
     from iqa_spider import storage
     from iqa_spider.data.io import write_table
-
-    from iqa_spider.infer.plots import write_plots
+    from iqa_spider.evaluate.plots import write_plots
 
     local = tempfile.mkdtemp(prefix="iqa-eval-")
     report["_local_dir"] = local
@@ -217,8 +216,8 @@ def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from iqa_spider.infer.loading import registered_name
-    from iqa_spider.registry.tracking import experiment_id, redact_values, tracking_uri
+    from iqa_spider.model.loading import registered_name
+    from iqa_spider.tracking import experiment_id, redact_values, tracking_uri
 
     # The client API, not mlflow.set_experiment/start_run: those change process-wide state
     # that later runs of other jobs in the same process (promotion, training) trip over.

@@ -26,15 +26,16 @@ Per task, with no external judge (the dataset's ``target`` column holds the trut
 
 Also the parsing of answers (distortion types and pairs, level word), the truth read from a
 sample's ``target`` (regions, union mask, distortion sets), :func:`compute_metrics` over the
-per-sample records of :func:`iqa_spider.infer.evaluate.evaluate`, and :func:`flatten_metrics`.
+per-sample records of :func:`iqa_spider.evaluate.job.evaluate`, and :func:`flatten_metrics`.
 """
 from __future__ import annotations
 
 import math
 import re
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -281,7 +282,7 @@ def rating_metrics(pred: Sequence[float], target: Sequence[float], pred_levels: 
 
 
 def compute_metrics(samples: Sequence[dict], mappings: Sequence[str], mapping: str) -> dict[str, Any]:
-    """Task metrics from the per-sample records of :func:`iqa_spider.infer.evaluate.evaluate` (sections with no sample
+    """Task metrics from the per-sample records of :func:`iqa_spider.evaluate.job.evaluate` (sections with no sample
     are left out, so every value present is defined)."""
     metrics: dict[str, Any] = {}
     rating = [s for s in samples if s["task"] == "rating" and s.get("score") is not None
