@@ -157,3 +157,37 @@ def test_promotion_refuses_the_shuffled_image_control(tmp_path):
 
     with pytest.raises(ConfigError, match=r"data\.shuffle_images"):
         load_job_config(str(REPO / "configs/gate.yaml"), [f"data.uri={tmp_path}", "data.shuffle_images=true"])
+
+
+def test_one_environment_list_and_serve_replicas_get_no_credentials(monkeypatch):
+    """Jobs, batch scoring and Serve pass their workers names from one list; Serve's default
+    leaves the credentials to the pod, and unset or empty variables are not passed at all."""
+    from iqa_spider.environment import CREDENTIAL_ENV, WORKER_ENV, present_env
+    from iqa_spider.score.job import FORWARD_ENV
+    from iqa_spider.serve.config import DEFAULT_FORWARD_ENV, ServeAppConfig
+    from iqa_spider.submit import DEFAULT_ENV
+
+    assert tuple(DEFAULT_ENV) == tuple(FORWARD_ENV) == WORKER_ENV
+    assert set(DEFAULT_FORWARD_ENV) < set(WORKER_ENV) and not set(CREDENTIAL_ENV) & set(DEFAULT_FORWARD_ENV)
+    assert ServeAppConfig().forward_env == DEFAULT_FORWARD_ENV
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert present_env(["AWS_REGION", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"]) == {"AWS_REGION": "eu-west-1"}
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), ("TRUE ", True), ("1", True), (1, True),
+                                            ("false", False), (" 0", False), (0, False)])
+def test_one_boolean_reading(value, expected):
+    from iqa_spider.config.loader import parse_bool
+
+    assert parse_bool(value, "describe") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "on", "maybe", "", 2, 1.0, None])
+def test_anything_else_is_not_a_boolean(value):
+    from iqa_spider.config.loader import ConfigValueError, parse_bool
+
+    with pytest.raises(ConfigValueError, match="expected true, false, 1 or 0") as info:
+        parse_bool(value, "describe")
+    assert info.value.key == "describe"

@@ -30,16 +30,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from iqa_spider.config import ConfigError
+from iqa_spider.environment import WORKER_ENV
 
 # gitwildmatch patterns, relative to the working dir (Ray's `excludes`); Ray's limit is 500 MiB.
 EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", ".cache",
             "demo_out", "mlruns", "mlartifacts", "mlflow.db", "*.parquet", "*.whl"]
 # Passed through when set here. Values reach the cluster in the job's runtime_env (visible to
 # whoever can read the dashboard); on a production cluster prefer pod secrets and --no-default-env.
-DEFAULT_ENV = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-               "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN",
-               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL",
-               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM"]
+DEFAULT_ENV = list(WORKER_ENV)
 CONFIG_ENV = "IQA_SPIDER_SUBMITTED_CONFIG"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 USAGE_EXIT = 2

@@ -26,7 +26,7 @@ from PIL import Image
 
 from iqa_spider import storage
 from iqa_spider.annotate import distortions as D
-from iqa_spider.annotate import regions as R
+from iqa_spider.annotate import regions as region_proposals
 from iqa_spider.annotate.truth import Region, Truth, target_struct
 from iqa_spider.annotate.writers import Sample, write_all
 from iqa_spider.config import ConfigError
@@ -95,7 +95,7 @@ def check_families(dc) -> None:
                           f"{list(families)}: set distort.dao_prob=0 or add families", key="distort.families")
 
 
-def region_templates(proposals: list[R.Proposal], image_shape: tuple[int, ...], grid: int) -> dict:
+def region_templates(proposals: list[region_proposals.Proposal], image_shape: tuple[int, ...], grid: int) -> dict:
     """One view's regions, made once and copied for each of its variants: ``regions`` (the
     proposals as r0, r1, ...) and ``whole`` (the whole image), with what their masks give
     (area, bbox, position, RLE) computed here once instead of for every sample."""
@@ -114,7 +114,7 @@ def _fresh(template: Region, distortions: list[D.Distortion] | None = None) -> R
     return region
 
 
-def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[R.Proposal] | dict,
+def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[region_proposals.Proposal] | dict,
                  cfg: AnnotateConfig) -> tuple[np.ndarray, Truth]:
     """Choose what to distort and where, apply it, and return the distorted image and its truth.
     `proposals`: the view's region proposals, or their `region_templates` (the same, faster)."""
@@ -181,8 +181,8 @@ def view_box(rng: np.random.Generator, w: int, h: int, min_side: float) -> tuple
     return (x0, y0, x0 + cw, y0 + ch), bool(rng.random() < 0.5)
 
 
-def crop_proposals(proposals: list[R.Proposal], box: tuple[int, int, int, int], flip: bool,
-                   shape: tuple[int, int], min_area_frac: float) -> list[R.Proposal]:
+def crop_proposals(proposals: list[region_proposals.Proposal], box: tuple[int, int, int, int], flip: bool,
+                   shape: tuple[int, int], min_area_frac: float) -> list[region_proposals.Proposal]:
     """Full-photo masks cut to a view: cropped to `box`, mirrored with it, resized (nearest) to
     the view's `shape`; pieces under `min_area_frac` of the view are dropped, labels kept."""
     x0, y0, x1, y1 = box
@@ -195,7 +195,7 @@ def crop_proposals(proposals: list[R.Proposal], box: tuple[int, int, int, int], 
         if m.shape != (h, w):
             m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)) > 127
         if m.any() and m.mean() >= min_area_frac:
-            out.append(R.Proposal(np.ascontiguousarray(m), p.label))
+            out.append(region_proposals.Proposal(np.ascontiguousarray(m), p.label))
     return out
 
 
@@ -205,7 +205,7 @@ class ShardAnnotator:
     def __init__(self, cfg: AnnotateConfig):
         self.cfg = cfg
         rc = cfg.regions
-        self.sam = (R.SamRegions(rc.sam_path, rc.max_regions, rc.min_area_frac, min_regions=rc.min_regions)
+        self.sam = (region_proposals.SamRegions(rc.sam_path, rc.max_regions, rc.min_area_frac, min_regions=rc.min_regions)
                     if rc.method == "sam" else None)
         self.rewriter = None
         if cfg.rewrite.enabled:
@@ -213,23 +213,23 @@ class ShardAnnotator:
 
             self.rewriter = Rewriter(cfg.rewrite.model_path, cfg.rewrite.max_new_tokens)
 
-    def proposals(self, image: np.ndarray, seed: int, masks: list[dict] | None) -> list[R.Proposal]:
+    def proposals(self, image: np.ndarray, seed: int, masks: list[dict] | None) -> list[region_proposals.Proposal]:
         rc = self.cfg.regions
         if rc.method == "masks":
-            props = R.user_regions(masks or [], *image.shape[:2])
+            props = region_proposals.user_regions(masks or [], *image.shape[:2])
             if not props:
                 raise ImageError("no_regions", "method masks but the row has no usable mask")
             return props
         if rc.method == "grid":
-            return R.grid_regions(*image.shape[:2], rc.grid)
+            return region_proposals.grid_regions(*image.shape[:2], rc.grid)
         if self.sam is not None:
             props = self.sam(image)
             if len(props) >= rc.min_regions:
                 return props
-        return R.superpixel_regions(image, seed, rc.min_regions, rc.max_regions, rc.min_area_frac)
+        return region_proposals.superpixel_regions(image, seed, rc.min_regions, rc.max_regions, rc.min_area_frac)
 
     def views(self, photo: Image.Image, base_seed: int,
-              masks: list[dict] | None) -> Iterator[tuple[np.ndarray, int, list[R.Proposal]]]:
+              masks: list[dict] | None) -> Iterator[tuple[np.ndarray, int, list[region_proposals.Proposal]]]:
         """(pristine view, its seed, its region proposals) for each of `distort.views_per_image`
         views of one decoded photo.
 
@@ -243,7 +243,7 @@ class ShardAnnotator:
         dc = self.cfg.distort
         pristine = np.asarray(resize_max_side(photo, dc.max_side))
         yield pristine, base_seed, self.proposals(pristine, base_seed % (2**31), masks)
-        full_masks: list[R.Proposal] | None = None
+        full_masks: list[region_proposals.Proposal] | None = None
         for k in range(1, dc.views_per_image):
             seed = stable_int(base_seed, "view", k)
             box, flip = view_box(np.random.default_rng(seed), photo.width, photo.height, dc.view_min_side)
@@ -253,7 +253,7 @@ class ShardAnnotator:
             image = np.asarray(resize_max_side(crop, dc.max_side))
             if self.cfg.regions.method == "masks":
                 if full_masks is None:
-                    full_masks = R.user_regions(masks or [], photo.height, photo.width)
+                    full_masks = region_proposals.user_regions(masks or [], photo.height, photo.width)
                 props = crop_proposals(full_masks, box, flip, image.shape[:2], self.cfg.regions.min_area_frac)
                 if not props:
                     log.debug("view %d (%s) keeps no user mask: passed over", k, box)

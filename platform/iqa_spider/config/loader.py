@@ -55,6 +55,24 @@ def check_choice(key: str, value: Any, allowed: Sequence[Any]) -> None:
         raise ConfigValueError(key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
 
 
+# The one spelling of a boolean given as text, everywhere: a form field, a model param, a config.
+BOOLEAN_WORDS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def parse_bool(value: Any, key: str) -> bool:
+    """A boolean from a bool, 0 or 1, or the text true/false/1/0 (any case, spaces ignored).
+    Anything else ("yes", "maybe", 2) is refused naming ``key`` rather than read as true."""
+    if not isinstance(value, str) and hasattr(value, "item"):  # numpy and pandas scalars
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.strip().lower()]
+    raise ConfigValueError(key, f"expected true, false, 1 or 0, got {str(value)[:40]!r}")
+
+
 def check_at_least(minimum: float, *fields: tuple[str, Any]) -> None:
     """Schemas call this from __post_init__ for counts, sizes and bounds: each ``(key, value)``
     must be at least ``minimum``."""

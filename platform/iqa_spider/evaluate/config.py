@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import check_choice
+from iqa_spider.config.loader import check_choice, parse_bool
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.infer.config import MAPPING_NAMES, InferConfig, SegmenterConfig
 
@@ -53,8 +53,11 @@ class EvalMlflow:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
-        self.enabled = str(self.enabled).lower()  # YAML true/false arrive as "True"/"False"
-        check_choice("mlflow.enabled", self.enabled, ("auto", "true", "false"))
+        # auto, or a boolean (YAML's true/false arrive as "True"/"False"), kept as its word
+        if str(self.enabled).strip().lower() == "auto":
+            self.enabled = "auto"
+        else:
+            self.enabled = str(parse_bool(self.enabled, "mlflow.enabled")).lower()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -295,19 +295,34 @@ class GroundingHead:
                 rows[i] = R.error_row(uri, sha, str(exc), width, height, **meta)
                 continue
             good.append((i, img, sha))
-        bs = self.cfg.batch_size
-        for start in range(0, len(good), bs):
-            batch = good[start:start + bs]
-            analyses = isolate_failures(lambda imgs: self.analyze(imgs, describe, ground_questions, mapping),
-                                        [g[1] for g in batch])
-            for (i, img, sha), a in zip(batch, analyses):
-                uri = items[i][0]
-                if isinstance(a, Exception):
-                    rows[i] = R.error_row(uri, sha, R.inference_error(a),
-                                          width=img.width, height=img.height, **meta)
-                else:
-                    rows[i] = R.analysis_row(a, uri, sha, **meta)
+        decoded = [(items[i][0], sha, img) for i, img, sha in good]
+        for (i, _, _), row in zip(good, self.analysis_rows(decoded, describe, ground_questions, mapping, meta)):
+            rows[i] = row
         return rows  # type: ignore[return-value]
+
+    def analysis_rows(self, decoded: Sequence[tuple[str | None, str, Image.Image]], describe: bool | None,
+                      ground_questions: Sequence[str] | None, mapping: str | None, meta: dict,
+                      after_batch: Callable[[int], None] | None = None) -> list[dict]:
+        """Result rows for decoded images ``(image_uri, sha256, image)``, in order, analysed in
+        batches of ``cfg.batch_size``. A batch that fails is retried image by image, and an image
+        the model still fails on gets an error row; ``meta`` (model_uri, model_version,
+        scored_at) goes into every row. ``after_batch(k)`` runs after batch k (batch scoring's
+        crash drill uses it)."""
+        rows: list[dict] = []
+        bs = self.cfg.batch_size
+        for k, start in enumerate(range(0, len(decoded), bs)):
+            batch = decoded[start:start + bs]
+            analyses = isolate_failures(lambda imgs: self.analyze(imgs, describe, ground_questions, mapping),
+                                        [img for _, _, img in batch])
+            for (uri, sha, img), a in zip(batch, analyses):
+                if isinstance(a, Exception):
+                    rows.append(R.error_row(uri, sha, R.inference_error(a), width=img.width, height=img.height,
+                                            **meta))
+                else:
+                    rows.append(R.analysis_row(a, uri, sha, **meta))
+            if after_batch is not None:
+                after_batch(k)
+        return rows
 
 
 def isolate_failures(run, items: list) -> list:

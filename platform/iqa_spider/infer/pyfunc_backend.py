@@ -33,12 +33,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from iqa_spider.config.loader import ConfigValueError, parse_bool
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
 
 log = logging.getLogger(__name__)
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", "", "none", "null"}
 PARAM_KEYS = ("describe", "ground", "ground_questions", "mapping")
 
 
@@ -70,15 +69,14 @@ def load_predictor(model_dir: str):
 
 
 def _flag(params: dict, key: str, default: bool = False) -> bool:
-    value = params.get(key, default)
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ValueError(f"param {key!r} must be a boolean, got {value!r}")
-    return bool(value)
+    """A boolean param, read as everywhere (`parse_bool`); absent, null or empty: ``default``."""
+    value = params.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        return parse_bool(value, key)
+    except ConfigValueError as exc:
+        raise ValueError(f"param {key!r} must be a boolean: {exc}") from None
 
 
 def _questions(params: dict) -> list[str]:

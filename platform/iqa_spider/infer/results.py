@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -96,24 +96,38 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def analysis_row(a: Analysis, image_uri: str | None, image_sha256: str, model_uri: str | None = None,
-                 model_version: str | None = None, scored_at: dt.datetime | None = None) -> dict:
-    """One result row from a predictor/grounding-head analysis."""
+def result_row(image_uri: str | None, image_sha256: str, width: int | None, height: int | None, *,
+               score: Mapping[str, Any] | None = None, description: str | None = None,
+               regions: Sequence[dict] = (), model_uri: str | None = None, model_version: Any = None,
+               error: str | None = None, scored_at: dt.datetime | None = None) -> dict:
+    """The one builder of a result row: every producer (the predictor, batch scoring through
+    its actors or through Serve, the Serve API) ends here, so a new field is added here and
+    in `RESULT_SCHEMA`. ``score``: ``{"score", "level", "level_probs"}``, or None."""
     return {
         "image_uri": image_uri,
         "image_sha256": image_sha256,
-        "width": int(a.width),
-        "height": int(a.height),
-        "score": float(a.score.score) if a.score else None,
-        "level": a.score.level if a.score else None,
-        "level_probs": [float(p) for p in a.score.level_probs] if a.score else None,
-        "description": a.description,
-        "regions": [e for g in a.regions for e in region_entries(g)],
+        "width": None if width is None else int(width),
+        "height": None if height is None else int(height),
+        "score": float(score["score"]) if score else None,
+        "level": score["level"] if score else None,
+        "level_probs": [float(p) for p in score["level_probs"]] if score else None,
+        "description": description,
+        "regions": list(regions),
         "model_uri": model_uri,
         "model_version": None if model_version is None else str(model_version),
-        "error": None,
+        "error": error,
         "scored_at": scored_at or _now(),
     }
+
+
+def analysis_row(a: Analysis, image_uri: str | None, image_sha256: str, model_uri: str | None = None,
+                 model_version: str | None = None, scored_at: dt.datetime | None = None) -> dict:
+    """One result row from a predictor/grounding-head analysis."""
+    score = ({"score": a.score.score, "level": a.score.level, "level_probs": a.score.level_probs}
+             if a.score else None)
+    return result_row(image_uri, image_sha256, a.width, a.height, score=score, description=a.description,
+                      regions=[e for g in a.regions for e in region_entries(g)], model_uri=model_uri,
+                      model_version=model_version, scored_at=scored_at)
 
 
 def inference_error(exc: BaseException) -> str:
@@ -125,12 +139,8 @@ def error_row(image_uri: str | None, image_sha256: str, error: str, width: int |
               height: int | None = None, model_uri: str | None = None, model_version: str | None = None,
               scored_at: dt.datetime | None = None) -> dict:
     """The row of an input that could not be scored: every prediction field null, ``error`` set."""
-    return {
-        "image_uri": image_uri, "image_sha256": image_sha256, "width": width, "height": height,
-        "score": None, "level": None, "level_probs": None, "description": None, "regions": [],
-        "model_uri": model_uri, "model_version": None if model_version is None else str(model_version),
-        "error": error or "error", "scored_at": scored_at or _now(),
-    }
+    return result_row(image_uri, image_sha256, width, height, model_uri=model_uri, model_version=model_version,
+                      error=error or "error", scored_at=scored_at)
 
 
 def rows_to_table(rows: Sequence[dict]) -> pa.Table:
@@ -171,5 +181,5 @@ def check_row(row: dict) -> list[str]:
     return problems
 
 
-__all__ = ["RESULT_SCHEMA", "REGION_RESULT", "RESULT_FIELDS", "analysis_row", "error_row", "region_entries",
+__all__ = ["RESULT_SCHEMA", "REGION_RESULT", "RESULT_FIELDS", "result_row", "analysis_row", "error_row", "region_entries",
            "rows_to_table", "row_to_json", "check_row"]

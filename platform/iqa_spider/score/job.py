@@ -17,17 +17,15 @@ import time
 
 from iqa_spider import storage
 from iqa_spider.config import ConfigError
+from iqa_spider.environment import WORKER_ENV, present_env
 from iqa_spider.score import report
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
 from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks, release_errors
-from iqa_spider.submit import DEFAULT_ENV
 
 log = logging.getLogger(__name__)
 
 # Passed to every stage explicitly: workers of a cluster do not inherit the driver's environment.
-# The names `submit` passes to the driver, plus two it does not: the S3-only endpoint and the
-# model cache folder.
-FORWARD_ENV = (*DEFAULT_ENV, "AWS_ENDPOINT_URL_S3", "IQA_SPIDER_CACHE")
+FORWARD_ENV = WORKER_ENV
 
 
 def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:
@@ -83,7 +81,7 @@ def build_dataset(cfg: ScoreConfig, blocks: list[dict], model_uri: str, model_ve
     from iqa_spider.score import stages
 
     crash = os.environ.get(CRASH_ENV) or None  # read here, passed to the actors explicitly
-    ds = ray.data.from_items([stages._pack(b) for b in blocks], override_num_blocks=len(blocks))
+    ds = ray.data.from_items([stages.pack_block(b) for b in blocks], override_num_blocks=len(blocks))
     # decode_memory_mb also keeps Ray Data from fusing the decode tasks into the scoring
     # actors (it fuses maps whose resources are equal), so decoding never blocks a model.
     ds = ds.map(stages.read_decode, num_cpus=cfg.scoring.decode_cpus,
@@ -140,7 +138,7 @@ def run_score(cfg: ScoreConfig) -> dict:
         if cfg.backend == "serve":
             check_serve(cfg)
         check_resources(cfg)
-        env = {k: os.environ[k] for k in FORWARD_ENV if os.environ.get(k)}
+        env = present_env(FORWARD_ENV)
         t_run, done_keys, written_at, restarts = time.monotonic(), 0, [], set()
         for row in build_dataset(cfg, blocks, model_uri, model_version, env).iter_rows():
             s = json.loads(row["summary"])

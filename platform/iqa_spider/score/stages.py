@@ -28,11 +28,20 @@ SERVE_ATTEMPTS = 3        # tries of one Serve call (backend serve) before the b
 SERVE_RETRY_WAIT_S = 2.0  # times the attempt number: time for Serve to replace a replica
 
 
-def _pack(obj) -> dict:
-    return {"payload": pickle.dumps(obj, protocol=5)}
+def pack_block(block: dict) -> dict:
+    """The Ray Data row that carries one block between the stages.
+
+    Why one pickled payload and not typed columns: the unit the job must keep whole is the
+    block, not the image. Its keys, decoded images of any size, error entries, rows, timings
+    and retry counts go from read to score to write together, so that each output shard is
+    written once with exactly its keys. As typed columns that would be a nested list of
+    structs with variable-shaped tensors, rebuilt in every stage, for rows that nothing
+    outside this module ever reads.
+    """
+    return {"payload": pickle.dumps(block, protocol=5)}
 
 
-def _unpack(row: dict):
+def unpack_block(row: dict) -> dict:
     return pickle.loads(row["payload"])
 
 
@@ -61,7 +70,7 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
                 crash_marker: str | None = None) -> dict:
     _apply_env(env)
     _maybe_crash(f"{crash_marker}.read" if crash_marker else None, "read task")
-    block = _unpack(row)
+    block = unpack_block(row)
     block["read_attempt"] = task_attempt()
     items, t_read, t_decode = [], 0.0, 0.0
     for key in block["keys"]:
@@ -92,7 +101,7 @@ def read_decode(row: dict, *, max_pixels: int, attempts: int, backoff_s: float, 
         items.append(item)
     block["items"] = items
     block["seconds"] = {"read": t_read, "decode": t_decode}
-    return _pack(block)
+    return pack_block(block)
 
 
 # ---------------------------------------------------------------- 2. scoring
@@ -134,7 +143,7 @@ class _ScorerBase:
     def __call__(self, row: dict) -> dict:
         from iqa_spider.infer import results as R
 
-        block = _unpack(row)
+        block = unpack_block(row)
         t0 = time.perf_counter()
         scored_at = dt.datetime.now(dt.timezone.utc)
         meta = {**self.meta(), "scored_at": scored_at}
@@ -152,7 +161,7 @@ class _ScorerBase:
         if not block.get("keep_images"):
             for it in block["items"]:
                 it["image"] = None
-        return _pack(block)
+        return pack_block(block)
 
 
 class Scorer(_ScorerBase):
@@ -166,37 +175,22 @@ class Scorer(_ScorerBase):
 
         self.head = GroundingHead.from_config(model_cfg, infer_cfg, seg_cfg)
         # rows name the model as configured and the version resolved once by the driver
-        self.head.predictor.model_uri = model_uri
-        if model_version is not None:
-            self.head.predictor.model_version = model_version
+        self.model_uri = model_uri
+        self.model_version = self.head.predictor.model_version if model_version is None else model_version
 
     def meta(self) -> dict:
-        p = self.head.predictor
-        return {"model_uri": p.model_uri, "model_version": p.model_version}
+        return {"model_uri": self.model_uri, "model_version": self.model_version}
 
     def score_good(self, items: list[dict], scored_at) -> list[dict]:
         from PIL import Image
 
-        from iqa_spider.infer import results as R
-        from iqa_spider.infer.predictor import isolate_failures
+        def crash_mid_block(batch: int) -> None:  # the crash drill: after the first batch, holding the rest
+            if batch == 0 and len(items) > 1:
+                _maybe_crash(self.crash_marker)
 
-        meta = {**self.meta(), "scored_at": scored_at}
-        bs = self.head.cfg.batch_size
-        rows = []
-        for start in range(0, len(items), bs):
-            batch = items[start:start + bs]
-            images = [Image.fromarray(it["image"]) for it in batch]
-            analyses = isolate_failures(lambda imgs: self.head.analyze(imgs, self.describe, self.ground_questions),
-                                        images)
-            for it, a in zip(batch, analyses):
-                if isinstance(a, Exception):
-                    rows.append(R.error_row(it["key"], it["sha"], R.inference_error(a),
-                                            width=it["width"], height=it["height"], **meta))
-                else:
-                    rows.append(R.analysis_row(a, it["key"], it["sha"], **meta))
-            if start == 0 and len(items) > 1:
-                _maybe_crash(self.crash_marker)  # after the first batch: mid-block
-        return rows
+        decoded = [(it["key"], it["sha"], Image.fromarray(it["image"])) for it in items]
+        return self.head.analysis_rows(decoded, self.describe, self.ground_questions, None,
+                                       {**self.meta(), "scored_at": scored_at}, after_batch=crash_mid_block)
 
 
 class ServeScorer(_ScorerBase):
@@ -250,13 +244,10 @@ class ServeScorer(_ScorerBase):
             if r.get("error"):
                 rows.append(R.error_row(it["key"], it["sha"], r["error"], r["width"], r["height"], **meta))
                 continue
-            score = r.get("score") or {}
-            rows.append({"image_uri": it["key"], "image_sha256": it["sha"], "width": r["width"],
-                         "height": r["height"], "score": score.get("score"), "level": score.get("level"),
-                         "level_probs": score.get("level_probs"), "description": r.get("description"),
-                         "regions": self._result(s, lambda it=it, r=r: self.grounding.segment.remote(
-                             it["image"], r["groundings"]), it["key"]) if s is not None else [],
-                         "error": None, **meta})
+            regions = (self._result(s, lambda it=it, r=r: self.grounding.segment.remote(it["image"], r["groundings"]),
+                                    it["key"]) if s is not None else [])
+            rows.append(R.result_row(it["key"], it["sha"], r["width"], r["height"], score=r.get("score"),
+                                     description=r.get("description"), regions=regions, **meta))
         return rows
 
 
@@ -271,7 +262,7 @@ def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, over
     from iqa_spider.score import report
 
     _apply_env(env)
-    block = _unpack(row)
+    block = unpack_block(row)
     t0 = time.perf_counter()
     rows = block["rows"]
     keys = [r["image_uri"] for r in rows]
@@ -291,4 +282,4 @@ def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, over
     return {"summary": json.dumps(summary)}
 
 
-__all__ = ["read_decode", "Scorer", "ServeScorer", "write_block"]
+__all__ = ["pack_block", "unpack_block", "read_decode", "Scorer", "ServeScorer", "write_block"]

@@ -27,7 +27,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import datetime as dt
 import hashlib
 import hmac
 import json
@@ -45,7 +44,9 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from iqa_spider.config.loader import BOOLEAN_WORDS, ConfigValueError, parse_bool
 from iqa_spider.images import ImageError, decode_image, header_size, image_type, prepare_image
+from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, control_token_in
 from iqa_spider.serve.config import LimitsConfig
 
@@ -231,15 +232,13 @@ class BodyLimitMiddleware:
 
 # ---------------------------------------------------------------------------- parsing
 
-# The one spelling of a boolean in a form field (JSON bodies take JSON's true/false only).
-FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
-
-
 def _flag(value: str, key: str) -> bool:
+    """A form field's boolean, read as everywhere (`parse_bool`); JSON bodies take JSON's
+    true/false only (the pydantic model's StrictBool)."""
     try:
-        return FORM_BOOLEANS[value.strip().lower()]
-    except KeyError:
-        raise ApiError(422, "invalid_request", f"{key}: expected true, false, 1 or 0, got {value[:40]!r}") from None
+        return parse_bool(value, key)
+    except ConfigValueError as exc:
+        raise ApiError(422, "invalid_request", f"{key}: {exc}") from None
 
 
 def _validation_detail(exc: PydanticValidationError) -> str:
@@ -310,7 +309,7 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
                 if key in form:
                     opts[key] = _flag(str(form[key]), key)
             grounds = [str(v) for v in form.getlist("ground")]
-            if len(grounds) == 1 and grounds[0].strip().lower() in FORM_BOOLEANS:
+            if len(grounds) == 1 and grounds[0].strip().lower() in BOOLEAN_WORDS:
                 opts["ground"] = _flag(grounds[0], "ground")
             elif grounds:  # one field per grounding question
                 opts["ground"] = grounds
@@ -497,25 +496,12 @@ class BackendUnavailable(Exception):
 
 
 def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[dict]) -> dict:
-    """The result-contract row (JSON) of one answered request."""
-    score = result.get("score") or {}
-    return {
-        "image_uri": parsed.uri,
-        "image_sha256": hashlib.sha256(data).hexdigest(),
-        "width": result["width"],
-        "height": result["height"],
-        "score": score.get("score"),
-        "level": score.get("level"),
-        "level_probs": score.get("level_probs"),
-        "description": result.get("description"),
-        "regions": regions,
-        "model_uri": result.get("model_uri"),
-        "model_version": result.get("model_version"),
-        "error": None,
-        "scored_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "referring": result.get("referring", []),
-        "local_descriptions": result.get("local_descriptions", []),
-    }
+    """The result-contract row (JSON) of one answered request, plus the referring and local answers."""
+    row = R.result_row(parsed.uri, hashlib.sha256(data).hexdigest(), result["width"], result["height"],
+                       score=result.get("score"), description=result.get("description"), regions=regions,
+                       model_uri=result.get("model_uri"), model_version=result.get("model_version"))
+    return {**R.row_to_json(row), "referring": result.get("referring", []),
+            "local_descriptions": result.get("local_descriptions", [])}
 
 
 # An image_uri as check_s3_uri takes it: a bucket name, then a key without "::", "?", "#",

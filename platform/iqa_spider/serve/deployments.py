@@ -27,6 +27,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from iqa_spider.environment import present_env
 from iqa_spider.serve.config import ServeAppConfig, config_from_args
 
 log = logging.getLogger("ray.serve")
@@ -282,7 +283,7 @@ def build_application(cfg: ServeAppConfig):
     """The bound application: ingress -> (model, grounding)."""
     from iqa_spider.serve.config import config_to_args
 
-    env = {k: os.environ[k] for k in cfg.forward_env if os.environ.get(k)}
+    env = present_env(cfg.forward_env)
     args = config_to_args(cfg)
     d = cfg.deployments
     model = IQAModel.options(**_options(d.model, env)).bind(args)
