@@ -245,17 +245,8 @@ class GroundingHead:
         return self.predictor.cfg
 
     def attach_masks(self, image: Image.Image, groundings: Sequence[Grounding]) -> None:
-        """Fill ``mask`` of each grounding: full for the whole image, else the segmenter's mask
-        of its points (None when the answer named no position)."""
-        todo = [(g, p) for g in groundings if not g.whole_image for p in g.points]
-        masks = self.segmenter.segment_many(image, [[(p.x, p.y)] for _, p in todo]) if todo else []
-        for g in groundings:
-            g.masks, g.mask = [], None
-            if g.whole_image:
-                g.mask = np.ones((image.height, image.width), dtype=bool)
-        for (g, _), m in zip(todo, masks):
-            g.masks.append(m)
-            g.mask = m.copy() if g.mask is None else (g.mask | m)
+        """The segmenter's masks for these groundings (`Segmenter.attach_masks`)."""
+        self.segmenter.attach_masks(image, groundings)
 
     def ground(self, images: Sequence[Image.Image], questions: str | Sequence[str] | None = None,
                mapping: str | None = None) -> list[list[Grounding]]:

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from iqa_spider.infer.predictor import Grounding
 
 PointXY = tuple[float, float]
 
@@ -36,6 +39,20 @@ class Segmenter:
 
     def segment_many(self, image: Image.Image, point_sets: Sequence[Sequence[PointXY]]) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def attach_masks(self, image: Image.Image, groundings: Sequence[Grounding]) -> None:
+        """Fill ``mask`` and ``masks`` of each grounding: the full image for a whole-image answer,
+        else one mask per point (all points of the image in one call) and their union; None when
+        the answer named no position."""
+        todo = [(g, p) for g in groundings if not g.whole_image for p in g.points]
+        masks = self.segment_many(image, [[(p.x, p.y)] for _, p in todo]) if todo else []
+        for g in groundings:
+            g.masks, g.mask = [], None
+            if g.whole_image:
+                g.mask = np.ones((image.height, image.width), dtype=bool)
+        for (g, _), m in zip(todo, masks):
+            g.masks.append(m)
+            g.mask = m.copy() if g.mask is None else (g.mask | m)
 
 
 def _pixel(point: PointXY, w: int, h: int) -> tuple[int, int]:

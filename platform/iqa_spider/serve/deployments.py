@@ -169,11 +169,10 @@ def _resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
 @serve.deployment(name="IQAGrounding")
 class IQAGrounding:
     def __init__(self, cfg: dict):
-        from iqa_spider.infer.predictor import GroundingHead
         from iqa_spider.infer.segmenters import build_segmenter
 
         self.cfg = config_from_args(cfg)
-        self.head = GroundingHead(None, build_segmenter(self.cfg.segmenter))  # masks only: no predictor here
+        self.segmenter = build_segmenter(self.cfg.segmenter)  # masks only: the model lives in IQAModel
         self.kind = self.cfg.segmenter.kind
         log.info("IQAGrounding ready: segmenter %s", self.kind)
 
@@ -201,7 +200,7 @@ class IQAGrounding:
         for g in groundings:
             points = [Point(float(x) * sx, float(y) * sy, float(pr), float(pb)) for x, y, pr, pb in g["points"]]
             gs.append(Grounding(g["query"], g["answer"], pil.width, pil.height, bool(g["whole_image"]), points=points))
-        self.head.attach_masks(pil, gs)
+        self.segmenter.attach_masks(pil, gs)
         if (width, height) != pil.size:
             for g in gs:
                 g.points = [Point(p.x / sx, p.y / sy, p.p_right, p.p_bottom) for p in g.points]
