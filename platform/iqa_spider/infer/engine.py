@@ -33,7 +33,7 @@ import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -141,6 +141,15 @@ class _Prefix:
     next_pos: Any              # (B,) long: first text position after the prefix
 
 
+class _Row(NamedTuple):
+    """One question about one image of a prefilled chunk."""
+
+    slot: int      # the image's row in the prefix cache
+    image: int     # the image's index in run()'s arguments
+    k: int         # the question's index in that image's list
+    query: Query
+
+
 class Engine:
     """Runs :class:`Query` rows against one model + processor (see the module docstring)."""
 
@@ -246,20 +255,20 @@ class Engine:
                 if not chunk:
                     continue
                 prefix = self._prefill([images[i] for i in chunk])
-                rows = [(b, i, k, q) for b, i in enumerate(chunk) for k, q in enumerate(queries[i])]
+                rows = [_Row(b, i, k, q) for b, i in enumerate(chunk) for k, q in enumerate(queries[i])]
                 # Forced rows carry whole answers (long suffixes): batch them apart. Generating
                 # rows are grouped by their cap so short answers are not padded to long ones.
-                rows.sort(key=lambda r: (r[3].mode == "force", r[3].mode == "generate" and r[3].max_new_tokens))
+                rows.sort(key=lambda r: (r.query.mode == "force", r.query.mode == "generate" and r.query.max_new_tokens))
                 groups: list[list] = []
                 for r in rows:
-                    key = (r[3].mode == "force", r[3].max_new_tokens if r[3].mode == "generate" else 0)
+                    key = (r.query.mode == "force", r.query.max_new_tokens if r.query.mode == "generate" else 0)
                     if groups and groups[-1][0] == key and len(groups[-1][1]) < self.max_rows:
                         groups[-1][1].append(r)
                     else:
                         groups.append((key, [r]))
                 for _, group in groups:
-                    for (_, i, k, _), res in zip(group, self._continue(prefix, group)):
-                        results[i][k] = res
+                    for r, res in zip(group, self._continue(prefix, group)):
+                        results[r.image][r.k] = res
                 del prefix
         return [[r for r in rs] for rs in results]  # type: ignore[misc]
 
@@ -291,11 +300,11 @@ class Engine:
         data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
         return DynamicCache(data, config=self.model.config)
 
-    def _continue(self, prefix: _Prefix, rows: list) -> list[QueryResult]:
+    def _continue(self, prefix: _Prefix, rows: list[_Row]) -> list[QueryResult]:
         torch = self.torch
         n = len(rows)
-        img = torch.tensor([r[0] for r in rows], device=self.device)
-        suffixes, n_answer = zip(*(self._suffix_ids(r[3]) for r in rows))
+        img = torch.tensor([r.slot for r in rows], device=self.device)
+        suffixes, n_answer = zip(*(self._suffix_ids(r.query) for r in rows))
         ls = max(len(s) for s in suffixes)
         ids = torch.full((n, ls), self.pad_id, dtype=torch.long)
         smask = torch.zeros((n, ls), dtype=torch.long)
@@ -309,7 +318,7 @@ class Engine:
         hidden = self._forward(input_ids=ids, attention_mask=attn, position_ids=pos[None].expand(3, n, ls),
                                cache=cache)
         out: list[QueryResult | None] = [None] * n
-        modes = [r[3].mode for r in rows]
+        modes = [r.query.mode for r in rows]
         score_rows = [j for j, m in enumerate(modes) if m == "score"]
         if score_rows:
             sel = torch.tensor(score_rows, device=self.device)
@@ -324,14 +333,14 @@ class Engine:
             # the logits that predict answer token t sit one position before it
             h = hidden[j, ls - a - 1: ls - 1]
             watch = self._sub_logits(h, self.positions.watch_ids).cpu().numpy()
-            out[j] = QueryResult(text=rows[j][3].answer, token_ids=list(answer_ids), watch_logits=watch)
+            out[j] = QueryResult(text=rows[j].query.answer, token_ids=list(answer_ids), watch_logits=watch)
         gen_rows = [j for j, m in enumerate(modes) if m == "generate"]
         if gen_rows:
             if len(gen_rows) != n:
                 sel = torch.tensor(gen_rows, device=self.device)
                 cache.batch_select_indices(sel)
                 hidden, attn, pos = hidden.index_select(0, sel), attn.index_select(0, sel), pos.index_select(0, sel)
-            caps = [rows[j][3].max_new_tokens for j in gen_rows]
+            caps = [rows[j].query.max_new_tokens for j in gen_rows]
             for j, res in zip(gen_rows, self._decode(cache, hidden[:, -1], attn, pos[:, -1], caps)):
                 out[j] = res
         return out  # type: ignore[return-value]
