@@ -36,7 +36,10 @@ from iqa_spider.evaluate.metrics import (
 )
 from iqa_spider.evaluate.report import format_metrics, publish
 from iqa_spider.infer.config import MAPPING_NAMES
+from iqa_spider.infer.engine import Query
+from iqa_spider.infer.planning import Plan
 from iqa_spider.infer.text_to_point import answer_position_words
+from iqa_spider.vocab import SCORE_QUESTION
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +114,22 @@ def _shown_image(groups, donors, idx: int):
     return donor_id, img
 
 
-def _queries_for(rows: list[dict], cfg: EvaluateConfig):
-    from iqa_spider.infer.engine import Query
-    from iqa_spider.vocab import SCORE_QUESTION
-
-    queries, slots = [], []  # slots[k] = (row index or -1 for the score, kind)
+def _plan_for(rows: list[dict], cfg: EvaluateConfig) -> Plan:
+    """The dataset's own questions about one image: the score once if any row rates it, each
+    question generated (key: its row), and each grounding question also teacher-forced with the
+    true answer, so the mappings are measured on the model's logits at the true position words."""
+    plan = Plan()
     if any(r["task"] == "rating" for r in rows):
-        queries.append(Query(SCORE_QUESTION, mode="score"))
-        slots.append((-1, "score"))
+        plan.ask(Query(SCORE_QUESTION, mode="score"), "score")
     for k, r in enumerate(rows):
         if r["task"] == "rating":
             continue
         cap = cfg.infer.describe_max_new_tokens if r["task"] in ("global_desc", "local_desc", "referring_long") \
             else cfg.infer.max_new_tokens
-        queries.append(Query(r["question"], max_new_tokens=cap))
-        slots.append((k, "generate"))
+        plan.ask(Query(r["question"], max_new_tokens=cap), "generate", k)
         if r["task"] == "grounding":
-            queries.append(Query(r["question"], mode="force", answer=r["answer"]))
-            slots.append((k, "force"))
-    return queries, slots
+            plan.ask(Query(r["question"], mode="force", answer=r["answer"]), "force", k)
+    return plan
 
 
 def evaluate(cfg: EvaluateConfig, head=None) -> dict:
@@ -165,10 +165,10 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
                 skipped[getattr(exc, "reason", "unreadable")] += len(rows)
         if not batch:
             continue
-        per_image = [_queries_for(rows, cfg) for rows, _, _ in batch]
-        results = predictor.run([b[2] for b in batch], [q for q, _ in per_image])
-        for (rows, shown_id, image), (queries, slots), res in zip(batch, per_image, results):
-            recs = _score_image(head, cfg, mappings, image, rows, queries, slots, res, drawn)
+        plans = [_plan_for(rows, cfg) for rows, _, _ in batch]
+        results = predictor.run([b[2] for b in batch], [plan.queries for plan in plans])
+        for (rows, shown_id, image), plan, res in zip(batch, plans, results):
+            recs = _score_image(head, cfg, mappings, image, rows, plan, res, drawn)
             for rec in recs:
                 rec["shown_image_id"] = shown_id
             samples.extend(recs)
@@ -189,7 +189,7 @@ def evaluate(cfg: EvaluateConfig, head=None) -> dict:
     return report
 
 
-def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: list[dict], queries, slots,
+def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: list[dict], plan: Plan,
                  results, drawn: list[dict]) -> list[dict]:
     """Per-sample predictions and per-sample metric inputs for one image."""
     predictor = head.predictor
@@ -198,7 +198,7 @@ def _score_image(head, cfg: EvaluateConfig, mappings: list[str], image, rows: li
     score = None
     generated: dict[int, Any] = {}
     forced: dict[int, Any] = {}
-    for (k, kind), _, r in zip(slots, queries, results):
+    for kind, k, _, r in plan.answers(results):
         if kind == "score":
             score = predictor.score_of(r)
         elif kind == "generate":

@@ -26,22 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from iqa_spider.annotate import templates as T
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
+from iqa_spider.infer.planning import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, Ask, Plan, plan_for, refer_query
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
 from iqa_spider.vocab import SCORE_QUESTION
 
 log = logging.getLogger(__name__)
-
-GLOBAL_DESC_QUESTION = T.GLOBAL_QUESTIONS[0]
-LOCAL_DESC_QUESTION = T.LOCAL_QUESTIONS[0]   # "... {region}."
-REFER_QUESTION = T.REFER_QUESTIONS[0]        # "... {region}?"
-REFER_LONG_QUESTION = T.REFER_LONG_QUESTIONS[0]  # "... {region}, and how do they change its appearance?"
-
 
 @dataclass
 class ScoreResult:
@@ -72,48 +66,25 @@ class Grounding:
 
 
 @dataclass
+class TextAnswer:
+    """A local description or a referring answer about a region named in text."""
+
+    region: str
+    query: str
+    answer: str
+
+
+@dataclass
 class Analysis:
+    """Everything asked about one image, assembled from a `Plan`'s answers."""
+
     width: int
     height: int
     score: ScoreResult | None = None
     description: str | None = None
-    regions: list[Grounding] = field(default_factory=list)
-
-
-def refer_query(cfg: InferConfig, region: str, long: bool = False) -> Query:
-    """The referring question about ``region``: the short one (distortion names), or the
-    long one (their effects too), with the longer token cap."""
-    if long:
-        return Query(REFER_LONG_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens)
-    return Query(REFER_QUESTION.format(region=region), max_new_tokens=cfg.max_new_tokens)
-
-
-def plan_queries(cfg: InferConfig, describe: bool = False, ground_questions: Sequence[str] = (),
-                 describe_regions: Sequence[str] = (), refer: Sequence[str] = (),
-                 refer_long: bool = False) -> tuple[list[Query], list[tuple[str, str | None]]]:
-    """The engine queries for one image, in the order they are asked, and what each answer is:
-    ``(kind, text)`` with kind ``score`` | ``describe`` | ``local`` | ``refer`` | ``ground`` and
-    text the region (local, refer), the question (ground) or None.
-
-    Score first, then the global description, local descriptions, referring questions and
-    grounding questions; :meth:`Predictor.analyze` and the Serve model deployment both ask
-    what this plans.
-    """
-    queries = [Query(SCORE_QUESTION, mode="score")]
-    kinds: list[tuple[str, str | None]] = [("score", None)]
-    if describe:
-        queries.append(Query(GLOBAL_DESC_QUESTION, max_new_tokens=cfg.describe_max_new_tokens))
-        kinds.append(("describe", None))
-    for region in describe_regions:
-        queries.append(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens))
-        kinds.append(("local", region))
-    for region in refer:
-        queries.append(refer_query(cfg, region, refer_long))
-        kinds.append(("refer", region))
-    for q in ground_questions:
-        queries.append(Query(q, max_new_tokens=cfg.max_new_tokens))
-        kinds.append(("ground", q))
-    return queries, kinds
+    regions: list[Grounding] = field(default_factory=list)   # grounding answers
+    local_descriptions: list[TextAnswer] = field(default_factory=list)
+    referring: list[TextAnswer] = field(default_factory=list)
 
 
 def _as_list(value, n: int) -> list:
@@ -210,21 +181,29 @@ class Predictor:
         """Score + (global description) + grounding answers, every question of an image
         sharing one prefill. ``mapping``: text-to-point mapping for this call (default: the config's)."""
         describe = self.cfg.describe if describe is None else describe
-        gq = list(self.cfg.ground_questions if ground_questions is None else ground_questions)
-        queries, kinds = plan_queries(self.cfg, describe=describe, ground_questions=gq)
-        res = self.run(images, [queries] * len(images))
-        out = []
-        for im, rs in zip(images, res):
-            a = Analysis(im.width, im.height)
-            for (kind, text), r in zip(kinds, rs):
-                if kind == "score":
-                    a.score = self.score_of(r)
-                elif kind == "describe":
-                    a.description = r.text
-                else:
-                    a.regions.append(self.grounding_of(r, text, im.width, im.height, mapping))
-            out.append(a)
-        return out
+        gq = tuple(self.cfg.ground_questions if ground_questions is None else ground_questions)
+        plan = plan_for(self.cfg, Ask(describe=describe, ground=gq))
+        res = self.run(images, [plan.queries] * len(images))
+        return [self.assemble(plan, rs, im.width, im.height, mapping) for im, rs in zip(images, res)]
+
+    def assemble(self, plan: Plan, results: Sequence[QueryResult], width: int, height: int,
+                 mapping: str | None = None) -> Analysis:
+        """The `Analysis` of one image from its plan's results; points in ``width`` x ``height``."""
+        a = Analysis(width, height)
+        for kind, key, q, r in plan.answers(results):
+            if kind == "score":
+                a.score = self.score_of(r)
+            elif kind == "describe":
+                a.description = r.text or ""
+            elif kind == "local":
+                a.local_descriptions.append(TextAnswer(key, q.question, r.text or ""))
+            elif kind == "refer":
+                a.referring.append(TextAnswer(key, q.question, r.text or ""))
+            elif kind == "ground":
+                a.regions.append(self.grounding_of(r, key, width, height, mapping))
+            else:
+                raise ValueError(f"no answer kind {kind!r} to assemble")
+        return a
 
 
 class GroundingHead:
@@ -332,6 +311,5 @@ def isolate_failures(run, items: list) -> list:
         return out
 
 
-__all__ = ["Predictor", "plan_queries", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult",
-           "prepare_image", "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION", "REFER_QUESTION",
-           "REFER_LONG_QUESTION"]
+__all__ = ["Predictor", "isolate_failures", "GroundingHead", "Grounding", "Analysis", "ScoreResult", "TextAnswer",
+           "prepare_image"]

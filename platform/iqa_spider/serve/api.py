@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import time
+import typing
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -48,6 +49,7 @@ from iqa_spider.config.loader import BOOLEAN_WORDS, ConfigValueError, parse_bool
 from iqa_spider.images import ImageError, decode_image, header_size, image_type, prepare_image
 from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, control_token_in
+from iqa_spider.infer.planning import Ask
 from iqa_spider.serve.config import LimitsConfig
 
 log = logging.getLogger("ray.serve")
@@ -103,6 +105,15 @@ class AssessOptions(BaseModel):
         if self.ground is False:
             return []
         return list(self.ground)
+
+    def ask(self) -> Ask:
+        """What the model deployment plans from (`infer.planning`)."""
+        return Ask(describe=self.describe, ground=tuple(self.questions()), describe_regions=tuple(self.describe_regions),
+                   refer=tuple(self.refer), refer_long=self.refer_long)
+
+
+# The multipart form's fields: the image (a file or an S3 URI) and every option, by name.
+IMAGE_FIELDS = ("image", "image_uri")
 
 
 class AssessJSON(AssessOptions):
@@ -249,6 +260,30 @@ def _validation_detail(exc: PydanticValidationError) -> str:
     return "; ".join(parts)
 
 
+def _form_options(form) -> dict[str, Any]:
+    """`AssessOptions` fields from a multipart form, read by each field's type: a boolean from
+    its one text (`parse_bool`), a list from one form field per item, `ground` either way."""
+    allowed = [*IMAGE_FIELDS, *AssessOptions.model_fields]
+    unknown = sorted(set(form.keys()) - set(allowed))
+    if unknown:
+        raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; expected some of {sorted(allowed)}")
+    opts: dict[str, Any] = {}
+    for key, spec in AssessOptions.model_fields.items():
+        values = [str(v) for v in form.getlist(key)]
+        if not values:
+            continue
+        if key == "ground":  # true/false, or one field per grounding question
+            is_flag = len(values) == 1 and values[0].strip().lower() in BOOLEAN_WORDS
+            opts[key] = _flag(values[0], key) if is_flag else values
+        elif spec.annotation is bool:
+            opts[key] = _flag(values[-1], key)
+        elif typing.get_origin(spec.annotation) is list:
+            opts[key] = values
+        else:
+            opts[key] = values[-1]
+    return opts
+
+
 class ParsedRequest:
     def __init__(self, data: bytes | None, uri: str | None, declared_type: str | None, options: AssessOptions):
         self.data, self.uri, self.declared_type, self.options = data, uri, declared_type, options
@@ -298,26 +333,7 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
         except StarletteHTTPException as exc:
             raise ApiError(400, "malformed_multipart", str(exc.detail)) from None
         try:
-            allowed = {"image", "image_uri", "describe", "ground", "refer", "refer_long", "describe_regions",
-                       "mapping"}
-            unknown = sorted(set(form.keys()) - allowed)
-            if unknown:
-                raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; expected some of "
-                                                       f"{sorted(allowed)}")
-            opts: dict[str, Any] = {}
-            for key in ("describe", "refer_long"):
-                if key in form:
-                    opts[key] = _flag(str(form[key]), key)
-            grounds = [str(v) for v in form.getlist("ground")]
-            if len(grounds) == 1 and grounds[0].strip().lower() in BOOLEAN_WORDS:
-                opts["ground"] = _flag(grounds[0], "ground")
-            elif grounds:  # one field per grounding question
-                opts["ground"] = grounds
-            for key in ("refer", "describe_regions"):
-                if key in form:
-                    opts[key] = [str(v) for v in form.getlist(key)]
-            if "mapping" in form:
-                opts["mapping"] = str(form["mapping"])
+            opts = _form_options(form)
             try:
                 options = AssessOptions.model_validate(opts)
             except PydanticValidationError as exc:
@@ -536,21 +552,25 @@ def request_schemas(limits: LimitsConfig) -> tuple[dict, dict]:
     json_schema["oneOf"] = _exactly_one("image_base64", "image_uri")
     json_schema["description"] += (f" At most {limits.max_questions} texts in ground, refer and describe_regions "
                                    "together.")
+    # The form takes the same options as the JSON body (its properties, less the nulls a form
+    # cannot send), plus the image as a file.
+    form_options = {key: dict(props[key]) for key in AssessOptions.model_fields}
+    form_options["ground"]["description"] = "true for the HyD-G question, or one field per grounding question"
+    form_options["refer"]["description"] = "one field per region text"
+    for prop in form_options.values():
+        if "anyOf" in prop and {"type": "null"} in prop["anyOf"]:
+            (non_null,) = [p for p in prop.pop("anyOf") if p != {"type": "null"}]
+            prop.update(non_null)
+            prop.pop("default", None)
     multipart_schema = {
         "type": "object",
         "properties": {
             "image": {"type": "string", "format": "binary", "description": "the image file"},
             "image_uri": {**uri, "description": "s3://bucket/key (instead of a file)"},
-            "describe": {"type": "boolean"},
-            "ground": {"anyOf": [{"type": "boolean"}, texts],
-                       "description": "true for the HyD-G question, or one field per grounding question"},
-            "refer": {**texts, "description": "one field per region text"},
-            "refer_long": {"type": "boolean"},
-            "describe_regions": texts,
-            "mapping": {"type": "string", "enum": list(MAPPING_NAMES)},
+            **form_options,
         },
         "additionalProperties": False,
-        "oneOf": _exactly_one("image", "image_uri"),
+        "oneOf": _exactly_one(*IMAGE_FIELDS),
     }
     return json_schema, multipart_schema
 
@@ -664,9 +684,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
             # size: the image's own (from the header), which every answer is given in, whatever
             # size it was decoded at
             full = size if size and arr.shape[1] * arr.shape[0] < size[0] * size[1] else None
-            spec = {"describe": o.describe, "ground": o.questions(), "refer": list(o.refer),
-                    "refer_long": o.refer_long, "describe_regions": list(o.describe_regions), "mapping": o.mapping,
-                    "size": list(full) if full else None}
+            spec = {**o.ask().as_spec(), "mapping": o.mapping, "size": list(full) if full else None}
             result = await backend.analyze(arr, spec)
             if result.get("error"):
                 raise ApiError(422, "inference_failed", str(result["error"])[:300])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import time
@@ -28,20 +29,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from iqa_spider.environment import present_env
+from iqa_spider.infer.planning import Ask, Plan, plan_for
 from iqa_spider.serve.config import ServeAppConfig, config_from_args
 
 log = logging.getLogger("ray.serve")
 
 BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
-
-
-def _spec_queries(spec: dict, cfg) -> tuple[list, list[tuple[str, Any]]]:
-    """Engine queries for one request, and what each answer is (kind, text)."""
-    from iqa_spider.infer.predictor import plan_queries
-
-    return plan_queries(cfg, describe=bool(spec.get("describe")), ground_questions=spec.get("ground") or [],
-                        describe_regions=spec.get("describe_regions") or [], refer=spec.get("refer") or [],
-                        refer_long=bool(spec.get("refer_long")))
 
 
 @serve.deployment(name="IQAModel")
@@ -116,7 +109,7 @@ class IQAModel:
         dt_ = time.perf_counter() - t0
         self.busy_s += dt_
         log.info("model batch of %d image(s), %d question(s) in %.3fs", n,
-                 sum(len(_spec_queries(s, self.cfg.infer)[0]) for s in specs), dt_)
+                 sum(len(plan_for(self.cfg.infer, Ask.from_spec(s)).queries) for s in specs), dt_)
         return out
 
     def _run(self, arrays: list[np.ndarray], specs: list[dict]) -> list[dict]:
@@ -125,13 +118,14 @@ class IQAModel:
         from iqa_spider.infer.predictor import isolate_failures
 
         images = [Image.fromarray(a) for a in arrays]
-        planned = [_spec_queries(s, self.predictor.cfg) for s in specs]
+        plans = [plan_for(self.predictor.cfg, Ask.from_spec(s)) for s in specs]
         results = isolate_failures(lambda pairs: self.predictor.run([im for im, _ in pairs], [qs for _, qs in pairs]),
-                                   [(im, qs) for im, (qs, _) in zip(images, planned)])
-        return [self._answer(im, spec, qs, kinds, res)
-                for im, spec, (qs, kinds), res in zip(images, specs, planned, results)]
+                                   [(im, plan.queries) for im, plan in zip(images, plans)])
+        return [self._answer(im, spec, plan, res) for im, spec, plan, res in zip(images, specs, plans, results)]
 
-    def _answer(self, image, spec: dict, queries: list, kinds: list, results) -> dict:
+    def _answer(self, image, spec: dict, plan: Plan, results) -> dict:
+        """The answer the ingress and the scoring job read: the assembled analysis as plain data,
+        groundings as points (the grounding deployment adds their masks)."""
         from iqa_spider.infer import results as R
 
         p = self.predictor
@@ -141,23 +135,15 @@ class IQAModel:
                 "model_version": None if p.model_version is None else str(p.model_version)}
         if isinstance(results, Exception):
             return {**base, "error": R.inference_error(results)}
-        out: dict[str, Any] = {**base, "error": None, "description": None, "referring": [],
-                               "local_descriptions": [], "groundings": []}
-        for q, (kind, text), r in zip(queries, kinds, results):
-            if kind == "score":
-                s = p.score_of(r)
-                out["score"] = {"score": s.score, "level": s.level, "level_probs": s.level_probs}
-            elif kind == "describe":
-                out["description"] = r.text or ""
-            elif kind == "local":
-                out["local_descriptions"].append({"region": text, "query": q.question, "answer": r.text or ""})
-            elif kind == "refer":
-                out["referring"].append({"region": text, "query": q.question, "answer": r.text or ""})
-            else:
-                g = p.grounding_of(r, text, width, height, spec.get("mapping"))
-                out["groundings"].append({"query": g.query, "answer": g.answer, "whole_image": g.whole_image,
-                                          "points": [[pt.x, pt.y, pt.p_right, pt.p_bottom] for pt in g.points]})
-        return out
+        a = p.assemble(plan, results, width, height, spec.get("mapping"))
+        score = a.score
+        return {**base, "error": None, "description": a.description,
+                "score": {"score": score.score, "level": score.level, "level_probs": score.level_probs},
+                "referring": [dataclasses.asdict(t) for t in a.referring],
+                "local_descriptions": [dataclasses.asdict(t) for t in a.local_descriptions],
+                "groundings": [{"query": g.query, "answer": g.answer, "whole_image": g.whole_image,
+                                "points": [[pt.x, pt.y, pt.p_right, pt.p_bottom] for pt in g.points]}
+                               for g in a.regions]}
 
 
 def _resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
