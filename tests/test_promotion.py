@@ -122,7 +122,7 @@ def gate_config(name: str, data: str, cache: Path, *extra: str) -> PromoteConfig
 
 
 def aliases(client, name: str) -> tuple[str | None, str | None]:
-    from iqa_spider.registry.promotion import CHAMPION, PREVIOUS, alias_version
+    from iqa_spider.registry.aliases import CHAMPION, PREVIOUS, alias_version
 
     return alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
 
@@ -131,7 +131,7 @@ def aliases(client, name: str) -> tuple[str | None, str | None]:
 
 
 def test_check_gate_directions_tolerances_floors():
-    from iqa_spider.registry.promotion import check_gate
+    from iqa_spider.registry.gate import check_gate
 
     gate = [GateMetric("srcc", "higher", 0.02, 0.5), GateMetric("loss", "lower", 0.1, None)]
     ok = check_gate(gate, {"srcc": 0.79, "loss": 1.05}, {"srcc": 0.8, "loss": 1.0})
@@ -143,7 +143,7 @@ def test_check_gate_directions_tolerances_floors():
     nan = check_gate(gate, {"srcc": math.nan}, {"srcc": 0.1})
     assert [c.passed for c in nan] == [False, False]                  # NaN and missing both fail
     # better metrics, but on one sample fewer than the champion's run: not comparable, refused
-    from iqa_spider.registry.promotion import SAMPLES
+    from iqa_spider.registry.gate import SAMPLES
 
     fewer = check_gate(gate, {"srcc": 0.9, "loss": 0.5, SAMPLES: 40.0}, {"srcc": 0.8, "loss": 1.0, SAMPLES: 41.0})
     assert [c.passed for c in fewer] == [True, True, False] and "not comparable" in fewer[-1].reason
@@ -154,7 +154,7 @@ def test_check_gate_directions_tolerances_floors():
 def test_check_gate_above_chance_is_a_floor_relative_to_the_reported_chance():
     """Beat the same samples' chance figure by the margin, with or without a champion; no
     chance figure reported fails rather than passes."""
-    from iqa_spider.registry.promotion import CHANCE, check_gate
+    from iqa_spider.registry.gate import CHANCE, check_gate
 
     gate = [GateMetric("referring_short.type_acc", "higher", 0.02, None, above_chance=0.05)]
     key = "referring_short.type_acc"
@@ -186,7 +186,7 @@ def test_bad_gate_file_exits_2(tmp_path, capsys):
 
 def test_registry_lock_is_exclusive_and_breaks_stale_leases(client):
     from iqa_spider.registry.config import PromotionLockSettings
-    from iqa_spider.registry.promotion import RegistryLock
+    from iqa_spider.registry.lock import RegistryLock
 
     name = "promo-lock"
     settings = PromotionLockSettings(ttl_s=60, wait_s=60, poll_s=0.05)
@@ -389,7 +389,8 @@ def test_concurrent_promotions_leave_consistent_aliases(client, models, eval_dat
     """Two better candidates promoted at once, lined up so that both evaluate the same
     champion before either decides: the second to take the lock must see that the champion
     moved, evaluate the new one, and decide again."""
-    from iqa_spider.registry.promotion import RegistryLock, promote
+    from iqa_spider.registry.lock import RegistryLock
+    from iqa_spider.registry.promotion import promote
 
     name = "promo-race"
     cfg = gate_config(name, eval_data, tmp_path_factory.mktemp("promo_cache_race"))

@@ -123,17 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (target, help_text) in JOB_COMMANDS.items():
         job = sub.add_parser(name, help=f"{help_text} (--config FILE [key=value ...])", add_help=False)
         job.set_defaults(func=None, job_main=target)
-    # Ray job submission (iqa_spider.submit parses its own arguments, like the job commands).
+    # Ray job submission (iqa_spider.cli.submit parses its own arguments, like the job commands).
     for name, help_text in (("submit", "submit jobs/NAME.py to a Ray cluster (see docs/jobs.md)"),
                             ("jobs", "status|logs|stop|list of submitted jobs")):
         sub.add_parser(name, help=help_text, add_help=False).set_defaults(
-            func=None, job_main=f"iqa_spider.submit:{name}_main")
-    # Registry (iqa_spider.registry.promotion parses its own arguments; see docs/registry.md).
+            func=None, job_main=f"iqa_spider.cli.submit:{name}_main")
+    # Registry (iqa_spider.cli.registry parses its own arguments; see docs/registry.md).
     for name, help_text in (("models", "models list: registered versions, aliases, key metrics, tags"),
                             ("promote", "gated promotion: --candidate N --eval-data URI [--gate FILE]"),
                             ("rollback", "champion <- previous-champion [--model NAME]")):
         sub.add_parser(name, help=help_text, add_help=False).set_defaults(
-            func=None, job_main=f"iqa_spider.registry.promotion:{name}_main")
+            func=None, job_main=f"iqa_spider.cli.registry:{name}_main")
     return parser
 
 
