@@ -7,7 +7,7 @@ import typing
 import pyarrow as pa
 
 from iqa_spider.infer import results as R
-from iqa_spider.serve.api import AssessResponse, RegionOut
+from iqa_spider.serve.schemas import AssessResponse, RegionOut
 
 # Serve-only extras after the contract's fields: the referring and local answers of a request.
 SERVE_EXTRAS = ["referring", "local_descriptions"]

@@ -179,7 +179,7 @@ def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
     """The endpoint is down: the request is fine, so no 4xx; one attempt keeps the test short."""
     import asyncio
 
-    from iqa_spider.serve.api import ApiError, fetch_uri
+    from iqa_spider.serve.requests import ApiError, fetch_uri
     from iqa_spider.serve.config import LimitsConfig
 
     with s3_down():
@@ -611,7 +611,7 @@ def test_decoded_image_memory_in_flight_is_bounded():
     """limits.max_decoded_mb_in_flight bounds the decoded bytes of concurrent requests, not
     their count: with room for one 1000x1000 image at a time, two such requests run one after
     the other (both answered), and an image that alone needs more than the budget is a 413."""
-    from iqa_spider.serve.api import DECODED_BYTES_PER_PIXEL
+    from iqa_spider.serve.requests import DECODED_BYTES_PER_PIXEL
     from iqa_spider.serve.config import LimitsConfig
 
     one = 1000 * 1000 * DECODED_BYTES_PER_PIXEL

@@ -2,7 +2,8 @@
 
 - :mod:`.config`: the typed application config (``ServeAppConfig``, job kind ``serve``) and
   how Serve's ``args`` become one;
-- :mod:`.api`: the FastAPI app (routes, request parsing, limits, JSON errors);
+- :mod:`.api`: the FastAPI app (routes, JSON errors), :mod:`.requests` (reading a request
+  within the limits) and :mod:`.schemas` (the documented request and response shapes);
 - :mod:`.deployments`: the Ray Serve deployments (model with dynamic batching, grounding
   head, ingress);
 - :mod:`.app`: ``build_app(args)``, what ``serve run`` / ``serve deploy`` import.

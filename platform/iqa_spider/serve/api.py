@@ -1,4 +1,5 @@
-"""The HTTP API: FastAPI routes, request parsing, limits and JSON errors.
+"""The HTTP API: the FastAPI app, its routes and its JSON errors. Reading a request within the
+limits is :mod:`.requests`; the documented shapes are :mod:`.schemas`.
 
 The app is built by :func:`build_api` around a *backend* (four coroutines: ``analyze``,
 ``segment``, ``model_info``, ``stats``). In Serve the backend is the ingress deployment,
@@ -24,163 +25,40 @@ unpickles anything: the body is JSON, multipart or base64 only.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import contextlib
 import hashlib
 import hmac
-import json
 import logging
-import re
 import time
-import typing
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
-from pydantic import ValidationError as PydanticValidationError
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from iqa_spider.config.loader import BOOLEAN_WORDS, ConfigValueError, parse_bool
-from iqa_spider.images import ImageError, decode_image, header_size, image_type, prepare_image
+from iqa_spider.images import header_size
 from iqa_spider.infer import results as R
-from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, control_token_in
-from iqa_spider.infer.planning import Ask
 from iqa_spider.serve.config import LimitsConfig
+from iqa_spider.serve.requests import (
+    DECODED_BYTES_PER_PIXEL,
+    ApiError,
+    BodyLimitMiddleware,
+    BodyTooLarge,
+    DecodeBudget,
+    ParsedRequest,
+    check_options,
+    decode_checked,
+    decoded_pixels,
+    error_response,
+    fetch_uri,
+    parse_request,
+)
+from iqa_spider.serve.schemas import ERROR_RESPONSES, AssessResponse, ErrorBody, request_schemas
 
 log = logging.getLogger("ray.serve")
 
 API_VERSION = "v1"
-# HTTP status of each ImageError reason (iqa_spider.images: decode_image and prepare_image).
-IMAGE_ERROR_STATUS = {"empty": 422, "not_an_image": 415, "corrupt": 422, "too_many_pixels": 413,
-                      "bad_aspect_ratio": 422}
-JSON_TYPES = ("application/json",)
-MULTIPART_TYPES = ("multipart/form-data",)
-
-
-class ApiError(Exception):
-    """A refusal: status (4xx, or 502 when S3 fails), a short stable code and a sentence saying why."""
-
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
-        super().__init__(f"{status} {error}: {detail}")
-        self.status, self.error, self.detail, self.headers = status, error, detail, headers
-
-
-def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, "status": status}, status_code=status, headers=headers)
-
-
-# ---------------------------------------------------------------------------- schemas (docs)
-
-MappingName = Literal[MAPPING_NAMES]  # type: ignore[valid-type]
-
-
-class AssessOptions(BaseModel):
-    """What to answer about the image. The Q-Align score is always computed (it shares the
-    image prefill with every other question and the result contract requires it)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Strict: `ground: 1` or `describe: "yes"` is a client bug to report (422), not a true.
-    describe: StrictBool = Field(False, description="global quality description")
-    ground: StrictBool | list[StrictStr] = Field(
-        False, description=f"grounding: true asks the HyD-G question ({HYD_QUESTION!r}); or a list of "
-                           "grounding questions (HyD-G, SiD-G, DAO-G). Each answer gets point(s) and a mask.")
-    refer: list[str] = Field(default_factory=list,
-                             description="region texts to ask the distortions of, e.g. 'the sky in the top left "
-                                         "of the image' (answers in `referring`)")
-    refer_long: StrictBool = Field(False, description="long referring answers (distortions and their effects)")
-    describe_regions: list[str] = Field(default_factory=list,
-                                        description="region texts to describe locally (answers in `local_descriptions`)")
-    mapping: MappingName | None = Field(None, description="text-to-point mapping for this request "
-                                                             "(default: the deployment's)")
-
-    def questions(self) -> list[str]:
-        if self.ground is True:
-            return [HYD_QUESTION]
-        if self.ground is False:
-            return []
-        return list(self.ground)
-
-    def ask(self) -> Ask:
-        """What the model deployment plans from (`infer.planning`)."""
-        return Ask(describe=self.describe, ground=tuple(self.questions()), describe_regions=tuple(self.describe_regions),
-                   refer=tuple(self.refer), refer_long=self.refer_long)
-
-
-# The multipart form's fields: the image (a file or an S3 URI) and every option, by name.
-IMAGE_FIELDS = ("image", "image_uri")
-
-
-class AssessJSON(AssessOptions):
-    """JSON body: exactly one of image_base64 / image_uri, plus the task fields."""
-
-    image_base64: str | None = Field(None, description="the encoded image (JPEG, PNG, ...) in base64; "
-                                                          "a data: URL prefix is accepted")
-    image_uri: str | None = Field(None, description="s3://bucket/key in one of the configured buckets")
-
-
-class RegionOut(BaseModel):
-    query: str
-    answer: str
-    point_x: float | None = None
-    point_y: float | None = None
-    p_right: float | None = None
-    p_bottom: float | None = None
-    mask_rle: dict[str, Any] | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
-    mask_area: int | None = None
-    bbox: list[float] | None = Field(None, description="x0, y0, x1, y1 of the mask in 0..1")
-
-
-class TextAnswer(BaseModel):
-    region: str
-    query: str
-    answer: str
-
-
-class AssessResponse(BaseModel):
-    """One row of the result contract (docs/architecture.md), plus the referring / local answers."""
-
-    image_uri: str | None = None
-    image_sha256: str
-    width: int | None = None
-    height: int | None = None
-    score: float | None = Field(None, description="Q-Align score 1..5")
-    level: str | None = None
-    level_probs: list[float] | None = Field(None, description="p(excellent, good, fair, poor, bad)")
-    description: str | None = None
-    regions: list[RegionOut] = Field(default_factory=list)
-    model_uri: str | None = None
-    model_version: str | None = None
-    error: str | None = None
-    scored_at: str
-    referring: list[TextAnswer] = Field(default_factory=list)
-    local_descriptions: list[TextAnswer] = Field(default_factory=list)
-
-
-class ErrorBody(BaseModel):
-    error: str = Field(..., description="short stable code, e.g. body_too_large, not_an_image")
-    detail: str = Field(..., description="why, in words")
-    status: int
-
-
-_ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in {
-    400: "malformed JSON, multipart or base64",
-    401: "IQA_SPIDER_API_TOKEN is set and the request has no or another bearer token",
-    403: "image_uri in a bucket that is not allowed (or S3 inputs are off)",
-    404: "image_uri does not exist",
-    408: "the request took longer than limits.request_timeout_s",
-    413: "body larger than limits.max_body_bytes, or image with more than limits.max_pixels pixels",
-    415: "content type not allowed, or the bytes are not an allowed image type",
-    422: "invalid fields, truncated/corrupt image, or an image the model cannot take",
-    429: "the service is overloaded: retry later",
-    502: "S3 failed to serve image_uri (endpoint down, throttled, 5xx): retry later (Retry-After)",
-    503: "the model is not available (replica starting or gone)",
-}.items()}
 
 
 # How long the ingress waits for the model deployment before it answers 503 not_ready: before
@@ -198,299 +76,6 @@ DOCS_ASSETS = "/docs/assets"
 
 def is_open_path(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(DOCS_ASSETS + "/")
-
-
-# ---------------------------------------------------------------------------- body size limit
-
-class BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse bodies over ``max_bytes``: at once from Content-Length, else while streaming."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, int(max_bytes)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = None
-        for name, value in scope.get("headers") or []:
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    return await error_response(400, "bad_content_length", "Content-Length is not a number")(
-                        scope, receive, send)
-        if length is not None and length > self.max_bytes:
-            return await error_response(413, "body_too_large",
-                                        f"body of {length} bytes exceeds the limit of {self.max_bytes} bytes")(
-                scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(f"body exceeds the limit of {self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, limited_receive, send)
-
-
-# ---------------------------------------------------------------------------- parsing
-
-def _flag(value: str, key: str) -> bool:
-    """A form field's boolean, read as everywhere (`parse_bool`); JSON bodies take JSON's
-    true/false only (the pydantic model's StrictBool)."""
-    try:
-        return parse_bool(value, key)
-    except ConfigValueError as exc:
-        raise ApiError(422, "invalid_request", f"{key}: {exc}") from None
-
-
-def _validation_detail(exc: PydanticValidationError) -> str:
-    parts = []
-    for e in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()))
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "; ".join(parts)
-
-
-def _form_options(form) -> dict[str, Any]:
-    """`AssessOptions` fields from a multipart form, read by each field's type: a boolean from
-    its one text (`parse_bool`), a list from one form field per item, `ground` either way."""
-    allowed = [*IMAGE_FIELDS, *AssessOptions.model_fields]
-    unknown = sorted(set(form.keys()) - set(allowed))
-    if unknown:
-        raise ApiError(422, "invalid_request", f"unknown form fields {unknown}; expected some of {sorted(allowed)}")
-    opts: dict[str, Any] = {}
-    for key, spec in AssessOptions.model_fields.items():
-        values = [str(v) for v in form.getlist(key)]
-        if not values:
-            continue
-        if key == "ground":  # true/false, or one field per grounding question
-            is_flag = len(values) == 1 and values[0].strip().lower() in BOOLEAN_WORDS
-            opts[key] = _flag(values[0], key) if is_flag else values
-        elif spec.annotation is bool:
-            opts[key] = _flag(values[-1], key)
-        elif typing.get_origin(spec.annotation) is list:
-            opts[key] = values
-        else:
-            opts[key] = values[-1]
-    return opts
-
-
-class ParsedRequest:
-    def __init__(self, data: bytes | None, uri: str | None, declared_type: str | None, options: AssessOptions):
-        self.data, self.uri, self.declared_type, self.options = data, uri, declared_type, options
-
-
-def _b64(text: str) -> tuple[bytes, str | None]:
-    declared = None
-    if text.startswith("data:"):
-        head, _, text = text.partition(",")
-        if ";base64" not in head:
-            raise ApiError(400, "bad_base64", "a data: URL must be base64 encoded")
-        declared = head[5:].split(";")[0].strip().lower() or None
-    try:
-        return base64.b64decode("".join(text.split()), validate=True), declared
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 ({exc})") from None
-
-
-async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest:
-    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    if ctype in JSON_TYPES:
-        raw = await request.body()
-        try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON ({exc})") from None
-        except RecursionError:  # a few KB of brackets nest deeper than Python's parser recurses
-            raise ApiError(400, "malformed_json", "the JSON body is nested too deeply") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "malformed_json", "the JSON body must be an object")
-        try:
-            body = AssessJSON.model_validate(payload)
-        except PydanticValidationError as exc:
-            raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
-        if (body.image_base64 is None) == (body.image_uri is None):
-            raise ApiError(422, "invalid_request", "give exactly one of image_base64 and image_uri")
-        options = AssessOptions.model_validate(body.model_dump(exclude={"image_base64", "image_uri"}))
-        if body.image_base64 is not None:
-            data, declared = _b64(body.image_base64)
-            return ParsedRequest(data, None, declared, options)
-        return ParsedRequest(None, body.image_uri, None, options)
-    if ctype in MULTIPART_TYPES:
-        try:
-            form = await request.form(max_files=1, max_fields=64, max_part_size=64 * 1024)
-        except BodyTooLarge:
-            raise
-        except StarletteHTTPException as exc:
-            raise ApiError(400, "malformed_multipart", str(exc.detail)) from None
-        try:
-            opts = _form_options(form)
-            try:
-                options = AssessOptions.model_validate(opts)
-            except PydanticValidationError as exc:
-                raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
-            upload = form.get("image")
-            uri = form.get("image_uri")
-            if isinstance(upload, UploadFile) == isinstance(uri, str):
-                raise ApiError(422, "invalid_request", "give exactly one of the file field `image` and `image_uri`")
-            if isinstance(upload, UploadFile):
-                data = await upload.read()
-                declared = (upload.content_type or "").split(";")[0].strip().lower() or None
-                return ParsedRequest(data, None, declared, options)
-            return ParsedRequest(None, str(uri), None, options)
-        finally:
-            await form.close()
-    raise ApiError(415, "unsupported_content_type",
-                   f"send multipart/form-data or application/json, not {ctype or 'no Content-Type'}")
-
-
-def check_options(options: AssessOptions, limits: LimitsConfig) -> None:
-    texts = options.questions() + list(options.refer) + list(options.describe_regions)
-    if len(texts) > limits.max_questions:
-        raise ApiError(422, "too_many_questions",
-                       f"{len(texts)} questions and region texts; the limit is {limits.max_questions}")
-    for t in texts:
-        if not t.strip():
-            raise ApiError(422, "invalid_request", "an empty question or region text")
-        if len(t) > limits.max_text_chars:
-            raise ApiError(422, "text_too_long", f"a question or region text of {len(t)} characters; "
-                                                 f"the limit is {limits.max_text_chars}")
-        token = control_token_in(t)
-        if token:
-            raise ApiError(422, "control_token", f"a question or region text holds the markup {token[:40]!r}; "
-                                                 "questions are plain text")
-
-
-def _read_s3(uri: str, max_bytes: int) -> bytes:
-    from iqa_spider import storage
-
-    fs, path = storage.get_fs(uri)
-    size = fs.size(path)
-    if size is not None and size > max_bytes:
-        raise ApiError(413, "body_too_large", f"{uri} has {size} bytes; the limit is {max_bytes} bytes")
-    with fs.open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ApiError(413, "body_too_large", f"{uri} exceeds the limit of {max_bytes} bytes")
-    return data
-
-
-# S3's bucket naming rule (3-63 characters of lower-case letters, digits, dots and hyphens).
-S3_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-# Key characters that the filesystem layer reads as syntax, not as part of the name: fsspec
-# chains URLs at "::" (x.jpg::file:///etc/passwd), s3fs takes "?versionId=" as a version.
-S3_KEY_SYNTAX = ("::", "?", "#")
-
-
-def check_s3_uri(uri: str) -> str:
-    """A client's image_uri names one S3 object and nothing else (else 422); returns its bucket."""
-    if not uri.startswith(("s3://", "s3a://")):
-        raise ApiError(422, "unsupported_uri", "image_uri must be s3://bucket/key")
-    bucket, _, key = uri.split("://", 1)[1].partition("/")
-    if not S3_BUCKET_NAME.fullmatch(bucket):
-        raise ApiError(422, "unsupported_uri", f"{bucket[:64]!r} is not an S3 bucket name")
-    if not key or key.endswith("/") or ".." in key.split("/"):
-        raise ApiError(422, "unsupported_uri", "image_uri does not name an object")
-    if any(s in key for s in S3_KEY_SYNTAX) or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        raise ApiError(422, "unsupported_uri", "image_uri may not hold '::', '?', '#' or control characters "
-                                               "(they would be read as a URL chain, a version or a fragment)")
-    return bucket
-
-
-async def fetch_uri(uri: str, limits: LimitsConfig) -> bytes:
-    """The bytes of an ``s3://`` image in an allowed bucket (never a local path)."""
-    bucket = check_s3_uri(uri)
-    if not limits.allowed_s3_buckets:
-        raise ApiError(403, "s3_not_allowed", "this service reads no S3 buckets (limits.allowed_s3_buckets is empty)")
-    if bucket not in limits.allowed_s3_buckets:
-        raise ApiError(403, "s3_bucket_not_allowed", f"bucket {bucket!r} is not one this service may read")
-    try:
-        return await asyncio.to_thread(_read_s3, uri, limits.max_body_bytes)
-    except ApiError:
-        raise
-    except FileNotFoundError:
-        raise ApiError(404, "not_found", f"{uri} does not exist") from None
-    except PermissionError:
-        raise ApiError(403, "s3_forbidden", f"access to {uri} is denied") from None
-    except Exception as exc:  # noqa: BLE001 - S3 itself failed (endpoint down, throttled, 5xx)
-        # Not the request's fault: 502 with Retry-After, so clients retry instead of dropping it.
-        # The client learns the kind of failure; the endpoint and the exception text (which
-        # name the internal S3 host) stay in the server's log.
-        log.warning("reading %s failed: %s: %s", uri, type(exc).__name__, exc)
-        raise ApiError(502, "s3_unavailable", f"S3 did not answer for {uri} ({type(exc).__name__}); retry later",
-                       {"Retry-After": "5"}) from None
-
-
-def decode_checked(data: bytes, declared: str | None, limits: LimitsConfig, fit_pixels: int | None = None):
-    """Validated PIL image (8-bit RGB) or ApiError, no larger than ``fit_pixels`` (the model's
-    own pixel cap: it never sees more). Runs in a worker thread."""
-    allowed = limits.allowed_content_types
-    if declared and declared not in ("application/octet-stream",) and declared not in allowed:
-        raise ApiError(415, "unsupported_media_type", f"image type {declared} is not allowed; allowed: {allowed}")
-    if not data:
-        raise ApiError(422, "empty", "the image has zero bytes")
-    sniffed = image_type(data[:16])
-    if sniffed is None:
-        raise ApiError(415, "not_an_image", "the bytes are not an image of a known format "
-                                            f"(allowed: {', '.join(allowed)})")
-    if sniffed not in allowed:
-        raise ApiError(415, "unsupported_media_type", f"image type {sniffed} is not allowed; allowed: {allowed}")
-    try:
-        return prepare_image(decode_image(data, limits.max_pixels, fit_pixels))
-    except ImageError as exc:
-        raise ApiError(IMAGE_ERROR_STATUS.get(exc.reason, 422), exc.reason, str(exc)[:300]) from None
-
-
-# ---------------------------------------------------------------------------- decoded memory
-
-# Bytes a request holds per pixel of its image while in flight: the decoded RGB image and the
-# array the model deployment gets (3 + 3), plus room for a mode conversion (a palette or 16-bit
-# PNG is converted once). About what a 25 MP PNG was measured to cost (215 MB).
-DECODED_BYTES_PER_PIXEL = 8
-
-
-def decoded_pixels(data: bytes, size: tuple[int, int] | None, fit_pixels: int | None, limits: LimitsConfig) -> int:
-    """The most pixels decoding ``data`` holds at once: the whole image, except a JPEG decoded
-    for ``fit_pixels`` (the codec's reduced scale stops within twice the side asked: 4x the
-    pixels). 0 for an image refused from its header (unreadable, or over max_pixels)."""
-    if size is None or size[0] * size[1] > limits.max_pixels:
-        return 0
-    full = size[0] * size[1]
-    if fit_pixels and image_type(data[:16]) == "image/jpeg":
-        return min(full, 4 * fit_pixels)
-    return full
-
-
-class DecodeBudget:
-    """The decoded image bytes the requests in flight of one ingress replica may hold."""
-
-    def __init__(self, limit_bytes: int):
-        self.limit, self.used = int(limit_bytes), 0
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def hold(self, nbytes: int):
-        if nbytes > self.limit:
-            raise ApiError(413, "too_many_pixels", f"the image needs about {nbytes // 2**20} MB decoded; this service "
-                                                   f"holds at most {self.limit // 2**20} MB (limits.max_decoded_mb_in_flight)")
-        async with self._changed:  # wait for a share; the request's own timeout still applies
-            await self._changed.wait_for(lambda: self.used + nbytes <= self.limit)
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self.used -= nbytes
-                self._changed.notify_all()
 
 
 # ---------------------------------------------------------------------------- the app
@@ -518,61 +103,6 @@ def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[di
                        model_uri=result.get("model_uri"), model_version=result.get("model_version"))
     return {**R.row_to_json(row), "referring": result.get("referring", []),
             "local_descriptions": result.get("local_descriptions", [])}
-
-
-# An image_uri as check_s3_uri takes it: a bucket name, then a key without "::", "?", "#",
-# control characters or a trailing "/" (ECMA regex, as OpenAPI reads it).
-S3_URI_PATTERN = r"^s3a?://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?!.*::)(?!(.*/)?\.\.(/|$))[^?#\x00-\x1f\x7f]*[^/?#\x00-\x1f\x7f]$"
-
-
-def _exactly_one(a: str, b: str) -> list[dict]:
-    return [{"required": [a], "not": {"required": [b]}}, {"required": [b], "not": {"required": [a]}}]
-
-
-def request_schemas(limits: LimitsConfig) -> tuple[dict, dict]:
-    """The documented JSON and multipart bodies of /v1/assess, with this deployment's limits.
-
-    As tight as a schema can say it, so a request a schema fuzzer builds from them is not
-    refused for its form: exactly one image source, non-empty texts within
-    ``limits.max_text_chars``, at most ``limits.max_questions`` per list. What a schema cannot
-    say (the question count summed over the lists, chat-template markup, the image's own
-    bytes) is in the descriptions and the 4xx responses.
-    """
-    text = {"type": "string", "minLength": 1, "maxLength": limits.max_text_chars, "pattern": r"\S",
-            "description": "plain text (no chat-template markup such as <|im_end|>)"}
-    texts = {"type": "array", "items": text, "maxItems": limits.max_questions}
-    uri = {"type": "string", "pattern": S3_URI_PATTERN, "description": "s3://bucket/key in one of the configured buckets"}
-    json_schema = AssessJSON.model_json_schema(ref_template="#/components/schemas/{model}")
-    props = json_schema["properties"]
-    props["image_base64"] = {"type": "string", "minLength": 1, "description": props["image_base64"]["description"]}
-    props["image_uri"] = uri
-    props["ground"]["anyOf"] = [{"type": "boolean"}, texts]
-    for key in ("refer", "describe_regions"):
-        props[key] = {**texts, "description": props[key]["description"]}
-    json_schema["oneOf"] = _exactly_one("image_base64", "image_uri")
-    json_schema["description"] += (f" At most {limits.max_questions} texts in ground, refer and describe_regions "
-                                   "together.")
-    # The form takes the same options as the JSON body (its properties, less the nulls a form
-    # cannot send), plus the image as a file.
-    form_options = {key: dict(props[key]) for key in AssessOptions.model_fields}
-    form_options["ground"]["description"] = "true for the HyD-G question, or one field per grounding question"
-    form_options["refer"]["description"] = "one field per region text"
-    for prop in form_options.values():
-        if "anyOf" in prop and {"type": "null"} in prop["anyOf"]:
-            (non_null,) = [p for p in prop.pop("anyOf") if p != {"type": "null"}]
-            prop.update(non_null)
-            prop.pop("default", None)
-    multipart_schema = {
-        "type": "object",
-        "properties": {
-            "image": {"type": "string", "format": "binary", "description": "the image file"},
-            "image_uri": {**uri, "description": "s3://bucket/key (instead of a file)"},
-            **form_options,
-        },
-        "additionalProperties": False,
-        "oneOf": _exactly_one(*IMAGE_FIELDS),
-    }
-    return json_schema, multipart_schema
 
 
 def add_offline_docs(app: FastAPI) -> None:
@@ -701,7 +231,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                     "answer referring questions about named regions. Send multipart/form-data (file field "
                     "`image`) or JSON (`image_base64` or `image_uri`).",
         response_model=None,
-        responses={200: {"model": AssessResponse, "description": "a result-contract row"}, **_ERRORS},
+        responses={200: {"model": AssessResponse, "description": "a result-contract row"}, **ERROR_RESPONSES},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": json_schema},
             "multipart/form-data": {"schema": multipart_schema},
@@ -737,7 +267,5 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
     return app
 
 
-__all__ = ["build_api", "bearer_auth", "API_TOKEN_ENV", "OPEN_PATHS", "ApiError", "BackendUnavailable",
-           "AssessOptions", "AssessJSON", "AssessResponse", "ErrorBody", "BodyLimitMiddleware", "parse_request",
-           "decode_checked", "fetch_uri", "check_s3_uri", "IMAGE_ERROR_STATUS", "DecodeBudget",
-           "DECODED_BYTES_PER_PIXEL"]
+__all__ = ["build_api", "build_row", "bearer_auth", "add_offline_docs", "Backend", "BackendUnavailable", "API_VERSION",
+           "API_TOKEN_ENV", "OPEN_PATHS", "NOT_READY_WAIT_S", "READY_PROBE_S"]
