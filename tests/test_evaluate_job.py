@@ -335,3 +335,19 @@ def test_job_entrypoint(dataset, tiny_model_dir, tmp_path, capsys, caplog):
     assert "grounding.all.point_acc" in printed
     for key, value in printed.items():
         assert float(value) == pytest.approx(flat[key], abs=5e-5), key
+
+
+def test_report_page_escapes_what_comes_from_the_data():
+    """The page is a template with autoescape: a model URI, a caption or a chance basis with
+    markup in it is shown as text, never run."""
+    from iqa_spider.evaluate.report import render_html
+
+    report = {"model_uri": "<script>alert(1)</script>", "model_version": None, "data_uri": "s3://b/d", "split": "test",
+              "mapping": "paper", "segmenter": "superpixel", "images": 1, "samples": 1, "control": {},
+              "metrics": {"rating": {"srcc": 0.5, "n": 1}}, "chance": {"rating": {"srcc": 0.0}},
+              "chance_basis": {"rating.srcc": "a score <b>independent</b> of the image"}}
+    page = render_html(report, [], [("scatter.png", "<img src=x onerror=alert(1)>")])
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<img src=x" not in page and "<b>independent</b>" not in page
+    assert "rating</td><td>srcc</td><td><b>0.5000</b></td><td>0.0000</td><td>1</td>" in page
+    assert "<img src='plots/scatter.png'" in page

@@ -179,8 +179,8 @@ def test_s3_outage_is_a_retryable_502_not_the_clients_fault():
     """The endpoint is down: the request is fine, so no 4xx; one attempt keeps the test short."""
     import asyncio
 
-    from iqa_spider.serve.requests import ApiError, fetch_uri
     from iqa_spider.serve.config import LimitsConfig
+    from iqa_spider.serve.requests import ApiError, fetch_uri
 
     with s3_down():
         with pytest.raises(ApiError) as err:
@@ -611,8 +611,8 @@ def test_decoded_image_memory_in_flight_is_bounded():
     """limits.max_decoded_mb_in_flight bounds the decoded bytes of concurrent requests, not
     their count: with room for one 1000x1000 image at a time, two such requests run one after
     the other (both answered), and an image that alone needs more than the budget is a 413."""
-    from iqa_spider.serve.requests import DECODED_BYTES_PER_PIXEL
     from iqa_spider.serve.config import LimitsConfig
+    from iqa_spider.serve.requests import DECODED_BYTES_PER_PIXEL
 
     one = 1000 * 1000 * DECODED_BYTES_PER_PIXEL
     backend = FakeBackend()

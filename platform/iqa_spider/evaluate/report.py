@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import jinja2
 import numpy as np
 
 from iqa_spider.evaluate.config import EvaluateConfig
@@ -76,61 +77,35 @@ def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
 
 
-def _summary_rows(report: dict) -> str:
-    import html
-
+def _summary_rows(report: dict) -> list[dict]:
     flat = flatten_metrics(report["metrics"])
     chance = flatten_metrics(report.get("chance") or {})
     basis = report.get("chance_basis") or {}
     rows = []
     for section, key in SUMMARY_KEYS:
         k = f"{section}.{key}"
-        if k not in flat:
-            continue
-        rows.append(f"<tr><td>{html.escape(section)}</td><td>{html.escape(key)}</td><td><b>{_fmt(flat[k])}</b></td>"
-                    f"<td>{_fmt(chance.get(k))}</td><td>{flat.get(section + '.n', 0):.0f}</td>"
-                    f"<td class='basis'>{html.escape(basis.get(k, ''))}</td></tr>")
-    return "".join(rows)
+        if k in flat:
+            rows.append({"section": section, "key": key, "model": _fmt(flat[k]), "chance": _fmt(chance.get(k)),
+                         "n": f"{flat.get(section + '.n', 0):.0f}", "basis": basis.get(k, "")})
+    return rows
+
+
+# The page is a Jinja2 template with autoescape: every value from the data (questions, answers,
+# URIs) is escaped by the template engine, not by hand.
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.evaluate", "templates"), autoescape=True,
+                               undefined=jinja2.StrictUndefined)
 
 
 def render_html(report: dict, drawn: Sequence[dict], plots: Sequence[tuple[str, str]] = ()) -> str:
     """The page; ``plots`` are ``(file name, caption)`` of PNGs in ``plots/`` next to it."""
-    import html
-
     chance = flatten_metrics(report.get("chance") or {})
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td><td>{_fmt(chance.get(k))}</td></tr>"
-                   for k, v in sorted(flatten_metrics(report["metrics"]).items()))
-    control = report.get("control") or {}
-    banner = ("<p class='control'><b>CONTROL RUN: shuffled images.</b> Every sample was asked about another "
-              f"image of the split (seed {control.get('seed')}), its truth kept; a model that uses the image "
-              "scores near chance here.</p>") if control.get("shuffle_images") else ""
-    figures = "".join(f"<figure class='plot'><img src='plots/{html.escape(name)}' alt='{html.escape(name)}'/>"
-                      f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption in plots)
-    cards = []
-    for it in drawn:
-        cards.append(
-            f"<figure><img src='data:image/png;base64,{_overlay_png(it)}'/><figcaption>"
-            f"<b>{html.escape(it['subtask'] or '')}</b> {html.escape(it['question'])}<br/>"
-            f"<i>truth:</i> {html.escape(it['truth'])}<br/><i>model:</i> {html.escape(it['pred'] or '')}<br/>"
-            f"hit {it['hit']:.0f}, IoU {it['iou']:.3f}</figcaption></figure>")
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>IQA-Spider evaluation</title>"
-        "<style>body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;width:270px;"
-        "vertical-align:top;margin:6px}figcaption{font-size:12px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}td.basis{font-size:11px;color:#555}"
-        "figure.plot{width:auto;max-width:95%}figure.plot img{max-width:100%}"
-        ".control{background:#fde2e2;padding:6px;border:1px solid #d66}</style></head><body>"
-        f"<h1>IQA-Spider evaluation</h1>{banner}<p>model {html.escape(str(report['model_uri']))} "
-        f"(version {html.escape(str(report['model_version']))}), data {html.escape(report['data_uri'])} "
-        f"split {html.escape(report['split'])}, mapping {html.escape(report['mapping'])}, segmenter "
-        f"{html.escape(report['segmenter'])}: {report['images']} images, {report['samples']} samples.</p>"
-        "<h2>Summary</h2><p>Chance: what an answer that ignores the image scores on the same truth "
-        "(docs/inference.md, Chance baselines).</p><table><tr><th>task</th><th>metric</th><th>model</th>"
-        f"<th>chance</th><th>n</th><th>chance is</th></tr>{_summary_rows(report)}</table>"
-        f"<h2>Plots</h2>{figures or '<p>none</p>'}"
-        f"<h2>Metrics</h2><table><tr><th>metric</th><th>model</th><th>chance</th></tr>{rows}</table>"
-        "<h2>Grounding samples</h2><p>Overlays: truth mask green, predicted mask red, predicted point blue.</p>"
-        f"{''.join(cards)}</body></html>")
+    metrics = [{"key": k, "model": f"{v:.4f}", "chance": _fmt(chance.get(k))}
+               for k, v in sorted(flatten_metrics(report["metrics"]).items())]
+    cards = [{"png": _overlay_png(it), "subtask": it["subtask"] or "", "question": it["question"], "truth": it["truth"],
+              "pred": it["pred"] or "", "hit": f"{it['hit']:.0f}", "iou": f"{it['iou']:.3f}"} for it in drawn]
+    return TEMPLATES.get_template("report.html.j2").render(
+        report=report, control=report.get("control") or {}, summary=_summary_rows(report), plots=list(plots),
+        metrics=metrics, cards=cards)
 
 
 def _predictions_table(samples: Sequence[dict], mapping: str):

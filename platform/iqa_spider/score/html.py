@@ -8,21 +8,18 @@ works wherever the output folder is copied or served from.
 """
 from __future__ import annotations
 
-import html
 import posixpath
+
+import jinja2
 
 from iqa_spider import storage
 from iqa_spider.data.io import read_table
 from iqa_spider.score.listing import shard_dir
 
 PAGE_COLUMNS = ("image_uri", "error", "score", "level", "description", "regions")
-STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
-         "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:320px}"
-         ".err{color:#a00}")
-
-
-def _esc(value) -> str:
-    return html.escape("" if value is None else str(value))
+# A Jinja2 template with autoescape: URIs, answers and error texts are escaped by the engine.
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.score", "templates"), autoescape=True,
+                               undefined=jinja2.StrictUndefined)
 
 
 def render(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:
@@ -31,36 +28,24 @@ def render(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) 
     failed = sorted((r for r in rows if r["error"] is not None), key=lambda r: r["image_uri"] or "")
     has_overlays = storage.exists(storage.join(output_uri, "overlays"))
 
-    def image_cell(row: dict) -> str:
+    def overlay(row: dict) -> str | None:
         if not has_overlays:
-            return ""
-        link = posixpath.join("overlays", storage.relative_key(input_uri, row["image_uri"]) + ".jpg")
-        return f"<a href='{_esc(link)}'><img src='{_esc(link)}' alt='overlay'/></a>"
+            return None
+        return posixpath.join("overlays", storage.relative_key(input_uri, row["image_uri"]) + ".jpg")
 
-    def grounding(row: dict) -> str:
-        return "<br/>".join(
-            f"{_esc(g['answer'])}" + (f" <i>(point {g['point_x']:.0f}, {g['point_y']:.0f}; mask "
-                                      f"{g['mask_area']} px)</i>" if g["point_x"] is not None else "")
-            for g in row["regions"] or [])
+    def grounding(row: dict) -> list[dict]:
+        return [{"answer": g["answer"],
+                 "where": (f"point {g['point_x']:.0f}, {g['point_y']:.0f}; mask {g['mask_area']} px"
+                           if g["point_x"] is not None else None)} for g in row["regions"] or []]
 
-    items = "".join(
-        f"<tr><td>{image_cell(r)}</td><td><b>{r['score']:.2f}</b> {_esc(r['level'])}<br/>"
-        f"<small>{_esc(r['image_uri'])}</small></td><td>{_esc(r['description'])}</td><td>{grounding(r)}</td></tr>"
-        for r in scored[:max_items])
-    errors = "".join(f"<tr><td>{_esc(r['image_uri'])}</td><td class='err'>{_esc(r['error'])}</td></tr>"
-                     for r in failed)
-    counts = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in
-                     [("rows", summary["rows"]), ("scored", summary["scored"]), ("mean score", summary["score_mean"]),
-                      ("model", f"{summary.get('model_uri')} (version {summary.get('model_version')})"),
-                      *[(f"error: {k}", v) for k, v in sorted(summary["errors"].items())]])
-    hist = "<img src='_histogram.png' alt='score histogram'/>" if storage.exists(
-        storage.join(output_uri, "_histogram.png")) else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>IQA-Spider scores</title>"
-            f"<style>{STYLE}</style></head><body><h1>IQA-Spider scores</h1>"
-            f"<p>{_esc(input_uri)} &rarr; {_esc(output_uri)}</p><table>{counts}</table>{hist}"
-            f"<h2>Lowest scores first ({min(len(scored), max_items)} of {len(scored)})</h2>"
-            f"<table><tr><th>worst region</th><th>score</th><th>description</th><th>grounding</th></tr>{items}</table>"
-            f"<h2>Not scored ({len(failed)})</h2><table>{errors}</table></body></html>")
+    items = [{"overlay": overlay(r), "score": f"{r['score']:.2f}", "level": r["level"], "image_uri": r["image_uri"],
+              "description": r["description"] or "", "grounding": grounding(r)} for r in scored[:max_items]]
+    counts = [("rows", summary["rows"]), ("scored", summary["scored"]), ("mean score", summary["score_mean"]),
+              ("model", f"{summary.get('model_uri')} (version {summary.get('model_version')})"),
+              *[(f"error: {k}", v) for k, v in sorted(summary["errors"].items())]]
+    return TEMPLATES.get_template("report.html.j2").render(
+        input_uri=input_uri, output_uri=output_uri, counts=counts, items=items, scored=len(scored), failed=failed,
+        histogram=storage.exists(storage.join(output_uri, "_histogram.png")))
 
 
 def write(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:
