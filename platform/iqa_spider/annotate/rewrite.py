@@ -32,19 +32,20 @@ class Rewriter:
     """Loads the configured HF model once; `__call__` returns (answer, accepted)."""
 
     def __init__(self, model_path: str, max_new_tokens: int = 96):
-        import torch
+        # imported here, not at the top: the truth check (keeps_truth) is used without a model
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.torch = torch
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
         self.max_new_tokens = max_new_tokens
 
     def generate(self, answer: str) -> str:
+        import torch
+
         messages = [{"role": "user", "content": [{"type": "text", "text": PROMPT.format(answer=answer)}]}]
         inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=True, return_tensors="pt")
-        with self.torch.inference_mode():
+        with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[0, inputs["input_ids"].shape[1]:]
         return self.processor.decode(new, skip_special_tokens=True).strip()

@@ -36,8 +36,8 @@ from iqa_spider.evaluate.metrics import (
 )
 from iqa_spider.evaluate.report import format_metrics, publish
 from iqa_spider.infer.config import MAPPING_NAMES
-from iqa_spider.infer.engine import Query
 from iqa_spider.infer.planning import Plan
+from iqa_spider.infer.queries import Query
 from iqa_spider.infer.text_to_point import answer_position_words
 from iqa_spider.vocab import SCORE_QUESTION
 

@@ -32,17 +32,20 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from transformers import DynamicCache, GenerationConfig
 
+from iqa_spider.infer.queries import MODES, Query, QueryResult
 from iqa_spider.infer.text_to_point import PositionVocab
-from iqa_spider.vocab import LEVEL_WEIGHTS, LEVEL_WORDS, SCORE_ANSWER_PREFIX, SCORE_QUESTION
+from iqa_spider.model.tokenizer import word_token_id
+from iqa_spider.vocab import LEVEL_WORDS, SCORE_ANSWER_PREFIX
 
 log = logging.getLogger(__name__)
 
-MODES = ("score", "generate", "force")
 _SENTINEL = "<<<IQA-SPIDER-QUESTION>>>"
 # Decoding reads which rows have finished only every STOP_CHECK_EVERY steps. Each read is a
 # host-device round trip: the host waits for the GPU to drain, then the GPU waits while the
@@ -53,48 +56,6 @@ _SENTINEL = "<<<IQA-SPIDER-QUESTION>>>"
 STOP_CHECK_EVERY = 4
 COMPACT_EVERY = 8  # decoding steps between drops of finished rows
 assert COMPACT_EVERY % STOP_CHECK_EVERY == 0  # compaction happens at a read
-
-
-@dataclass
-class Query:
-    """One question about one image.
-
-    mode ``score``: the Q-Align rating (the question defaults to SCORE_QUESTION and the answer
-    prefix to SCORE_ANSWER_PREFIX); ``generate``: greedy answer up to ``max_new_tokens``;
-    ``force``: teacher-force ``answer`` and record the position-word logits at each token.
-    """
-
-    question: str = SCORE_QUESTION
-    mode: str = "generate"
-    max_new_tokens: int = 64
-    answer: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "force" and not self.answer:
-            raise ValueError("mode force needs an answer")
-
-
-@dataclass
-class QueryResult:
-    text: str | None = None                   # generated (or forced) answer
-    token_ids: list[int] = field(default_factory=list)
-    watch_logits: np.ndarray | None = None    # (len(token_ids), len(watch_ids)) float32
-    level_probs: list[float] | None = None    # score mode: p(excellent..bad)
-    finished: bool = True                     # generate: stopped at eos (False: hit the cap)
-
-    @property
-    def score(self) -> float | None:
-        if self.level_probs is None:
-            return None
-        return float(sum(p * w for p, w in zip(self.level_probs, LEVEL_WEIGHTS)))
-
-    @property
-    def level(self) -> str | None:
-        if self.level_probs is None:
-            return None
-        return LEVEL_WORDS[int(np.argmax(self.level_probs))]
 
 
 def control_tokens(tokenizer) -> tuple[str, ...]:
@@ -154,9 +115,6 @@ class Engine:
     """Runs :class:`Query` rows against one model + processor (see the module docstring)."""
 
     def __init__(self, model, processor, batch_size: int = 8, max_rows: int = 32):
-        import torch
-
-        self.torch = torch
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -166,8 +124,6 @@ class Engine:
         self.prompt = PromptParts.from_processor(processor)
         self.positions = PositionVocab(self.tokenizer)
         self.control_tokens = control_tokens(self.tokenizer)
-        from iqa_spider.model.tokenizer import word_token_id
-
         self.level_ids = [word_token_id(self.tokenizer, w) for w in LEVEL_WORDS]
         self.eos_ids = self._eos_ids()
         pad = self.tokenizer.pad_token_id
@@ -247,7 +203,6 @@ class Engine:
         if not prefix_sharing or not self.prefix_consistent:
             return self._run_naive(images, queries)
         results: list[list[QueryResult | None]] = [[None] * len(qs) for qs in queries]
-        torch = self.torch
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
                 chunk = list(range(start, min(start + self.batch_size, len(images))))
@@ -273,7 +228,6 @@ class Engine:
         return [[r for r in rs] for rs in results]  # type: ignore[misc]
 
     def _prefill(self, images: list) -> _Prefix:
-        torch = self.torch
         inputs = self.processor(text=[self.prompt.prefix] * len(images), images=images, padding=True,
                                 return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
@@ -284,8 +238,6 @@ class Engine:
             inputs["mm_token_type_ids"] = mm
         position_ids, _ = self.inner.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=inputs["image_grid_thw"],
                                                     attention_mask=mask)
-        from transformers import DynamicCache
-
         cache = DynamicCache(config=self.model.config)
         self._forward(input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=cache,
                       pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
@@ -295,13 +247,10 @@ class Engine:
 
     def _select_cache(self, cache, index):
         """A new cache whose batch rows are ``cache``'s rows at ``index`` (copies)."""
-        from transformers import DynamicCache
-
         data = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
         return DynamicCache(data, config=self.model.config)
 
     def _continue(self, prefix: _Prefix, rows: list[_Row]) -> list[QueryResult]:
-        torch = self.torch
         n = len(rows)
         img = torch.tensor([r.slot for r in rows], device=self.device)
         suffixes, n_answer = zip(*(self._suffix_ids(r.query) for r in rows))
@@ -347,7 +296,6 @@ class Engine:
 
     def _decode(self, cache, last_hidden, attn, last_pos, caps: list[int]) -> list[QueryResult]:
         """Greedy decoding of a batch whose suffix pass is done."""
-        torch = self.torch
         m = last_hidden.shape[0]
         steps = max(caps)
         watch_ids = torch.tensor(self.positions.watch_ids, device=self.device)
@@ -411,8 +359,6 @@ class Engine:
         return self._run_naive(images, queries)
 
     def _run_naive(self, images: Sequence[Any], queries: Sequence[Sequence[Query]]) -> list[list[QueryResult]]:
-        torch = self.torch
-        from transformers import GenerationConfig
 
         out: list[list[QueryResult]] = []
         watch_ids = self.positions.watch_ids

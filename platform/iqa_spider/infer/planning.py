@@ -13,7 +13,7 @@ from typing import Any
 
 from iqa_spider.annotate import templates as T
 from iqa_spider.infer.config import InferConfig
-from iqa_spider.infer.engine import Query, QueryResult
+from iqa_spider.infer.queries import Query, QueryResult
 from iqa_spider.vocab import SCORE_QUESTION
 
 # The questions the model was trained on (the annotation templates), one fixed wording each.

@@ -156,12 +156,12 @@ class SamSegmenter(Segmenter):
     name = "sam"
 
     def __init__(self, path: str, device: str = "auto", multimask: bool = True):
-        import torch
+        # torch and transformers only here and in segment_many: the superpixel segmenter, the
+        # default of the Serve grounding replicas, needs neither
         from transformers import AutoConfig
 
         from iqa_spider.model.loading import resolve_device
 
-        self.torch = torch
         self.device = resolve_device(device)
         self.multimask = bool(multimask)
         model_type = AutoConfig.from_pretrained(path).model_type
@@ -176,7 +176,8 @@ class SamSegmenter(Segmenter):
         self.processor = Processor.from_pretrained(path)
 
     def segment_many(self, image: Image.Image, point_sets: Sequence[Sequence[PointXY]]) -> list[np.ndarray]:
-        torch = self.torch
+        import torch
+
         w, h = image.size
         flat = [(k, _pixel(p, w, h)) for k, ps in enumerate(point_sets) for p in ps]
         out = [np.zeros((h, w), dtype=bool) for _ in point_sets]
