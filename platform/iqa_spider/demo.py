@@ -14,13 +14,24 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from iqa_spider import storage
 from iqa_spider.config import ConfigError, load_config
-from iqa_spider.config.schemas import DemoConfig
+from iqa_spider.config.schemas import AnnotateConfig, DemoConfig, TrainConfig
 from iqa_spider.entrypoint import run_job
+from iqa_spider.evaluate.config import EvaluateConfig
+from iqa_spider.evaluate.job import run_evaluate
+from iqa_spider.model.tiny import family_for, init_tiny
+from iqa_spider.registry.config import PromoteConfig
+from iqa_spider.registry.promotion import run_promote
+from iqa_spider.score.config import ScoreConfig
+from iqa_spider.score.job import run_score
+from iqa_spider.tracking import tracking_uri
+from iqa_spider.train.export import HF_DIR
+from iqa_spider.train.job import run_train
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]  # platform/iqa_spider/demo.py -> repository root
@@ -38,17 +49,6 @@ def stage_config(schema: type, path: str, overrides: Sequence[str], wiring: Sequ
 
 def run_demo(cfg: DemoConfig) -> dict[str, str]:
     from iqa_spider.annotate.pipeline import run_annotate, write_builtin_photos
-    from iqa_spider.config.schemas import AnnotateConfig, TrainConfig
-    from iqa_spider.evaluate.config import EvaluateConfig
-    from iqa_spider.evaluate.job import run_evaluate
-    from iqa_spider.model.tiny import family_for
-    from iqa_spider.registry.config import PromoteConfig
-    from iqa_spider.registry.promotion import run_promote
-    from iqa_spider.score.config import ScoreConfig
-    from iqa_spider.score.job import run_score
-    from iqa_spider.tracking import tracking_uri
-    from iqa_spider.train.export import HF_DIR
-    from iqa_spider.train.job import run_train
 
     work = workdir_uri(cfg.workdir)
     mlflow_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -145,9 +145,6 @@ def workdir_uri(workdir: str) -> str:
 
 def write_tiny_model(family: str, seed: int, uri: str, size: str = "tiny") -> str:
     """The random checkpoint of preset ``size`` at ``uri``; built locally and copied when ``uri`` is in S3."""
-    import tempfile
-
-    from iqa_spider.model.tiny import init_tiny
 
     if not storage.is_s3(uri):
         return str(init_tiny(family, uri, seed=seed, size=size))

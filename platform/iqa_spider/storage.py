@@ -24,6 +24,8 @@ from typing import IO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from iqa_spider.config import ConfigError
+
 TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,6 @@ def require_input(uri: str, key: str) -> None:
     """A job's pre-flight: its input `uri` exists and can be read, else a ConfigError naming
     the config `key`. Without it a mistyped path or bucket lists as empty and the job
     "succeeds" on nothing."""
-    from iqa_spider.config import ConfigError
 
     try:
         fs, path = get_fs(uri)

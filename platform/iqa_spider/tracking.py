@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,6 @@ def system_info() -> dict[str, Any]:
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "cuda_available": torch.cuda.is_available(),
     }
-    from importlib.metadata import PackageNotFoundError, version
 
     for pkg in ("transformers", "peft", "deepspeed", "ray", "mlflow"):
         try:  # from the installed metadata: importing deepspeed & co. on the driver costs seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -33,7 +34,9 @@ from iqa_spider.config import ConfigError
 from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data.io import read_shard_summary, write_table
 from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
+from iqa_spider.entrypoint import run_job
 from iqa_spider.images import IMAGE_SUFFIXES, ImageError, decode_image, encode_png, resize_max_side
+from iqa_spider.raycluster import ensure_ray
 
 log = logging.getLogger(__name__)
 REWRITTEN_TASKS = ("global_desc", "local_desc", "referring_long")
@@ -414,8 +417,6 @@ def run_annotate(cfg: AnnotateConfig) -> dict:
     """Run the job; returns the run summary (also written to OUTPUT/_summary.json)."""
     import ray
 
-    from iqa_spider.raycluster import ensure_ray
-
     started = time.monotonic()
     check_families(cfg.distort)
     sources, ignored = list_sources(cfg)
@@ -488,7 +489,6 @@ def _skimage_photos() -> Iterator[tuple[str, object]]:
 def _sklearn_photos() -> Iterator[tuple[str, object]]:
     """scikit-learn's sample photos, read from its installed package folder (what
     load_sample_image reads) without importing scikit-learn, which takes seconds."""
-    import importlib.util
 
     try:
         spec = importlib.util.find_spec("sklearn")
@@ -538,6 +538,4 @@ def write_builtin_photos(out_uri: str, limit: int | None = None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from iqa_spider.entrypoint import run_job
-
     return run_job(AnnotateConfig, run_annotate, argv, description="annotate: pristine images -> four-task dataset")

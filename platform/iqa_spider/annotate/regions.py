@@ -17,6 +17,7 @@ import numpy as np
 from skimage.segmentation import slic
 
 from iqa_spider.annotate.truth import cell_edges
+from iqa_spider.data import rle
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,6 @@ def grid_regions(h: int, w: int, n: int) -> list[Proposal]:
 
 def user_regions(masks: list[dict], h: int, w: int) -> list[Proposal]:
     """The user's masks: [{'mask_rle': {...}, 'label': str|None}], resized to the image if needed."""
-    from iqa_spider.data import rle
 
     out = []
     for m in masks:

@@ -9,10 +9,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from iqa_spider.annotate.procedural import write_procedural_images
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
-from iqa_spider.entrypoint import CONFIG_ERROR_EXIT
-from iqa_spider.model.tiny import SIZES
+from iqa_spider.entrypoint import CONFIG_ERROR_EXIT, setup_logging
+from iqa_spider.model.tiny import SIZES, family_for, init_tiny
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -26,8 +27,6 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _model_init_tiny(args: argparse.Namespace) -> int:
-    from iqa_spider.model.tiny import family_for, init_tiny
-
     family = family_for(args.size, args.family)
     out = init_tiny(family, args.out, seed=args.seed, size=args.size)
     print(f"{args.size} {family} model written to {out}")
@@ -36,7 +35,6 @@ def _model_init_tiny(args: argparse.Namespace) -> int:
 
 def _data_import_mos(args: argparse.Namespace) -> int:
     from iqa_spider.annotate.mos import import_mos
-    from iqa_spider.entrypoint import setup_logging
 
     setup_logging()
     try:
@@ -58,9 +56,6 @@ def _data_builtin_photos(args: argparse.Namespace) -> int:
 
 
 def _data_generated(args: argparse.Namespace) -> int:
-    from iqa_spider.annotate.procedural import write_procedural_images
-    from iqa_spider.entrypoint import setup_logging
-
     setup_logging()
     if args.count < 1 or args.side < 32:
         print("generated: --count must be >= 1 and --side >= 32", file=sys.stderr)

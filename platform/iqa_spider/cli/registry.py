@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from iqa_spider.entrypoint import setup_logging
 from iqa_spider.registry.config import PromoteConfig
 from iqa_spider.registry.listing import format_versions, list_versions
 from iqa_spider.registry.promotion import PromotionError, main, rollback
@@ -36,7 +37,6 @@ def promote_main(argv: Sequence[str] | None = None) -> int:
 
 def rollback_main(argv: Sequence[str] | None = None) -> int:
     """`iqa-spider rollback [--model NAME]`."""
-    from iqa_spider.entrypoint import setup_logging
 
     p = argparse.ArgumentParser(prog="iqa-spider rollback", description="champion <- previous-champion")
     p.add_argument("--model", default="iqa-spider", help="registered model name")

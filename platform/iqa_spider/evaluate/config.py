@@ -11,6 +11,7 @@ from omegaconf import MISSING
 
 from iqa_spider.config.loader import check_choice, parse_bool
 from iqa_spider.config.schemas import ModelConfig
+from iqa_spider.data.schema import TASKS
 from iqa_spider.infer.config import MAPPING_NAMES, InferConfig, SegmenterConfig
 
 
@@ -30,7 +31,6 @@ class EvalData:
 
     def __post_init__(self) -> None:
         check_choice("data.split", self.split, ("test", "train", "all"))
-        from iqa_spider.data.schema import TASKS
 
         for t in self.tasks:
             check_choice("data.tasks", t, TASKS)

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from iqa_spider import storage
+from iqa_spider.data.io import read_dataset
+from iqa_spider.entrypoint import run_job
 from iqa_spider.evaluate.chance import chance_baselines
 from iqa_spider.evaluate.config import EvaluateConfig
 from iqa_spider.evaluate.metrics import (
@@ -35,6 +37,7 @@ from iqa_spider.evaluate.metrics import (
     truth_stratum,
 )
 from iqa_spider.evaluate.report import format_metrics, publish
+from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.infer.config import MAPPING_NAMES
 from iqa_spider.infer.planning import Plan
 from iqa_spider.infer.queries import Query
@@ -45,8 +48,6 @@ log = logging.getLogger(__name__)
 
 
 def _load_split(cfg: EvaluateConfig):
-    from iqa_spider.data.io import read_dataset
-
     storage.require_input(cfg.data.uri, "data.uri")
     table = read_dataset(cfg.data.uri)
     rows = table.to_pylist()
@@ -61,8 +62,6 @@ def _load_split(cfg: EvaluateConfig):
 
 
 def _image_of(row: dict):
-    from iqa_spider.images import decode_image
-
     data = row["image"] if row["image"] is not None else storage.read_with_retry(row["image_uri"])
     return decode_image(data)
 
@@ -101,8 +100,6 @@ def _shown_image(groups, donors, idx: int):
     """The image shown for group ``idx``: its own, or (control) its donor's at its own size."""
     from PIL import Image
 
-    from iqa_spider.images import prepare_image
-
     rows = groups[idx][1]
     if donors is None:
         return groups[idx][0], prepare_image(_image_of(rows[0]))
@@ -134,7 +131,6 @@ def _plan_for(rows: list[dict], cfg: EvaluateConfig) -> Plan:
 
 def evaluate(cfg: EvaluateConfig, head=None) -> dict:
     """Run the evaluation; returns the report (``metrics`` plus counts and provenance)."""
-    from iqa_spider.images import ImageError
     from iqa_spider.infer.predictor import GroundingHead
 
     started = time.monotonic()
@@ -290,7 +286,5 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from iqa_spider.entrypoint import run_job
-
     return run_job(EvaluateConfig, run_evaluate, argv,
                    description="evaluate: a model (+ segmenter) on a dataset's test split")

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from iqa_spider.data import rle
 from iqa_spider.infer.text_to_point import answer_position_words
 from iqa_spider.vocab import DISTORTION_TERMS, LEVEL_WORDS, SEVERITY_WORDS
 
@@ -178,8 +179,6 @@ class PRF:
 
 
 def _decode(rle_: dict) -> np.ndarray:
-    from iqa_spider.data import rle
-
     return rle.decode(rle_)
 
 
@@ -203,7 +202,6 @@ def target_mask(target: dict, width: int, height: int) -> np.ndarray:
 
 def is_whole_region(region: dict, width: int, height: int) -> bool:
     """Whether a region's mask covers the whole image."""
-    from iqa_spider.data import rle
 
     return region.get("mask_rle") is not None and rle.area(region["mask_rle"]) == width * height
 

@@ -17,6 +17,8 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 
+from iqa_spider.evaluate.metrics import distortion_families
+
 log = logging.getLogger(__name__)
 
 MAX_CLASSES = 12   # confusion matrix: the most frequent truth labels, the rest as "other"
@@ -58,8 +60,6 @@ def _set_label(families) -> str:
 
 
 def _confusion(samples: Sequence[dict], folder: str):
-    from iqa_spider.evaluate.metrics import distortion_families
-
     ss = [s for s in samples if s["task"] == "referring_short"]
     if not ss:
         return None

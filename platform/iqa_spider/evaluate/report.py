@@ -20,8 +20,13 @@ from collections.abc import Sequence
 import jinja2
 import numpy as np
 
+from iqa_spider import storage
+from iqa_spider.data.io import write_table
 from iqa_spider.evaluate.config import EvaluateConfig
-from iqa_spider.evaluate.metrics import STRATA, flatten_metrics
+from iqa_spider.evaluate.metrics import STRATA, answer_level, distortion_families, flatten_metrics
+from iqa_spider.evaluate.plots import write_plots
+from iqa_spider.model.loading import registered_name
+from iqa_spider.tracking import experiment_id, redact_values, tracking_uri
 
 
 def publish(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
@@ -114,8 +119,6 @@ def _predictions_table(samples: Sequence[dict], mapping: str):
     shuffled-image control)."""
     import pyarrow as pa
 
-    from iqa_spider.evaluate.metrics import answer_level, distortion_families
-
     strs = pa.list_(pa.string())
     schema = pa.schema([
         ("sample_id", pa.string()), ("image_id", pa.string()), ("shown_image_id", pa.string()),
@@ -143,9 +146,6 @@ def _predictions_table(samples: Sequence[dict], mapping: str):
 
 def _write_outputs(cfg: EvaluateConfig, report: dict, samples: Sequence[dict], drawn: Sequence[dict]) -> None:
     """report.json, predictions.parquet and report.html into a local folder, then to output.uri."""
-    from iqa_spider import storage
-    from iqa_spider.data.io import write_table
-    from iqa_spider.evaluate.plots import write_plots
 
     local = tempfile.mkdtemp(prefix="iqa-eval-")
     report["_local_dir"] = local
@@ -190,9 +190,6 @@ def _log_mlflow(cfg: EvaluateConfig, report: dict) -> None:
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
-
-    from iqa_spider.model.loading import registered_name
-    from iqa_spider.tracking import experiment_id, redact_values, tracking_uri
 
     # The client API, not mlflow.set_experiment/start_run: those change process-wide state
     # that later runs of other jobs in the same process (promotion, training) trip over.

@@ -359,7 +359,6 @@ class Engine:
         return self._run_naive(images, queries)
 
     def _run_naive(self, images: Sequence[Any], queries: Sequence[Sequence[Query]]) -> list[list[QueryResult]]:
-
         out: list[list[QueryResult]] = []
         watch_ids = self.positions.watch_ids
         with torch.inference_mode():

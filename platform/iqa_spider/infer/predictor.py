@@ -32,7 +32,9 @@ from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.planning import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, Ask, Plan, plan_for, refer_query
+from iqa_spider.infer.segmenters import build_segmenter
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
+from iqa_spider.model.loading import load_model
 from iqa_spider.vocab import SCORE_QUESTION
 
 log = logging.getLogger(__name__)
@@ -107,8 +109,6 @@ class Predictor:
 
     @classmethod
     def load(cls, model_cfg: ModelConfig, infer: InferConfig | None = None) -> Predictor:
-        from iqa_spider.model.loading import load_model
-
         infer = infer or InferConfig()
         loaded = load_model(model_cfg, infer.cache_dir)
         return cls(loaded.model, loaded.processor, infer, loaded.uri, loaded.version)
@@ -215,8 +215,6 @@ class GroundingHead:
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, infer: InferConfig | None = None,
                     segmenter: SegmenterConfig | None = None) -> GroundingHead:
-        from iqa_spider.infer.segmenters import build_segmenter
-
         return cls(Predictor.load(model_cfg, infer), build_segmenter(segmenter or SegmenterConfig()))
 
     @property

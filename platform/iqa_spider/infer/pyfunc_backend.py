@@ -33,8 +33,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from iqa_spider import storage
 from iqa_spider.config.loader import ConfigValueError, parse_bool
-from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
+from iqa_spider.config.schemas import MODEL_FAMILIES, ModelConfig
+from iqa_spider.infer import results as R
+from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES, InferConfig, SegmenterConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,6 @@ PARAM_KEYS = ("describe", "ground", "ground_questions", "mapping")
 
 
 def _family_of(model_dir: str) -> str:
-    from iqa_spider.config.schemas import MODEL_FAMILIES
-
     try:
         model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
@@ -57,8 +58,6 @@ def load_predictor(model_dir: str):
     Scoring, descriptions and grounding all go through it; batching and prefix sharing are
     the engine's defaults.
     """
-    from iqa_spider.config.schemas import ModelConfig
-    from iqa_spider.infer.config import InferConfig, SegmenterConfig
     from iqa_spider.infer.predictor import GroundingHead
 
     device = os.environ.get("IQA_SPIDER_DEVICE", "auto")
@@ -109,9 +108,6 @@ def _cell(value: Any) -> Any:
 def predict_frame(predictor, model_input, params: dict | None = None):
     """Result-contract rows (a DataFrame) for the images of ``model_input``; see the module doc."""
     import pandas as pd
-
-    from iqa_spider import storage
-    from iqa_spider.infer import results as R
 
     params = dict(params or {})
     unknown = sorted(set(params) - set(PARAM_KEYS))

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from iqa_spider.model.loading import resolve_device
+
 if TYPE_CHECKING:  # pragma: no cover
     from iqa_spider.infer.predictor import Grounding
 
@@ -159,8 +161,6 @@ class SamSegmenter(Segmenter):
         # torch and transformers only here and in segment_many: the superpixel segmenter, the
         # default of the Serve grounding replicas, needs neither
         from transformers import AutoConfig
-
-        from iqa_spider.model.loading import resolve_device
 
         self.device = resolve_device(device)
         self.multimask = bool(multimask)

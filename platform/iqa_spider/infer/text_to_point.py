@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iqa_spider.model.tokenizer import word_token_id
 from iqa_spider.vocab import HORIZONTAL_2, HORIZONTAL_3, VERTICAL_2, VERTICAL_3
 
 VERTICAL_WORDS: tuple[str, ...] = VERTICAL_3      # top, middle, bottom
@@ -85,8 +86,6 @@ class PositionVocab:
     """
 
     def __init__(self, tokenizer):
-        from iqa_spider.model.tokenizer import word_token_id
-
         self.forms: dict[str, dict[str, int]] = {"space": {}, "bare": {}}
         for word in VERTICAL_WORDS + HORIZONTAL_WORDS:
             self.forms["space"][word] = word_token_id(tokenizer, word)

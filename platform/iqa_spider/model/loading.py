@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iqa_spider import storage
 from iqa_spider.config.schemas import ModelConfig
+from iqa_spider.model.processor import load_processor
 from iqa_spider.storage import redact
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,6 @@ def _fetch_s3_folder(uri: str, cache_dir: str) -> Path:
     is loading from, and a 7B checkpoint is not pulled once per process. Old copies stay in
     the cache folder until removed (IQA_SPIDER_CACHE names it).
     """
-    from iqa_spider import storage
 
     fs, root = storage.get_fs(uri)
     root = root.rstrip("/")
@@ -258,8 +259,6 @@ class LoadedModel:
 def load_model(cfg: ModelConfig, cache_dir: str | None = None) -> LoadedModel:
     """Model (eval mode, on its device) and processor (left padding) for ``cfg``."""
     from transformers import AutoModelForImageTextToText
-
-    from iqa_spider.model.processor import load_processor
 
     resolved = resolve_model_path(cfg.path, cache_dir, cfg.tracking_uri)
     device = resolve_device(cfg.device)

@@ -10,6 +10,7 @@ from iqa_spider.config import ConfigError
 from iqa_spider.registry.config import PromoteConfig
 from iqa_spider.registry.gate import is_finite
 from iqa_spider.registry.lock import error_code
+from iqa_spider.tracking import experiment_id, git_commit, redact, tracking_uri
 
 CHAMPION = "champion"
 PREVIOUS = "previous-champion"
@@ -18,8 +19,6 @@ TAG = "promotion."
 
 def mlflow_client(uri: str | None = None):
     from mlflow import MlflowClient
-
-    from iqa_spider.tracking import tracking_uri
 
     return MlflowClient(tracking_uri(uri))
 
@@ -60,8 +59,6 @@ def set_aliases(client, name: str, champion: str, previous: str | None) -> None:
 def record_decision(client, cfg: PromoteConfig, decision: dict[str, Any]) -> str:
     """An MLflow run in the promotion experiment: params, both metric sets, decision.json."""
     from mlflow.entities import Metric, Param, RunTag
-
-    from iqa_spider.tracking import experiment_id, git_commit, redact
 
     exp_id = experiment_id(client, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=f"{decision['action']}-{cfg.registered_model}-v{decision['candidate']}",

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from iqa_spider.config import ConfigError
+from iqa_spider.entrypoint import run_job
 from iqa_spider.registry.aliases import (
     CHAMPION,
     PREVIOUS,
@@ -167,7 +168,6 @@ REFUSED_EXIT = 1  # a refusal is a normal outcome, but CI pipelines must see it
 
 def main(argv: Sequence[str] | None = None) -> int:
     """jobs/promote.py: `--config configs/gate.yaml candidate=N data.uri=URI [key=value ...]`."""
-    from iqa_spider.entrypoint import run_job
 
     result: dict[str, Any] = {}
 

@@ -7,6 +7,7 @@ layout ties the two together.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,6 @@ def log_and_register(client: Any, run_id: str, hf_dir: Path, registered_model: s
     the fluent API refuses a run outside the process's active experiment, which any earlier
     `mlflow.set_experiment` in the same process (a notebook, another job) would have moved.
     """
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / MODEL_NAME

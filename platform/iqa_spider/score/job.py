@@ -17,8 +17,10 @@ import time
 
 from iqa_spider import storage
 from iqa_spider.config import ConfigError
+from iqa_spider.entrypoint import run_job
 from iqa_spider.environment import WORKER_ENV, present_env
-from iqa_spider.score import report
+from iqa_spider.model.loading import is_mlflow_uri, resolve_mlflow_version
+from iqa_spider.score import report, stages
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
 from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks, release_errors
 
@@ -31,7 +33,6 @@ FORWARD_ENV = WORKER_ENV
 def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:
     """Pin ``models:/name@alias`` to one version on the driver, so every actor loads (and
     every row reports) the same version even if the alias moves during the job."""
-    from iqa_spider.model.loading import is_mlflow_uri, resolve_mlflow_version
 
     configured = cfg.model.path
     if not is_mlflow_uri(configured):
@@ -77,8 +78,6 @@ def check_resources(cfg: ScoreConfig) -> None:
 
 def build_dataset(cfg: ScoreConfig, blocks: list[dict], model_uri: str, model_version: str | None, env: dict):
     import ray
-
-    from iqa_spider.score import stages
 
     crash = os.environ.get(CRASH_ENV) or None  # read here, passed to the actors explicitly
     ds = ray.data.from_items([stages.pack_block(b) for b in blocks], override_num_blocks=len(blocks))
@@ -185,8 +184,6 @@ def run_score(cfg: ScoreConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    from iqa_spider.entrypoint import run_job
-
     return run_job(ScoreConfig, run_score, argv, description="score: image collection -> result-contract Parquet")
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from iqa_spider import storage
 from iqa_spider.data.io import read_shard_summary, read_table, shard_uris, write_table
 from iqa_spider.images import IMAGE_SUFFIXES, looks_like_image
+from iqa_spider.score.report import reason
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,6 @@ def release_errors(output_uri: str, reasons: Iterable[str]) -> int:
     is left: a crash in between leaves those keys absent from the output, and absent keys are
     what a run scores. Nothing is lost and no key ends up in two shards.
     """
-    from iqa_spider.score.report import reason
 
     wanted = set(reasons)
     base = shard_dir(output_uri)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from iqa_spider import storage
+from iqa_spider.data import rle
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "decode", "score", "write")
@@ -130,7 +131,6 @@ def overlay(image: np.ndarray, masks: list[np.ndarray], points: list[tuple[float
 def write_artifacts(rows: list[dict], input_uri: str, output_uri: str, masks: bool,
                     images: dict[str, np.ndarray]) -> None:
     """masks/<key>.<k>.png (one per region with a mask) and overlays/<key>.jpg."""
-    from iqa_spider.data import rle
 
     for row in rows:
         if row["error"] is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -20,7 +21,10 @@ import time
 
 import numpy as np
 
+from iqa_spider.data.io import write_table
 from iqa_spider.images import ImageError, decode_image, deterministic, prepare_image
+from iqa_spider.infer import results as R
+from iqa_spider.score import report
 from iqa_spider.storage import read_with_retry
 
 log = logging.getLogger(__name__)
@@ -141,8 +145,6 @@ class _ScorerBase:
         raise NotImplementedError
 
     def __call__(self, row: dict) -> dict:
-        from iqa_spider.infer import results as R
-
         block = unpack_block(row)
         t0 = time.perf_counter()
         scored_at = dt.datetime.now(dt.timezone.utc)
@@ -229,8 +231,6 @@ class ServeScorer(_ScorerBase):
                 response = resend()
 
     def score_good(self, items: list[dict], scored_at) -> list[dict]:
-        from iqa_spider.infer import results as R
-
         spec = {"describe": self.describe, "ground": self.ground_questions}
         pending = [self.model.analyze.remote(it["image"], spec) for it in items]  # all in flight: Serve batches them
         results = [self._result(p, lambda it=it: self.model.analyze.remote(it["image"], spec), it["key"])
@@ -255,12 +255,6 @@ class ServeScorer(_ScorerBase):
 
 def write_block(row: dict, *, input_uri: str, output_uri: str, masks: bool, overlays: bool,
                 env: dict | None = None) -> dict:
-    import json
-
-    from iqa_spider.data.io import write_table
-    from iqa_spider.infer import results as R
-    from iqa_spider.score import report
-
     _apply_env(env)
     block = unpack_block(row)
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from iqa_spider.config.loader import ConfigError
 from iqa_spider.serve.config import ServeAppConfig, load_serve_config
 
 log = logging.getLogger("ray.serve")
@@ -21,7 +22,6 @@ def build_app(args: Mapping[str, Any] | None = None):
     """Serve application builder: args -> validated config -> bound deployments."""
     from ray.serve.exceptions import RayServeException
 
-    from iqa_spider.config.loader import ConfigError
     from iqa_spider.serve.deployments import build_application
 
     try:

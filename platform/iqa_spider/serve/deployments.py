@@ -29,8 +29,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from iqa_spider.environment import present_env
+from iqa_spider.infer import results as R
 from iqa_spider.infer.planning import Ask, Plan, plan_for
-from iqa_spider.serve.config import ServeAppConfig, config_from_args
+from iqa_spider.infer.text_to_point import Point
+from iqa_spider.serve.api import API_TOKEN_ENV, BackendUnavailable, build_api
+from iqa_spider.serve.config import ServeAppConfig, config_from_args, config_to_args
+
+# The model's modules (predictor, segmenters, loading: torch and transformers) are imported in
+# the model and grounding replicas' own methods, so the ingress, defined in this module too,
+# never loads them.
 
 log = logging.getLogger("ray.serve")
 
@@ -126,8 +133,6 @@ class IQAModel:
     def _answer(self, image, spec: dict, plan: Plan, results) -> dict:
         """The answer the ingress and the scoring job read: the assembled analysis as plain data,
         groundings as points (the grounding deployment adds their masks)."""
-        from iqa_spider.infer import results as R
-
         p = self.predictor
         # answers are in the image's own size; the ingress may have decoded it smaller
         width, height = spec.get("size") or (image.width, image.height)
@@ -175,9 +180,7 @@ class IQAGrounding:
         are scaled up to it (nearest), so a row is the same whatever the decode size."""
         from PIL import Image
 
-        from iqa_spider.infer import results as R
         from iqa_spider.infer.predictor import Grounding
-        from iqa_spider.infer.text_to_point import Point
 
         pil = Image.fromarray(image)
         width, height = size or pil.size
@@ -206,8 +209,6 @@ class IQAIngress:
         self._segmenter: dict | None = None
 
     def __serve_build_asgi_app__(self):
-        from iqa_spider.serve.api import API_TOKEN_ENV, build_api
-
         # the replica's own environment (the node's, or the pod's secret), never the Serve config
         return build_api(self, self.cfg.limits, os.environ.get(API_TOKEN_ENV) or None)
 
@@ -215,8 +216,6 @@ class IQAIngress:
 
     async def _call(self, response, what: str):
         from ray.serve.exceptions import BackPressureError
-
-        from iqa_spider.serve.api import BackendUnavailable
 
         try:
             return await response
@@ -266,8 +265,6 @@ def _options(settings, env: dict[str, str], extra: dict | None = None) -> dict:
 
 def build_application(cfg: ServeAppConfig):
     """The bound application: ingress -> (model, grounding)."""
-    from iqa_spider.serve.config import config_to_args
-
     env = present_env(cfg.forward_env)
     args = config_to_args(cfg)
     d = cfg.deployments

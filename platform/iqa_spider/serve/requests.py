@@ -19,6 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from iqa_spider import storage
 from iqa_spider.config.loader import BOOLEAN_WORDS, ConfigValueError, parse_bool
 from iqa_spider.images import ImageError, decode_image, image_type, prepare_image
 from iqa_spider.infer.config import control_token_in
@@ -217,8 +218,6 @@ def check_options(options: AssessOptions, limits: LimitsConfig) -> None:
 
 
 def _read_s3(uri: str, max_bytes: int) -> bytes:
-    from iqa_spider import storage
-
     fs, path = storage.get_fs(uri)
     size = fs.size(path)
     if size is not None and size > max_bytes:

@@ -19,6 +19,7 @@ from iqa_spider import storage
 from iqa_spider.config.schemas import TrainConfig
 from iqa_spider.data.io import shard_uris
 from iqa_spider.data.schema import DATASET_SCHEMA
+from iqa_spider.train.preprocess import Preprocessor
 
 TRAIN_COLUMNS = ("sample_id", "image", "image_uri", "task", "question", "answer", "split")
 
@@ -96,8 +97,6 @@ def read_split(cfg: TrainConfig):
 def build_dataset(cfg: TrainConfig, counts: dict[str, int]):
     """The lazy Ray Dataset the trainer shards across workers."""
     import ray
-
-    from iqa_spider.train.preprocess import Preprocessor
 
     # Step logs show training progress; Data's bars would only flood the job log from the
     # split coordinator.

@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 
 from iqa_spider.config.schemas import TrainConfig
+from iqa_spider.model.processor import load_processor
+from iqa_spider.train.preprocess import chat
+from iqa_spider.train.recipe import lora_config_dict, precision, torch_dtype, trains_fully
 from iqa_spider.vocab import SCORE_ANSWER_PREFIX, SCORE_QUESTION
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,6 @@ TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 def fixed_input(processor: Any) -> dict:
     """A deterministic input (synthetic image + the scoring prompt) to compare models on."""
     from PIL import Image
-
-    from iqa_spider.train.preprocess import chat
 
     yy, xx = np.mgrid[0:96, 0:128]
     img = np.stack([xx * 2 % 256, yy * 2 % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
@@ -50,9 +51,6 @@ def export_model(engine: Any, cfg: TrainConfig, out: Path, rank: int, hf_ds: Any
     """Collective: every rank calls it. Rank 0 writes OUT/{hf_model, reference.pt, export.json} and,
     for LoRA, OUT/adapter."""
     import torch
-
-    from iqa_spider.model.processor import load_processor
-    from iqa_spider.train.recipe import precision
 
     on_gpu = next(engine.module.parameters()).device.type == "cuda"
     prec = precision(cfg, on_gpu)
@@ -79,8 +77,6 @@ def _write_export(cfg: TrainConfig, out: Path, state: dict, processor: Any, inpu
                   prec: str, hf_ds: Any) -> None:
     import torch
     from transformers import AutoModelForImageTextToText
-
-    from iqa_spider.train.recipe import torch_dtype
 
     if hf_ds is not None:  # build the export model normally, not partitioned by zero.Init
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -127,8 +123,6 @@ def _lora_export(base: Any, cfg: TrainConfig, state: dict, out: Path) -> tuple[A
     """LoRA on ``base`` with the trained state; writes OUT/adapter; returns (merged model, counts)."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
-
-    from iqa_spider.train.recipe import lora_config_dict, trains_fully
 
     model = get_peft_model(base, LoraConfig(**lora_config_dict(cfg)))
     _load_trained(model, state, {n for n, _ in model.named_parameters() if "lora_" in n or trains_fully(n, cfg)})

@@ -17,6 +17,11 @@ from iqa_spider import storage, tracking
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.loader import config_to_flat_dict
 from iqa_spider.config.schemas import TrainConfig
+from iqa_spider.entrypoint import run_job
+from iqa_spider.raycluster import ensure_ray
+from iqa_spider.train.data import DataError, build_dataset, check_dataset
+from iqa_spider.train.export import HF_DIR, REPORT_FILE
+from iqa_spider.train.loop import fault_from_env, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,6 @@ def absolute_local_paths(cfg: TrainConfig) -> None:
 
 
 def check_before_start(cfg: TrainConfig) -> dict[str, int]:
-    from iqa_spider.train.data import DataError, check_dataset
-
     path = cfg.model.path
     if storage.is_s3(path):
         try:
@@ -88,11 +91,7 @@ def run_train(cfg: TrainConfig) -> dict:
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from iqa_spider.raycluster import ensure_ray
     from iqa_spider.registry.pyfunc import log_and_register
-    from iqa_spider.train.data import build_dataset
-    from iqa_spider.train.export import HF_DIR, REPORT_FILE
-    from iqa_spider.train.loop import fault_from_env, train_loop_per_worker
 
     absolute_local_paths(cfg)
     counts = check_before_start(cfg)
@@ -165,8 +164,6 @@ def run_train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from iqa_spider.entrypoint import run_job
-
     return run_job(TrainConfig, run_train, argv,
                    description="train: LoRA or full fine-tuning, DeepSpeed ZeRO on Ray Train")
 

@@ -21,7 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from iqa_spider import storage
 from iqa_spider.config.schemas import TASK_NAMES, TrainConfig
+from iqa_spider.model.loading import resolve_model_path
+from iqa_spider.train.export import export_model
+from iqa_spider.train.preprocess import collate
+from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
+from iqa_spider.vocab import SEVERITY_WORDS, single_token_words
 
 log = logging.getLogger(__name__)
 ZERO_TAG = "zero"
@@ -60,8 +66,6 @@ def batches(shard: Any, micro_batch: int, shuffle_buffer: int, seed: int, pad_id
     """
     from ray.data.collate_fn import NumpyBatchCollateFn
 
-    from iqa_spider.train.preprocess import collate
-
     class Collate(NumpyBatchCollateFn):
         def __call__(self, batch: dict) -> dict:
             out = collate(batch, pad_id)
@@ -96,7 +100,6 @@ def content_token_ids(tokenizer: Any) -> list[int]:
     start sentences with "Mild ..."). A form the tokenizer splits is left out: its pieces are
     no one word's.
     """
-    from iqa_spider.vocab import SEVERITY_WORDS, single_token_words
 
     ids: set[int] = set()
     for word in dict.fromkeys([*single_token_words(), *SEVERITY_WORDS.values()]):
@@ -271,8 +274,6 @@ def newest_checkpoint(reported: Any, run_uri: str | None, world: int) -> Any:
     """
     import ray.train
 
-    from iqa_spider import storage
-
     best, best_step = reported, -1
     if reported is not None:
         fs, path = storage.get_fs(reported.path)
@@ -300,7 +301,6 @@ def local_model(cfg: TrainConfig) -> TrainConfig:
     A base model in S3 is copied once per node and content (model.loading's cache) and every
     load in this worker (model, export, processor) reads that copy.
     """
-    from iqa_spider.model.loading import resolve_model_path
 
     local = resolve_model_path(cfg.model.path).local_dir
     if local == cfg.model.path:
@@ -315,8 +315,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    from iqa_spider.train.recipe import apply_recipe, deepspeed_config, precision, torch_dtype
 
     cfg: TrainConfig = local_model(config["cfg"])
     ctx = ray.train.get_context()
@@ -434,7 +432,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_seconds = time.monotonic() - started  # the steps only; the export is timed by the driver
     step_logger.close()
-    from iqa_spider.train.export import export_model
 
     with tempfile.TemporaryDirectory() as tmp:
         export_model(engine, cfg, Path(tmp), rank, hf_ds)

@@ -17,6 +17,8 @@ import numpy as np
 from iqa_spider import storage
 from iqa_spider.config.schemas import TASK_NAMES
 from iqa_spider.images import ImageError, decode_image, prepare_image
+from iqa_spider.model.loading import resolve_model_path
+from iqa_spider.model.processor import load_processor
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -37,9 +39,6 @@ class Preprocessor:
 
     def __init__(self, model_path: str, max_seq_len: int, max_pixels: int,
                  min_image_pixels: int | None = None, max_image_pixels: int | None = None):
-        from iqa_spider.model.loading import resolve_model_path
-        from iqa_spider.model.processor import load_processor
-
         local = resolve_model_path(model_path).local_dir  # s3:// models: one copy per node
         self.processor = load_processor(local, min_image_pixels, max_image_pixels)
         tok = self.processor.tokenizer
