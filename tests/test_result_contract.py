@@ -1,20 +1,17 @@
-"""The result contract has one builder (`infer.results.result_row`) and two schemas, pyarrow for
-Parquet and pydantic for the Serve API: they must agree field by field, so a field added to one
-and not the other fails here rather than in a user's pipeline."""
+"""The result contract has one schema (`infer.results.RESULT_SCHEMA`, Parquet) and one row
+builder (`result_row`); the Serve API's pydantic response is generated from the schema. These
+tests check that the generated model agrees with the schema field by field (name, order, type,
+nullability), that a new schema field reaches the API, and that the builder fills every field."""
 import types
 import typing
 
 import pyarrow as pa
 
 from iqa_spider.infer import results as R
-from iqa_spider.serve.schemas import AssessResponse, RegionOut
+from iqa_spider.serve.schemas import AssessResponse, RegionOut, model_fields
 
 # Serve-only extras after the contract's fields: the referring and local answers of a request.
 SERVE_EXTRAS = ["referring", "local_descriptions"]
-# A region's query and answer are always set (`region_entries`), and the API says so; in the
-# Parquet struct they stay nullable, as struct fields are by default, so shards written
-# before keep the same schema.
-REQUIRED_IN_API_ONLY = {"query", "answer"}
 
 
 def python_type(t: pa.DataType, struct_model=None):
@@ -48,7 +45,7 @@ def check_agree(arrow_fields, model, struct_model=None):
         annotation, allows_none = without_none(model.model_fields[f.name].annotation)
         assert annotation == python_type(f.type, struct_model), (f.name, annotation, f.type)
         if not pa.types.is_list(f.type):  # lists are [] rather than null in both
-            assert allows_none == (f.nullable and f.name not in REQUIRED_IN_API_ONLY), f.name
+            assert allows_none == f.nullable, f.name
 
 
 def test_serve_response_and_parquet_schema_agree_field_by_field():
@@ -71,3 +68,10 @@ def test_the_one_builder_makes_every_field_and_a_valid_table():
     table = R.rows_to_table([ok, bad])
     assert table.schema == R.RESULT_SCHEMA and table.num_rows == 2
     AssessResponse(**R.row_to_json(ok))  # the JSON form validates against the API's model
+
+
+def test_a_field_added_to_the_schema_reaches_the_api_model():
+    extended = [*R.RESULT_SCHEMA, pa.field("sharpness", pa.float32(), metadata={"description": "0..1"})]
+    fields = model_fields(extended)
+    annotation, spec = fields["sharpness"]
+    assert list(fields)[-1] == "sharpness" and annotation == float | None and spec.description == "0..1"

@@ -1,26 +1,12 @@
-"""The result contract (docs/architecture.md, "Result contract") as a pyarrow schema and row builders.
+"""The result contract (docs/architecture.md, "Result contract"): its schema and its one row builder.
 
-Batch scoring writes these rows to Parquet and serving returns them as JSON, so both give
-the same fields:
+Batch scoring writes these rows to Parquet and serving returns them as JSON, so both give the
+same fields. `RESULT_SCHEMA` is the one definition: each field's description is in its
+metadata, and the Serve API's response model is generated from it (`serve.schemas`). Adding a
+field is two lines of this module: the schema's field and `result_row`'s parameter.
 
-| field | meaning |
-| --- | --- |
-| image_uri | where the image came from (null for an upload) |
-| image_sha256 | sha256 of the input bytes as received |
-| width, height | pixels after EXIF rotation (null if the image could not be decoded) |
-| score | Q-Align score 1..5 |
-| level | the most probable level word |
-| level_probs | p(excellent, good, fair, poor, bad), sums to 1 |
-| description | the global description (null if not asked) |
-| regions | one entry per point of each grounding answer (below) |
-| model_uri, model_version | what was loaded (version: the MLflow registry version, null for a plain directory) |
-| error | null, or why this input could not be scored (e.g. "corrupt: ...", "too_many_pixels: ...") |
-| scored_at | UTC timestamp |
-
-A region entry: query, answer, point_x, point_y (pixels), p_right, p_bottom, mask_rle (COCO
-RLE), mask_area (pixels), bbox (x0, y0, x1, y1 of the mask in 0..1). An answer about the whole
-image has a null point and the full mask; an answer that names no position has a null point
-and no mask.
+A region entry is one point of a grounding answer. An answer about the whole image has a null
+point and the full mask; an answer that names no position has a null point and no mask.
 """
 from __future__ import annotations
 
@@ -38,32 +24,36 @@ from iqa_spider.images import deterministic
 if TYPE_CHECKING:  # pragma: no cover
     from iqa_spider.infer.predictor import Analysis, Grounding
 
+def _field(name: str, type_: pa.DataType, description: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": description})
+
+
 REGION_RESULT = pa.struct([
-    ("query", pa.string()),
-    ("answer", pa.string()),
-    ("point_x", pa.float32()),
-    ("point_y", pa.float32()),
-    ("p_right", pa.float32()),
-    ("p_bottom", pa.float32()),
-    ("mask_rle", MASK_RLE),
-    ("mask_area", pa.int64()),
-    ("bbox", pa.list_(pa.float32())),
+    _field("query", pa.string(), "the grounding question", nullable=False),
+    _field("answer", pa.string(), "the model's answer", nullable=False),
+    _field("point_x", pa.float32(), "the point's x in pixels (null: the whole image, or no position named)"),
+    _field("point_y", pa.float32(), "the point's y in pixels"),
+    _field("p_right", pa.float32(), "p(right) at the horizontal position word"),
+    _field("p_bottom", pa.float32(), "p(bottom) at the vertical position word"),
+    _field("mask_rle", MASK_RLE, "the mask as COCO RLE {size: [h, w], counts: str}"),
+    _field("mask_area", pa.int64(), "the mask's area in pixels"),
+    _field("bbox", pa.list_(pa.float32()), "x0, y0, x1, y1 of the mask in 0..1"),
 ])
 
 RESULT_SCHEMA = pa.schema([
-    pa.field("image_uri", pa.string()),
-    pa.field("image_sha256", pa.string(), nullable=False),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("score", pa.float32()),
-    pa.field("level", pa.string()),
-    pa.field("level_probs", pa.list_(pa.float32())),
-    pa.field("description", pa.string()),
-    pa.field("regions", pa.list_(REGION_RESULT)),
-    pa.field("model_uri", pa.string()),
-    pa.field("model_version", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    _field("image_uri", pa.string(), "where the image came from (null for an upload)"),
+    _field("image_sha256", pa.string(), "sha256 of the input bytes as received", nullable=False),
+    _field("width", pa.int32(), "pixels after EXIF rotation (null if the image could not be decoded)"),
+    _field("height", pa.int32(), "pixels after EXIF rotation"),
+    _field("score", pa.float32(), "Q-Align score 1..5"),
+    _field("level", pa.string(), "the most probable level word"),
+    _field("level_probs", pa.list_(pa.float32()), "p(excellent, good, fair, poor, bad), sums to 1"),
+    _field("description", pa.string(), "the global description (null if not asked)"),
+    _field("regions", pa.list_(REGION_RESULT), "one entry per point of each grounding answer", nullable=False),
+    _field("model_uri", pa.string(), "what was loaded"),
+    _field("model_version", pa.string(), "the MLflow registry version (null for a plain directory)"),
+    _field("error", pa.string(), 'null, or why this input could not be scored (e.g. "corrupt: ...")'),
+    _field("scored_at", pa.timestamp("us", tz="UTC"), "UTC time of scoring (ISO 8601 in JSON)", nullable=False),
 ])
 
 RESULT_FIELDS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)

@@ -1,14 +1,15 @@
 """The API's documented shapes: the request options and bodies, the response (one
-result-contract row plus the referring and local answers), the error body, and the OpenAPI
-request schemas with this deployment's limits. `tests/test_result_contract.py` checks the
-response against the Parquet schema field by field."""
+result-contract row, generated from `infer.results.RESULT_SCHEMA`, plus the referring and local
+answers), the error body, and the OpenAPI request schemas with this deployment's limits."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model
 
+from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, MAPPING_NAMES
 from iqa_spider.infer.planning import Ask
 from iqa_spider.serve.config import LimitsConfig
@@ -63,42 +64,52 @@ class AssessJSON(AssessOptions):
     image_uri: str | None = Field(None, description="s3://bucket/key in one of the configured buckets")
 
 
-class RegionOut(BaseModel):
-    query: str
-    answer: str
-    point_x: float | None = None
-    point_y: float | None = None
-    p_right: float | None = None
-    p_bottom: float | None = None
-    mask_rle: dict[str, Any] | None = Field(None, description="COCO RLE {size: [h, w], counts: str}")
-    mask_area: int | None = None
-    bbox: list[float] | None = Field(None, description="x0, y0, x1, y1 of the mask in 0..1")
-
-
 class TextAnswer(BaseModel):
     region: str
     query: str
     answer: str
 
 
-class AssessResponse(BaseModel):
-    """One row of the result contract (docs/architecture.md), plus the referring / local answers."""
+def _annotation(t: pa.DataType, struct_model: type[BaseModel] | None = None) -> Any:
+    """The Python type of a result field's pyarrow type, as it is in JSON."""
+    if pa.types.is_string(t) or pa.types.is_timestamp(t):  # timestamps are ISO 8601 text (row_to_json)
+        return str
+    if pa.types.is_integer(t):
+        return int
+    if pa.types.is_floating(t):
+        return float
+    if pa.types.is_struct(t):
+        return struct_model or dict[str, Any]
+    if pa.types.is_list(t):
+        return list[_annotation(t.value_type, struct_model)]
+    raise TypeError(f"the result contract has a field of type {t} that the API has no JSON type for")
 
-    image_uri: str | None = None
-    image_sha256: str
-    width: int | None = None
-    height: int | None = None
-    score: float | None = Field(None, description="Q-Align score 1..5")
-    level: str | None = None
-    level_probs: list[float] | None = Field(None, description="p(excellent, good, fair, poor, bad)")
-    description: str | None = None
-    regions: list[RegionOut] = Field(default_factory=list)
-    model_uri: str | None = None
-    model_version: str | None = None
-    error: str | None = None
-    scored_at: str
-    referring: list[TextAnswer] = Field(default_factory=list)
-    local_descriptions: list[TextAnswer] = Field(default_factory=list)
+
+def model_fields(fields: list[pa.Field], struct_model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """pydantic field definitions of pyarrow fields: a nullable one is optional (default null), a
+    non-null list defaults to [], any other non-null one is required; descriptions from metadata."""
+    out: dict[str, Any] = {}
+    for f in fields:
+        annotation = _annotation(f.type, struct_model)
+        description = (f.metadata or {}).get(b"description", b"").decode() or None
+        if f.nullable:
+            out[f.name] = (annotation | None, Field(None, description=description))
+        elif pa.types.is_list(f.type):
+            out[f.name] = (annotation, Field(default_factory=list, description=description))
+        else:
+            out[f.name] = (annotation, Field(..., description=description))
+    return out
+
+
+# The response models are generated from the Parquet schema, so the two cannot drift apart.
+RegionOut = create_model("RegionOut", __doc__="One point of a grounding answer, with its mask.",
+                         **model_fields([R.REGION_RESULT.field(i) for i in range(R.REGION_RESULT.num_fields)]))
+AssessResponse = create_model(
+    "AssessResponse", __doc__="One row of the result contract (docs/architecture.md), plus the referring and "
+                              "local answers of the request.",
+    **model_fields(list(R.RESULT_SCHEMA), struct_model=RegionOut),
+    referring=(list[TextAnswer], Field(default_factory=list, description="answers to `refer`")),
+    local_descriptions=(list[TextAnswer], Field(default_factory=list, description="answers to `describe_regions`")))
 
 
 class ErrorBody(BaseModel):
