@@ -6,15 +6,25 @@ before anything expensive starts.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from iqa_spider.config import ConfigError, load_config, parse_config_args
+from iqa_spider.config import ConfigError, load_config
 
 T = TypeVar("T")
 CONFIG_ERROR_EXIT = 2
+
+
+def parse_config_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
+    """`--config FILE [key=value ...]`: the command line every job takes (jobs/*.py and the job
+    subcommands of `iqa-spider`, which pass it their remaining arguments)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (defaults embedded if omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-4")
+    return parser.parse_args(argv)
 
 
 def setup_logging() -> None:

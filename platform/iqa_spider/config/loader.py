@@ -12,7 +12,6 @@ A config file may pull other files into one of its sections with `include`
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -182,11 +181,3 @@ def config_to_flat_dict(cfg: Any) -> dict[str, Any]:
 
     walk("", dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
     return out
-
-
-def parse_config_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
-    """`--config FILE [key=value ...]`: the command line every job entrypoint takes."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (defaults embedded if omitted)")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. train.lr=1e-4")
-    return parser.parse_args(argv)
