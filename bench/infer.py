@@ -135,9 +135,10 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="append the figures to BENCHMARKS.md")
     args = ap.parse_args(argv)
 
-    import torch
-
+    # isort: off
     import common  # noqa: F401 - sets the benchmarks' environment before torch and transformers
+    import torch
+    # isort: on
     from iqa_spider.config.schemas import ModelConfig
     from iqa_spider.infer.config import HYD_QUESTION, InferConfig
     from iqa_spider.infer.predictor import GroundingHead, Predictor

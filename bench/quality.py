@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from common import REPO, command, record  # first: it sets the benchmarks' environment
+from common import REPO, command, record  # before iqa_spider: it sets the benchmarks' environment
 from iqa_spider.evaluate.metrics import STRATA
 from iqa_spider.model.tiny import DEFAULT_FAMILY
 

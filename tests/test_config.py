@@ -161,13 +161,15 @@ def test_promotion_refuses_the_shuffled_image_control(tmp_path):
 
 def test_one_environment_list_and_serve_replicas_get_no_credentials(monkeypatch):
     """Jobs, batch scoring and Serve pass their workers names from one list; Serve's default
-    leaves the credentials to the pod, and unset or empty variables are not passed at all."""
-    from iqa_spider.environment import CREDENTIAL_ENV, WORKER_ENV, present_env
+    leaves the credentials to the pod, submit sends no node-local path, and unset or empty
+    variables are not passed at all."""
+    from iqa_spider.environment import CREDENTIAL_ENV, NODE_ENV, SUBMIT_ENV, WORKER_ENV, present_env
     from iqa_spider.score.job import FORWARD_ENV
     from iqa_spider.serve.config import DEFAULT_FORWARD_ENV, ServeAppConfig
     from iqa_spider.submit import DEFAULT_ENV
 
-    assert tuple(DEFAULT_ENV) == tuple(FORWARD_ENV) == WORKER_ENV
+    assert tuple(FORWARD_ENV) == WORKER_ENV and tuple(DEFAULT_ENV) == SUBMIT_ENV
+    assert not set(NODE_ENV) & set(DEFAULT_ENV)  # submit sends no path of the submitting machine
     assert set(DEFAULT_FORWARD_ENV) < set(WORKER_ENV) and not set(CREDENTIAL_ENV) & set(DEFAULT_FORWARD_ENV)
     assert ServeAppConfig().forward_env == DEFAULT_FORWARD_ENV
     monkeypatch.setenv("AWS_REGION", "eu-west-1")

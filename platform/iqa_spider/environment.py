@@ -17,10 +17,15 @@ CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 # Where the services are: S3 (or MinIO) endpoints and region, and the MLflow server.
 CONNECTION_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                   "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
-# How the libraries behave: no hub downloads, quiet tokenizers, the model cache folder.
-RUNTIME_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "IQA_SPIDER_CACHE")
+# How the libraries behave: no hub downloads, quiet tokenizers.
+RUNTIME_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+# Paths on the cluster's own nodes: the model cache folder. A job's driver passes it to its
+# workers; `submit`, on another machine, does not send its own.
+NODE_ENV = ("IQA_SPIDER_CACHE",)
 
-WORKER_ENV = CREDENTIAL_ENV + CONNECTION_ENV + RUNTIME_ENV
+# What `submit` sends to a job's driver, and what a job's driver (or Serve's builder) sends on.
+SUBMIT_ENV = CREDENTIAL_ENV + CONNECTION_ENV + RUNTIME_ENV
+WORKER_ENV = SUBMIT_ENV + NODE_ENV
 
 
 def present_env(names: Iterable[str]) -> dict[str, str]:
@@ -28,4 +33,4 @@ def present_env(names: Iterable[str]) -> dict[str, str]:
     return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
-__all__ = ["CREDENTIAL_ENV", "CONNECTION_ENV", "RUNTIME_ENV", "WORKER_ENV", "present_env"]
+__all__ = ["CREDENTIAL_ENV", "CONNECTION_ENV", "RUNTIME_ENV", "NODE_ENV", "SUBMIT_ENV", "WORKER_ENV", "present_env"]

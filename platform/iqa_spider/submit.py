@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
-from iqa_spider.environment import WORKER_ENV
+from iqa_spider.environment import SUBMIT_ENV
 
 # gitwildmatch patterns, relative to the working dir (Ray's `excludes`); Ray's limit is 500 MiB.
 EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", "*.egg-info", ".cache",
             "demo_out", "mlruns", "mlartifacts", "mlflow.db", "*.parquet", "*.whl"]
 # Passed through when set here. Values reach the cluster in the job's runtime_env (visible to
 # whoever can read the dashboard); on a production cluster prefer pod secrets and --no-default-env.
-DEFAULT_ENV = list(WORKER_ENV)
+DEFAULT_ENV = list(SUBMIT_ENV)
 CONFIG_ENV = "IQA_SPIDER_SUBMITTED_CONFIG"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 USAGE_EXIT = 2

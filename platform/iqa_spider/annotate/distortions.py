@@ -165,7 +165,7 @@ assert all(len(v) == len(SEVERITIES) for t in PARAMS.values() for v in t.values(
 
 SUBTYPES: dict[str, tuple[str, ...]] = {family: tuple(table) for family, table in PARAMS.items()}
 
-# DAO-G accumulation orders of the paper (docs/architecture.md): first family -> second families.
+# DAO-G accumulation orders of the paper (docs/annotation.md, "Distortions"): first family -> second families.
 ACCUMULATION_ORDERS: dict[str, tuple[str, ...]] = {
     "blur": ("compression", "noise"),
     "compression": ("blur", "noise"),

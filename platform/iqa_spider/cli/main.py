@@ -9,7 +9,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from iqa_spider.annotate.procedural import write_procedural_images
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
 from iqa_spider.entrypoint import CONFIG_ERROR_EXIT, setup_logging
@@ -56,6 +55,8 @@ def _data_builtin_photos(args: argparse.Namespace) -> int:
 
 
 def _data_generated(args: argparse.Namespace) -> int:
+    from iqa_spider.annotate.procedural import write_procedural_images  # numpy and PIL: not for config show
+
     setup_logging()
     if args.count < 1 or args.side < 32:
         print("generated: --count must be >= 1 and --side >= 32", file=sys.stderr)

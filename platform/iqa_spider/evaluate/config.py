@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from iqa_spider.config.loader import check_choice, parse_bool
+from iqa_spider.config.loader import ConfigValueError, check_choice, parse_bool
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.data.schema import TASKS
 from iqa_spider.infer.config import MAPPING_NAMES, InferConfig, SegmenterConfig
@@ -56,8 +56,11 @@ class EvalMlflow:
         # auto, or a boolean (YAML's true/false arrive as "True"/"False"), kept as its word
         if str(self.enabled).strip().lower() == "auto":
             self.enabled = "auto"
-        else:
+            return
+        try:
             self.enabled = str(parse_bool(self.enabled, "mlflow.enabled")).lower()
+        except ConfigValueError:
+            raise ConfigValueError("mlflow.enabled", f"expected auto, true or false, got {self.enabled!r}") from None
 
 
 @dataclass

@@ -98,7 +98,7 @@ def _summary_rows(report: dict) -> list[dict]:
 # The page is a Jinja2 template with autoescape: every value from the data (questions, answers,
 # URIs) is escaped by the template engine, not by hand.
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.evaluate", "templates"), autoescape=True,
-                               undefined=jinja2.StrictUndefined)
+                               undefined=jinja2.StrictUndefined, finalize=lambda v: "" if v is None else v)
 
 
 def render_html(report: dict, drawn: Sequence[dict], plots: Sequence[tuple[str, str]] = ()) -> str:

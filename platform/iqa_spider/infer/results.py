@@ -1,4 +1,4 @@
-"""The result contract (docs/architecture.md, "Result contract"): its schema and its one row builder.
+"""The result contract (docs/architecture.md, "Result"): its schema and its one row builder.
 
 Batch scoring writes these rows to Parquet and serving returns them as JSON, so both give the
 same fields. `RESULT_SCHEMA` is the one definition: each field's description is in its

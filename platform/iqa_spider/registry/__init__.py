@@ -1,1 +1,1 @@
-"""MLflow: tracking runs, logging and registering models (promotion builds on this)."""
+"""The MLflow model registry: gated promotion and rollback on aliases, and the pyfunc model that registered versions carry (docs/registry.md)."""

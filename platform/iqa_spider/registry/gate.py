@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from iqa_spider.evaluate.config import EvalMlflow, EvalOutput, EvaluateConfig
-from iqa_spider.evaluate.job import evaluate
-from iqa_spider.evaluate.metrics import flatten_metrics
 from iqa_spider.registry.config import GateMetric, PromoteConfig
 from iqa_spider.registry.lock import PromotionError
 from iqa_spider.tracking import tracking_uri
@@ -88,6 +85,10 @@ def model_uri(name: str, version: str) -> str:
 def evaluate_version(cfg: PromoteConfig, version: str, data_uri: str) -> dict[str, float]:
     """The harness (:func:`iqa_spider.evaluate.job.evaluate`) on one registered version ->
     flattened metrics."""
+    # here, not at the top: listing versions and rolling back need no evaluation code
+    from iqa_spider.evaluate.config import EvalMlflow, EvalOutput, EvaluateConfig
+    from iqa_spider.evaluate.job import evaluate
+    from iqa_spider.evaluate.metrics import flatten_metrics
 
     # The version is read from the server the gate decides on, whatever MLFLOW_TRACKING_URI says.
     model = replace(cfg.model, path=model_uri(cfg.registered_model, version),

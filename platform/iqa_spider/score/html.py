@@ -19,7 +19,7 @@ from iqa_spider.score.listing import shard_dir
 PAGE_COLUMNS = ("image_uri", "error", "score", "level", "description", "regions")
 # A Jinja2 template with autoescape: URIs, answers and error texts are escaped by the engine.
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.score", "templates"), autoescape=True,
-                               undefined=jinja2.StrictUndefined)
+                               undefined=jinja2.StrictUndefined, finalize=lambda v: "" if v is None else v)
 
 
 def render(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:

@@ -19,7 +19,7 @@ from iqa_spider import storage
 from iqa_spider.config import ConfigError
 from iqa_spider.entrypoint import run_job
 from iqa_spider.environment import WORKER_ENV, present_env
-from iqa_spider.model.loading import is_mlflow_uri, resolve_mlflow_version
+from iqa_spider.model import loading
 from iqa_spider.score import report, stages
 from iqa_spider.score.config import CRASH_ENV, ScoreConfig
 from iqa_spider.score.listing import Listing, iter_inputs, load_index, plan_blocks, release_errors
@@ -35,10 +35,10 @@ def resolve_model(cfg: ScoreConfig) -> tuple[str, str | None]:
     every row reports) the same version even if the alias moves during the job."""
 
     configured = cfg.model.path
-    if not is_mlflow_uri(configured):
+    if not loading.is_mlflow_uri(configured):
         return configured, None
-    try:
-        version, _, pinned = resolve_mlflow_version(configured, cfg.model.tracking_uri)
+    try:  # through the module, so a test can stand in for the registry
+        version, _, pinned = loading.resolve_mlflow_version(configured, cfg.model.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - no registry, no such model or alias: a config problem
         raise ConfigError(f"cannot resolve {configured}: {exc}", key="model.path") from None
     cfg.model.path = pinned

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from iqa_spider.config.loader import ConfigError, ConfigValueError, build_config, check_at_least, read_yaml
 from iqa_spider.config.schemas import ModelConfig
-from iqa_spider.environment import CONNECTION_ENV, RUNTIME_ENV
+from iqa_spider.environment import CONNECTION_ENV, NODE_ENV, RUNTIME_ENV
 from iqa_spider.infer.config import InferConfig, SegmenterConfig
 
 DEFAULT_MODEL_URI = "models:/iqa-spider@champion"
@@ -38,7 +38,7 @@ DEFAULT_IMAGE_TYPES = ["image/jpeg", "image/png", "image/webp", "image/bmp", "im
 # (when set there). Names only: the values are read at build time, never written in a config.
 # Secrets (AWS keys, MLflow tokens) belong in the pod/node environment, which replicas inherit;
 # add their names here only where that is not possible (a local test cluster).
-DEFAULT_FORWARD_ENV = [*CONNECTION_ENV, *RUNTIME_ENV]
+DEFAULT_FORWARD_ENV = [*CONNECTION_ENV, *RUNTIME_ENV, *NODE_ENV]
 
 
 def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
