@@ -26,6 +26,33 @@ def test_gpu_benchmark_code_path_runs_end_to_end_on_cpu(tmp_path):
     assert (REPO / "BENCHMARKS.md").read_text() == before and "not recorded" in out.stderr
 
 
+# What bench/gpu.py imports, and what the device's image lacks (bench/README.md: the wheels it
+# carries are transformers, peft, omegaconf, deepspeed and a few more, nothing of these).
+GPU_BENCH_MODULES = ["iqa_spider.model.tiny", "iqa_spider.model.tokenizer", "iqa_spider.infer.config",
+                     "iqa_spider.infer.engine", "iqa_spider.infer.predictor", "iqa_spider.train.preprocess",
+                     "iqa_spider.config.loader", "iqa_spider.config.schemas", "iqa_spider.train.loop",
+                     "iqa_spider.train.recipe"]
+NOT_ON_THE_DEVICE = ["pycocotools", "mlflow", "ray", "s3fs", "fastapi"]
+
+
+def test_gpu_benchmark_modules_import_without_what_the_device_lacks():
+    """The --toy run above has every package; the device has not. An import moved to a module's
+    top must not make bench/gpu.py fail there before it measures anything."""
+    code = f"""
+import importlib, importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {NOT_ON_THE_DEVICE!r}:
+            raise ImportError("not on the device: " + name)
+sys.meta_path.insert(0, Absent())
+for m in {GPU_BENCH_MODULES!r}:
+    importlib.import_module(m)
+print("imported")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
+
+
 def test_sizing_ceilings_come_from_the_7b_shapes(tmp_path):
     """bench/sizing.py turns the FLOP model into the ceilings docs/scoring.md quotes, from a 7B
     built on the meta device: its shapes are checked against the release, its table against

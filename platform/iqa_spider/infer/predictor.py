@@ -28,7 +28,6 @@ from PIL import Image
 
 from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.images import ImageError, decode_image, prepare_image
-from iqa_spider.infer import results as R
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
 from iqa_spider.infer.planning import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, Ask, Plan, plan_for, refer_query
@@ -249,6 +248,8 @@ class GroundingHead:
         Never raises for a bad input: an undecodable image, or one the model fails on, gets a
         row with ``error`` set, and every input appears exactly once.
         """
+        from iqa_spider.infer import results as R  # see analysis_rows
+
         scored_at = dt.datetime.now(dt.timezone.utc)
         meta = {"model_uri": self.predictor.model_uri, "model_version": self.predictor.model_version,
                 "scored_at": scored_at}
@@ -276,6 +277,10 @@ class GroundingHead:
         the model still fails on gets an error row; ``meta`` (model_uri, model_version,
         scored_at) goes into every row. ``after_batch(k)`` runs after batch k (batch scoring's
         crash drill uses it)."""
+        # results (pycocotools, for the masks' RLE) only here: the model-only paths (score,
+        # ground, analyze) run on the GPU benchmark's image, which has no pycocotools
+        from iqa_spider.infer import results as R
+
         rows: list[dict] = []
         bs = self.cfg.batch_size
         for k, start in enumerate(range(0, len(decoded), bs)):
