@@ -178,10 +178,6 @@ class PRF:
 # ============================================================== truth helpers
 
 
-def _decode(rle_: dict) -> np.ndarray:
-    return rle.decode(rle_)
-
-
 def target_regions(target: dict) -> list[dict]:
     ids = set(target.get("target_region_ids") or [])
     return [r for r in (target.get("regions") or []) if r["region_id"] in ids]
@@ -194,7 +190,7 @@ def target_mask(target: dict, width: int, height: int) -> np.ndarray:
     mask = np.zeros((height, width), dtype=bool)
     for r in target_regions(target):
         if r.get("mask_rle") is not None:
-            m = _decode(r["mask_rle"])
+            m = rle.decode(r["mask_rle"])
             if m.shape == mask.shape:
                 mask |= m
     return mask
