@@ -65,6 +65,16 @@ class Plan:
             yield kind, key, query, result
 
 
+def describe_query(cfg: InferConfig, region: str | None = None) -> Query:
+    """The global description question (``region`` None), or the local one about ``region``."""
+    question = GLOBAL_DESC_QUESTION if region is None else LOCAL_DESC_QUESTION.format(region=region)
+    return Query(question, max_new_tokens=cfg.describe_max_new_tokens)
+
+
+def ground_query(cfg: InferConfig, question: str) -> Query:
+    return Query(question, max_new_tokens=cfg.max_new_tokens)
+
+
 def refer_query(cfg: InferConfig, region: str, long: bool = False) -> Query:
     """The referring question about ``region``: the short one (distortion names), or the
     long one (their effects too), with the longer token cap."""
@@ -80,16 +90,15 @@ def plan_for(cfg: InferConfig, ask: Ask) -> Plan:
     plan = Plan()
     plan.ask(Query(SCORE_QUESTION, mode="score"), "score")
     if ask.describe:
-        plan.ask(Query(GLOBAL_DESC_QUESTION, max_new_tokens=cfg.describe_max_new_tokens), "describe")
+        plan.ask(describe_query(cfg), "describe")
     for region in ask.describe_regions:
-        plan.ask(Query(LOCAL_DESC_QUESTION.format(region=region), max_new_tokens=cfg.describe_max_new_tokens),
-                 "local", region)
+        plan.ask(describe_query(cfg, region), "local", region)
     for region in ask.refer:
         plan.ask(refer_query(cfg, region, ask.refer_long), "refer", region)
     for question in ask.ground:
-        plan.ask(Query(question, max_new_tokens=cfg.max_new_tokens), "ground", question)
+        plan.ask(ground_query(cfg, question), "ground", question)
     return plan
 
 
-__all__ = ["Ask", "Plan", "plan_for", "refer_query", "GLOBAL_DESC_QUESTION", "LOCAL_DESC_QUESTION",
-           "REFER_QUESTION", "REFER_LONG_QUESTION"]
+__all__ = ["Ask", "Plan", "plan_for", "describe_query", "ground_query", "refer_query", "GLOBAL_DESC_QUESTION",
+           "LOCAL_DESC_QUESTION", "REFER_QUESTION", "REFER_LONG_QUESTION"]

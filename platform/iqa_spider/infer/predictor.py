@@ -30,7 +30,7 @@ from iqa_spider.config.schemas import ModelConfig
 from iqa_spider.images import ImageError, decode_image, prepare_image
 from iqa_spider.infer.config import HYD_QUESTION, InferConfig, SegmenterConfig
 from iqa_spider.infer.engine import Engine, Query, QueryResult
-from iqa_spider.infer.planning import GLOBAL_DESC_QUESTION, LOCAL_DESC_QUESTION, Ask, Plan, plan_for, refer_query
+from iqa_spider.infer.planning import Ask, Plan, describe_query, ground_query, plan_for, refer_query
 from iqa_spider.infer.segmenters import build_segmenter
 from iqa_spider.infer.text_to_point import Point, PositionPair, find_pairs, get_mapping, is_whole_image
 from iqa_spider.model.loading import load_model
@@ -147,8 +147,7 @@ class Predictor:
         """Global description (region None) or local description of a region named in text,
         e.g. "the sky in the top left of the image"."""
         regions = _as_list(region, len(images))
-        queries = [[Query(GLOBAL_DESC_QUESTION if r is None else LOCAL_DESC_QUESTION.format(region=r),
-                          max_new_tokens=self.cfg.describe_max_new_tokens)] for r in regions]
+        queries = [[describe_query(self.cfg, r)] for r in regions]
         return [r[0].text or "" for r in self.run(images, queries)]
 
     def refer(self, images: Sequence[Image.Image], region: str | Sequence[str], long: bool = False) -> list[str]:
@@ -161,7 +160,7 @@ class Predictor:
                mapping: str | None = None) -> list[list[Grounding]]:
         """Grounding answers with points for each question (default: the HyD-G question)."""
         qs = [HYD_QUESTION] if questions is None else ([questions] if isinstance(questions, str) else list(questions))
-        res = self.run(images, [[Query(q, max_new_tokens=self.cfg.max_new_tokens) for q in qs] for _ in images])
+        res = self.run(images, [[ground_query(self.cfg, q) for q in qs] for _ in images])
         return [[self.grounding_of(r, q, im.width, im.height, mapping) for r, q in zip(rs, qs)]
                 for im, rs in zip(images, res)]
 
