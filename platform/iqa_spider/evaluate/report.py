@@ -17,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-import jinja2
 import numpy as np
 
 from iqa_spider import storage
@@ -26,6 +25,7 @@ from iqa_spider.evaluate.config import EvaluateConfig
 from iqa_spider.evaluate.metrics import STRATA, answer_level, distortion_families, flatten_metrics
 from iqa_spider.evaluate.plots import write_plots
 from iqa_spider.model.loading import registered_name
+from iqa_spider.templating import html_templates
 from iqa_spider.tracking import experiment_id, redact_values, tracking_uri
 
 
@@ -95,10 +95,7 @@ def _summary_rows(report: dict) -> list[dict]:
     return rows
 
 
-# The page is a Jinja2 template with autoescape: every value from the data (questions, answers,
-# URIs) is escaped by the template engine, not by hand.
-TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.evaluate", "templates"), autoescape=True,
-                               undefined=jinja2.StrictUndefined, finalize=lambda v: "" if v is None else v)
+TEMPLATES = html_templates("iqa_spider.evaluate")
 
 
 def render_html(report: dict, drawn: Sequence[dict], plots: Sequence[tuple[str, str]] = ()) -> str:

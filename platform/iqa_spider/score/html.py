@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import posixpath
 
-import jinja2
-
 from iqa_spider import storage
 from iqa_spider.data.io import read_table
 from iqa_spider.score.listing import shard_dir
+from iqa_spider.templating import html_templates
 
 PAGE_COLUMNS = ("image_uri", "error", "score", "level", "description", "regions")
-# A Jinja2 template with autoescape: URIs, answers and error texts are escaped by the engine.
-TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("iqa_spider.score", "templates"), autoescape=True,
-                               undefined=jinja2.StrictUndefined, finalize=lambda v: "" if v is None else v)
+TEMPLATES = html_templates("iqa_spider.score")
 
 
 def render(output_uri: str, input_uri: str, summary: dict, max_items: int = 48) -> str:
