@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BIN, REPO
 from iqa_spider import storage
-from iqa_spider.annotate.mos import import_mos
+from iqa_spider.annotate.importers.mos_table import import_mos
 from iqa_spider.annotate.pipeline import iter_builtin_photos, run_annotate
 from iqa_spider.annotate.regions import SamRegions
 from iqa_spider.annotate.truth import LEVEL_LOWER_BOUNDS

@@ -28,12 +28,12 @@ from PIL import Image
 from iqa_spider import storage
 from iqa_spider.annotate import distortions as D
 from iqa_spider.annotate import regions as region_proposals
-from iqa_spider.annotate.truth import Region, Truth, target_struct
-from iqa_spider.annotate.writers import Sample, write_all
+from iqa_spider.annotate.truth import Region, Truth
+from iqa_spider.annotate.writers import Sample, sample_rows, write_all
 from iqa_spider.config import ConfigError
 from iqa_spider.config.schemas import AnnotateConfig
 from iqa_spider.data.io import read_shard_summary, write_table
-from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, sample_id, split_for
+from iqa_spider.data.schema import DATASET_SCHEMA, SCHEMA_VERSION, check, image_id, split_for
 from iqa_spider.entrypoint import run_job
 from iqa_spider.images import IMAGE_SUFFIXES, ImageError, decode_image, encode_png, resize_max_side
 from iqa_spider.raycluster import ensure_ray
@@ -149,19 +149,9 @@ def make_variant(rng: np.random.Generator, image: np.ndarray, proposals: list[re
 
 def rows_for_variant(distorted_png: bytes, truth: Truth, samples: list[Sample], source_uri: str,
                      split: str, image_uri: str | None, cfg: AnnotateConfig) -> list[dict]:
-    iid = image_id(distorted_png)
-    rows = []
-    for s in samples:
-        rows.append({
-            "sample_id": sample_id(iid, s.task, s.question, s.answer), "image_id": iid,
-            "image": distorted_png if cfg.output.embed_images else None,
-            "image_uri": None if cfg.output.embed_images else image_uri,
-            "width": truth.width, "height": truth.height, "task": s.task, "subtask": s.subtask,
-            "question": s.question, "answer": s.answer,
-            "target": target_struct(truth, s.target_ids, s.whole_image),
-            "source_uri": source_uri, "split": split, "schema_version": SCHEMA_VERSION,
-        })
-    return rows
+    embed = cfg.output.embed_images
+    return sample_rows(image_id(distorted_png), truth, samples, image=distorted_png if embed else None,
+                       image_uri=None if embed else image_uri, source_uri=source_uri, split=split)
 
 
 def view_box(rng: np.random.Generator, w: int, h: int, min_side: float) -> tuple[tuple[int, int, int, int], bool]:

@@ -11,7 +11,8 @@ import numpy as np
 
 from iqa_spider.annotate import templates as T
 from iqa_spider.annotate.distortions import Distortion
-from iqa_spider.annotate.truth import Region, Truth
+from iqa_spider.annotate.truth import Region, Truth, target_struct
+from iqa_spider.data.schema import SCHEMA_VERSION, sample_id
 from iqa_spider.vocab import DISTORTION_TERMS, SCORE_ANSWER_PREFIX, SCORE_QUESTION, SEVERITY_WORDS
 
 
@@ -178,3 +179,17 @@ def write_all(rng: np.random.Generator, truth: Truth, local_per_image: int = 2,
         if dao:
             samples.append(dao)
     return samples
+
+
+def sample_rows(iid: str, truth: Truth, samples: list[Sample], *, image: bytes | None, image_uri: str | None,
+                source_uri: str, split: str) -> list[dict]:
+    """Dataset rows (the contract's columns) of one image's samples, each with the target its
+    answer was written from; the image is embedded (`image`) or referenced (`image_uri`)."""
+    return [{
+        "sample_id": sample_id(iid, s.task, s.question, s.answer), "image_id": iid,
+        "image": image, "image_uri": image_uri,
+        "width": truth.width, "height": truth.height, "task": s.task, "subtask": s.subtask,
+        "question": s.question, "answer": s.answer,
+        "target": target_struct(truth, s.target_ids, s.whole_image),
+        "source_uri": source_uri, "split": split, "schema_version": SCHEMA_VERSION,
+    } for s in samples]

@@ -9,9 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from iqa_spider.cli.data import add_data_commands
 from iqa_spider.config import ConfigError, config_to_yaml
 from iqa_spider.config.schemas import MODEL_FAMILIES, load_job_config
-from iqa_spider.entrypoint import CONFIG_ERROR_EXIT, setup_logging
+from iqa_spider.entrypoint import CONFIG_ERROR_EXIT
 from iqa_spider.model.tiny import SIZES, family_for, init_tiny
 
 
@@ -29,40 +30,6 @@ def _model_init_tiny(args: argparse.Namespace) -> int:
     family = family_for(args.size, args.family)
     out = init_tiny(family, args.out, seed=args.seed, size=args.size)
     print(f"{args.size} {family} model written to {out}")
-    return 0
-
-
-def _data_import_mos(args: argparse.Namespace) -> int:
-    from iqa_spider.annotate.mos import import_mos
-
-    setup_logging()
-    try:
-        summary = import_mos(args.table, args.images, args.output, args.scale_min, args.scale_max,
-                             args.test_fraction)
-    except ValueError as exc:  # a table without image/MOS columns, an empty scale
-        print(f"import-mos: {exc}", file=sys.stderr)
-        return 2
-    print(f"imported {summary['imported']} rating samples to {summary['output']}; skipped {summary['skipped'] or 'none'}")
-    return 0
-
-
-def _data_builtin_photos(args: argparse.Namespace) -> int:
-    from iqa_spider.annotate.pipeline import write_builtin_photos
-
-    uris = write_builtin_photos(args.out)
-    print(f"wrote {len(uris)} bundled scikit-image photos to {args.out}")
-    return 0
-
-
-def _data_generated(args: argparse.Namespace) -> int:
-    from iqa_spider.annotate.procedural import write_procedural_images  # numpy and PIL: not for config show
-
-    setup_logging()
-    if args.count < 1 or args.side < 32:
-        print("generated: --count must be >= 1 and --side >= 32", file=sys.stderr)
-        return 2
-    uris = write_procedural_images(args.out, args.count, args.seed, args.side, progress=True)
-    print(f"wrote {len(uris)} generated dead-leaves images ({args.side} px) to {args.out}")
     return 0
 
 
@@ -96,25 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny: fast tests (~0.2 M parameters); small: learns on 2 cores (~7 M)")
     tiny.set_defaults(func=_model_init_tiny)
 
-    data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="action", required=True)
-    mos = data.add_parser("import-mos", help="turn an (image, MOS) table into rating samples")
-    mos.add_argument("--table", required=True, help="CSV or Parquet with image and mos columns")
-    mos.add_argument("--images", required=True, help="URI that relative image names are resolved against")
-    mos.add_argument("--output", required=True, help="output folder or .parquet URI")
-    mos.add_argument("--scale-min", type=float, default=1.0, help="lowest MOS of the table's scale")
-    mos.add_argument("--scale-max", type=float, default=5.0, help="highest MOS of the table's scale")
-    mos.add_argument("--test-fraction", type=float, default=0.1)
-    mos.set_defaults(func=_data_import_mos)
-    photos = data.add_parser("builtin-photos", help="write scikit-image's bundled photos (no download)")
-    photos.add_argument("--out", required=True)
-    photos.set_defaults(func=_data_builtin_photos)
-    generated = data.add_parser("generated", help="write generated pristine images (dead leaves): as many "
-                                "distinct contents as wanted, no download")
-    generated.add_argument("--out", required=True)
-    generated.add_argument("--count", type=int, default=1000)
-    generated.add_argument("--seed", type=int, default=0, help="image i is drawn from (seed, i)")
-    generated.add_argument("--side", type=int, default=448, help="square side in pixels")
-    generated.set_defaults(func=_data_generated)
+    add_data_commands(sub)
 
     for name, (target, help_text) in JOB_COMMANDS.items():
         job = sub.add_parser(name, help=f"{help_text} (--config FILE [key=value ...])", add_help=False)

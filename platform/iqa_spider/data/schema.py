@@ -19,6 +19,11 @@ SCHEMA_VERSION = 1
 TASKS = ("global_desc", "local_desc", "grounding", "referring_short", "referring_long", "rating")
 GROUNDING_SUBTASKS = ("hyd", "sid", "dao")
 SPLITS = ("train", "test")
+# A distortion none of our families names (a standard set's "color diffusion", say): its type
+# is "other" and its subtype keeps the set's own name, so an import loses nothing. Only imported
+# ratings carry it: the answer writers name families, so annotated samples never do.
+OTHER_DISTORTION = "other"
+DISTORTION_TYPES = (*DISTORTION_FAMILIES, OTHER_DISTORTION)
 
 MASK_RLE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
 DISTORTION = pa.struct([("type", pa.string()), ("subtype", pa.string()), ("severity", pa.int32())])
@@ -184,8 +189,10 @@ def _target_problems(target: dict, task: str, width: int, height: int) -> Iterab
         if problem:
             yield f"{where}.position", problem
         for d in region["distortions"] or []:
-            if d["type"] not in DISTORTION_FAMILIES:
+            if d["type"] not in DISTORTION_TYPES:
                 yield f"{where}.distortions", f"unknown distortion type {d['type']!r}"
+            elif d["type"] == OTHER_DISTORTION and not d["subtype"]:
+                yield f"{where}.distortions", "an 'other' distortion needs its own name in subtype"
             if d["severity"] is None or not 1 <= d["severity"] <= 5:
                 yield f"{where}.distortions", f"severity must be 1..5, got {d['severity']}"
     for rid in target["target_region_ids"] or []:

@@ -1,0 +1,227 @@
+"""Rated images -> `rating` samples of the dataset contract: the writer every MOS importer shares.
+
+An importer (one module per published layout) only parses its set into `RatedImage`s; this
+module reads and checks each image, maps the set's opinion scale onto the contract's 1..5
+`quality_score` (`Scale`), picks the split, writes one validated shard and, beside it, the
+import's record (`import.json`: the scale and its mapping, the split rule, counts per split).
+
+Every listed image is either imported or counted under a skip reason, never fatal: the image is
+missing or unreadable (`unreadable`), is not a usable image (the reasons of
+`images.decode_image`: `empty`, `not_an_image`, `corrupt`, `too_many_pixels`), has no numeric
+MOS (`no_mos`), repeats an image already imported (`duplicate`: the same URI, or the same bytes
+with the same level, which would give a duplicate sample_id), or has no name (`no_image`).
+A MOS outside the scale is clamped to it, and counted (`clamped`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from iqa_spider import storage
+from iqa_spider.annotate.truth import level_for_score
+from iqa_spider.data.io import write_shard
+from iqa_spider.data.schema import OTHER_DISTORTION, SCHEMA_VERSION, image_id, sample_id, split_for
+from iqa_spider.images import ImageError, decode_image
+from iqa_spider.vocab import SCORE_ANSWER_PREFIX, SCORE_QUESTION
+
+log = logging.getLogger(__name__)
+
+# How the split is chosen: `source` hashes the reference (or, for an authentic image, its own
+# bytes), so every version of one content lands on one side; `official` keeps the set's own
+# split; `test` puts the whole set in the test split, the anchors' cross-set protocol (train on
+# one set, test on all of another); `auto` is `official` where the set gives one, else `source`.
+SPLIT_MODES = ("auto", "source", "official", "test")
+PROGRESS_EVERY = 500
+READ_THREADS = 8  # reads are I/O-bound (S3 above all): a few in flight hide the latency
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A set's opinion scale [low, high], and its linear map onto the contract's 1..5."""
+
+    low: float
+    high: float
+    higher_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)) or self.high <= self.low:
+            raise ValueError(f"the scale's high ({self.high}) must be greater than its low ({self.low})")
+
+    def clamps(self, mos: float) -> bool:
+        return not self.low <= mos <= self.high
+
+    def to_score(self, mos: float) -> float:
+        """1..5, linear in the MOS (clamped to the scale); a lower-is-better scale is inverted.
+        SRCC and the logistic-fitted PLCC are unchanged by a linear map of the truth, so scores
+        against it compare with figures published against the raw MOS."""
+        frac = (min(max(mos, self.low), self.high) - self.low) / (self.high - self.low)
+        return round(1.0 + 4.0 * (frac if self.higher_is_better else 1.0 - frac), 4)
+
+    def record(self) -> dict:
+        span = self.high - self.low
+        formula = (f"1 + 4 * (mos - {self.low:g}) / {span:g}" if self.higher_is_better
+                   else f"5 - 4 * (mos - {self.low:g}) / {span:g}")
+        return {"low": self.low, "high": self.high, "higher_is_better": self.higher_is_better,
+                "quality_score": formula}
+
+
+def mos_to_score(mos: float, scale_min: float, scale_max: float, dmos: bool = False) -> float:
+    """`Scale(scale_min, scale_max, not dmos).to_score(mos)`."""
+    return Scale(scale_min, scale_max, higher_is_better=not dmos).to_score(mos)
+
+
+@dataclass(frozen=True)
+class RatedImage:
+    """One image of a set as the set lists it."""
+
+    name: str | None                 # relative to the images folder, or a URI / absolute path
+    mos: float | None
+    reference: str | None = None     # the pristine source: its versions share a split
+    distortion: dict | None = None   # {type, subtype, severity}: a synthetic set's known distortion
+    split: str | None = None         # the set's own split, where it has one
+
+
+def set_distortion(family: str | None, name: str, level: int) -> dict:
+    """A synthetic set's distortion in the contract: our family where one matches (else
+    `other`), the set's own name as the subtype, and its level (1..5, mild to extreme) as the
+    severity."""
+    return {"type": family or OTHER_DISTORTION, "subtype": name, "severity": level}
+
+
+def as_float(value) -> float | None:
+    """A table cell as a finite number, or None."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def resolve(name: str, images_uri: str) -> str:
+    """An image name -> URI: URIs and absolute paths as they are, others under images_uri."""
+    uri = name if "://" in name or name.startswith("/") else storage.join(images_uri, name)
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def _read(uri: str):
+    """(bytes, decoded image) or the skip reason of an unusable file."""
+    try:
+        data = storage.read_bytes(uri)
+        return data, decode_image(data)
+    except ImageError as exc:
+        log.warning("skipped %s: %s", uri, exc)
+        return exc.reason
+    except OSError as exc:
+        log.warning("skipped %s: unreadable (%s)", uri, exc)
+        return "unreadable"
+
+
+def _split(item: RatedImage, iid: str, mode: str, dataset: str, test_fraction: float) -> str:
+    if mode == "test":
+        return "test"
+    if mode == "official":
+        return item.split
+    key = f"{dataset}/{item.reference}" if item.reference else iid
+    return split_for(key, test_fraction)
+
+
+def rating_row(item: RatedImage, uri: str, data: bytes, width: int, height: int, score: float, split: str) -> dict:
+    level = level_for_score(score)
+    iid, answer = image_id(data), f"{SCORE_ANSWER_PREFIX} {level}."
+    regions = []
+    if item.distortion:  # a synthetic set's distortion covers the whole image
+        regions = [{"region_id": "whole", "mask_rle": None, "bbox": [0.0, 0.0, 1.0, 1.0], "position": [],
+                    "label": None, "distortions": [item.distortion]}]
+    return {
+        "sample_id": sample_id(iid, "rating", SCORE_QUESTION, answer), "image_id": iid, "image": None,
+        "image_uri": uri, "width": width, "height": height, "task": "rating", "subtask": None,
+        "question": SCORE_QUESTION, "answer": answer,
+        "target": {"regions": regions, "target_region_ids": [], "whole_image": True,
+                   "quality_level": level, "quality_score": score},
+        "source_uri": uri, "split": split, "schema_version": SCHEMA_VERSION,
+    }
+
+
+def output_paths(output_uri: str, dataset: str) -> tuple[str, str]:
+    """(shard, record) URIs: `output_uri` as the shard if it names a .parquet file (the record
+    beside it), else both inside the folder."""
+    if output_uri.endswith(".parquet"):
+        return output_uri, output_uri[: -len(".parquet")] + ".import.json"
+    return storage.join(output_uri, f"{dataset}-00000.parquet"), storage.join(output_uri, "import.json")
+
+
+def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str, output_uri: str,
+                   scale: Scale, split: str = "auto", test_fraction: float = 0.1,
+                   resolver: Callable[[str], str] | None = None, source: dict | None = None) -> dict:
+    """Write `items` as rating samples to `output_uri`; returns the import's record (also written
+    as import.json): `rows`, `imported`, `skipped` ({reason: count}), `splits`, `scale`, `output`."""
+    if split not in SPLIT_MODES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_MODES)}, got {split!r}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"test_fraction must be in 0..1, got {test_fraction}")
+    items = list(items)
+    has_official = bool(items) and all(i.split in ("train", "test") for i in items)
+    if split == "official" and not has_official:
+        raise ValueError(f"{dataset}: split=official, but the set gives no train/test split for every image")
+    mode = ("official" if has_official else "source") if split == "auto" else split
+    resolver = resolver or (lambda name: resolve(name, images_uri))
+
+    skipped: Counter = Counter()
+    todo: list[tuple[RatedImage, str]] = []
+    seen_uris: set[str] = set()
+    for item in items:
+        if not item.name:
+            skipped["no_image"] += 1
+            continue
+        uri = resolver(item.name)
+        if item.mos is None:
+            skipped["no_mos"] += 1
+            log.warning("skipped %s: no numeric MOS", uri)
+        elif uri in seen_uris:
+            skipped["duplicate"] += 1
+            log.warning("skipped %s: listed more than once", uri)
+        else:
+            seen_uris.add(uri)
+            todo.append((item, uri))
+
+    rows, seen_samples, clamped = [], set(), 0
+    sources: dict[str, set[str]] = {"train": set(), "test": set()}  # references (or images) per split
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for done, ((item, uri), got) in enumerate(zip(todo, pool.map(lambda t: _read(t[1]), todo)), 1):
+            if done % PROGRESS_EVERY == 0:
+                log.info("%s: read %d/%d images", dataset, done, len(todo))
+            if isinstance(got, str):
+                skipped[got] += 1
+                continue
+            data, img = got
+            clamped += scale.clamps(item.mos)
+            row = rating_row(item, uri, data, img.width, img.height, scale.to_score(item.mos),
+                             _split(item, image_id(data), mode, dataset, test_fraction))
+            if row["sample_id"] in seen_samples:
+                skipped["duplicate"] += 1
+                log.warning("skipped %s: the same image with the same level was already imported", uri)
+                continue
+            seen_samples.add(row["sample_id"])
+            sources[row["split"]].add(item.reference or row["image_id"])
+            rows.append(row)
+
+    shard, record_uri = output_paths(output_uri, dataset)
+    write_shard(rows, shard)
+    by_split = Counter(r["split"] for r in rows)
+    record = {
+        "dataset": dataset, **(source or {}), "images": images_uri,
+        "rows": len(items), "imported": len(rows), "skipped": dict(skipped), "clamped": clamped,
+        "scale": scale.record(), "split": {"mode": mode, "test_fraction": test_fraction,
+                  **{s: {"samples": by_split[s], "sources": len(sources[s])} for s in ("train", "test")}},
+        "output": shard, "record": record_uri,
+    }
+    storage.write_bytes(record_uri, (json.dumps(record, indent=2) + "\n").encode())
+    log.info("%s import: %d of %d imported, skipped %s, split %s", dataset, len(rows), len(items),
+             dict(skipped) or "none", record["split"])
+    return record
