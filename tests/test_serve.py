@@ -140,6 +140,59 @@ def test_every_task_answers_with_valid_fields(service):
     assert again["score"] == pytest.approx(only["score"], abs=1e-4)
 
 
+def test_the_openai_client_gets_a_description_and_a_score(service, champion):
+    """The official `openai` client against the real Serve app: /v1/models names the served
+    model and version; a chat completion carries the answer in choices[0].message.content and
+    the result row (score, level probabilities, points, masks) in `iqa_spider`; a malformed
+    chat request is a 4xx in OpenAI's error shape, raised as the client's own error types."""
+    import openai
+
+    client = openai.OpenAI(base_url=service + "/v1", api_key="unused", max_retries=0, timeout=60)
+    (card,) = client.models.list().data
+    assert card.id == MODEL_NAME and card.model_extra["model_version"] == champion[0] == "1"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(png(photo(3, (80, 60))))}}
+
+    def ask(text: str, **extra):
+        return client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": [{"type": "text", "text": text}, image]}], **extra)
+
+    described = ask("Describe the quality of this image in detail.")
+    row = described.model_extra["iqa_spider"]
+    assert described.model == MODEL_NAME and described.choices[0].finish_reason == "stop"
+    assert row["task"] == "describe" and described.choices[0].message.content == row["description"]
+    assert isinstance(row["description"], str) and row["model_version"] == "1"
+    assert 1 <= row["score"] <= 5 and sum(row["level_probs"]) == pytest.approx(1, abs=1e-4)
+    assert R.check_row({k: row[k] for k in R.RESULT_FIELDS}) == []
+
+    rated = ask("How would you rate the quality of this image?")
+    extras = rated.model_extra["iqa_spider"]
+    assert extras["task"] == "rate" and extras["score"] == pytest.approx(row["score"], abs=1e-4)
+    assert rated.choices[0].message.content == (f"The quality of the image is {extras['level']} "
+                                                f"(score {extras['score']:.2f} of 5).")
+
+    grounded = ask("Where is the worst quality in the image?")
+    extras = grounded.model_extra["iqa_spider"]
+    assert extras["task"] == "ground" and extras["regions"]
+    assert grounded.choices[0].message.content == extras["regions"][0]["answer"]
+    assert {r["query"] for r in extras["regions"]} == {"Where is the worst quality in the image?"}
+
+    with pytest.raises(openai.UnprocessableEntityError) as no_image:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "Rate it."}])
+    assert no_image.value.body["code"] == "one_image" and no_image.value.body["type"] == "invalid_request_error"
+    not_png = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + b64(b"plain text, not a picture")}}
+    with pytest.raises(openai.APIStatusError) as not_an_image:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": [not_png]}])
+    assert not_an_image.value.status_code == 415 and not_an_image.value.body["code"] == "not_an_image"
+    elsewhere = {"type": "image_url", "image_url": {"url": "s3://someone-elses-bucket/a.png"}}
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": [elsewhere]}])
+    assert denied.value.body["code"] == "s3_bucket_not_allowed"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": [image]}])
+    # and the service answers on
+    assert ask("Rate this image.").model_extra["iqa_spider"]["score"] == pytest.approx(row["score"], abs=1e-4)
+
+
 def test_s3_inputs_only_from_allowed_buckets(service, moto_s3):
     from iqa_spider import storage
 

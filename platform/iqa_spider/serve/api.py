@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from iqa_spider.images import header_size
 from iqa_spider.infer import results as R
+from iqa_spider.serve.chat import add_openai_routes
 from iqa_spider.serve.config import LimitsConfig
 from iqa_spider.serve.requests import (
     DECODED_BYTES_PER_PIXEL,
@@ -96,6 +97,15 @@ class BackendUnavailable(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+def _validation_errors(exc: RequestValidationError) -> str:
+    """pydantic's errors of a typed body, each with where it is (messages.0.content)."""
+    parts = []
+    for e in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+    return "; ".join(parts)
+
+
 def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[dict]) -> dict:
     """The result-contract row (JSON) of one answered request, plus the referring and local answers."""
     row = R.result_row(parsed.uri, hashlib.sha256(data).hexdigest(), result["width"], result["height"],
@@ -131,7 +141,7 @@ def bearer_auth(token: str):
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):  # constant time: no token guessing by timing
                 return error_response(401, "unauthorized", "send Authorization: Bearer <the server's token>",
-                                      {"WWW-Authenticate": "Bearer"})
+                                      {"WWW-Authenticate": "Bearer"}, path=request.url.path)
         return await call_next(request)
 
     return check
@@ -150,26 +160,30 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                     "JSON error `{error, detail, status}`.",
     )
 
+    # Every refusal in the shape of the route asked (OpenAI's on its compatible routes).
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError):
-        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.error, exc.detail, exc.headers, path=request.url.path)
 
     @app.exception_handler(BodyTooLarge)
-    async def _too_large(_: Request, exc: BodyTooLarge):
-        return error_response(413, "body_too_large", str(exc))
+    async def _too_large(request: Request, exc: BodyTooLarge):
+        return error_response(413, "body_too_large", str(exc), path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError):
-        return error_response(422, "invalid_request", "; ".join(str(e.get("msg")) for e in exc.errors()[:5]))
+    async def _invalid(request: Request, exc: RequestValidationError):
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):  # a typed body that is not JSON
+            return error_response(400, "malformed_json", "the body is not valid JSON", path=request.url.path)
+        return error_response(422, "invalid_request", _validation_errors(exc), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        code = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None),
+                              path=request.url.path)
 
     @app.exception_handler(BackendUnavailable)
-    async def _unavailable(_: Request, exc: BackendUnavailable):
-        return error_response(exc.status, exc.error, exc.detail, {"Retry-After": "5"})
+    async def _unavailable(request: Request, exc: BackendUnavailable):
+        return error_response(exc.status, exc.error, exc.detail, {"Retry-After": "5"}, path=request.url.path)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     if api_token:
@@ -194,9 +208,9 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         readiness["fit_pixels"] = info.get("max_pixels")  # the processor's cap: decode no larger
         return info, None
 
-    async def _assess(request: Request) -> JSONResponse:
+    async def _answer(parsed: ParsedRequest) -> dict:
+        """One parsed request -> its result row plus the texts asked: /v1/assess's and the chat's."""
         t0 = time.perf_counter()
-        parsed = await parse_request(request, limits)
         check_options(parsed.options, limits)
         if not readiness["ready"]:
             _, why = await model_ready()
@@ -222,7 +236,13 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         row = build_row(parsed, data, result, regions)
         log.info("assess %dx%d %s in %.3fs", row["width"], row["height"],
                  ",".join(k for k, v in spec.items() if v) or "score", time.perf_counter() - t0)
-        return JSONResponse(row)
+        return row
+
+    async def answer_in_time(parsed: ParsedRequest) -> dict:
+        try:
+            return await asyncio.wait_for(_answer(parsed), timeout=limits.request_timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
+            raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
 
     @app.post(
         "/v1/assess",
@@ -238,10 +258,15 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         }}},
     )
     async def assess(request: Request):
+        async def parse_and_answer() -> dict:  # reading the body counts against the timeout too
+            return await _answer(await parse_request(request, limits))
+
         try:
-            return await asyncio.wait_for(_assess(request), timeout=limits.request_timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
+            return JSONResponse(await asyncio.wait_for(parse_and_answer(), timeout=limits.request_timeout_s))
+        except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
+
+    add_openai_routes(app, answer_in_time, backend.model_info, limits, ERROR_RESPONSES)
 
     add_offline_docs(app)
 

@@ -43,8 +43,24 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
 
-def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, "status": status}, status_code=status, headers=headers)
+# The OpenAI-compatible routes (serve.chat) answer errors in OpenAI's shape, so its clients raise
+# their own typed errors (openai.BadRequestError, ...); every other route in the API's own.
+OPENAI_PATHS = ("/v1/chat/", "/v1/models")
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                      429: "rate_limit_error"}
+
+
+def error_body(status: int, error: str, detail: str, path: str | None = None) -> dict:
+    if path is not None and path.startswith(OPENAI_PATHS):
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return {"error": {"message": detail, "type": kind, "param": None, "code": error}}
+    return {"error": error, "detail": detail, "status": status}
+
+
+def error_response(status: int, error: str, detail: str, headers: dict[str, str] | None = None,
+                   path: str | None = None) -> JSONResponse:
+    """The JSON refusal; ``path``: the request's, which picks the shape (`error_body`)."""
+    return JSONResponse(error_body(status, error, detail, path), status_code=status, headers=headers)
 
 
 # ---------------------------------------------------------------------------- body size limit
@@ -68,12 +84,12 @@ class BodyLimitMiddleware:
                 try:
                     length = int(value)
                 except ValueError:
-                    return await error_response(400, "bad_content_length", "Content-Length is not a number")(
-                        scope, receive, send)
+                    return await error_response(400, "bad_content_length", "Content-Length is not a number",
+                                                path=scope.get("path"))(scope, receive, send)
         if length is not None and length > self.max_bytes:
             return await error_response(413, "body_too_large",
-                                        f"body of {length} bytes exceeds the limit of {self.max_bytes} bytes")(
-                scope, receive, send)
+                                        f"body of {length} bytes exceeds the limit of {self.max_bytes} bytes",
+                                        path=scope.get("path"))(scope, receive, send)
         seen = 0
 
         async def limited_receive():
@@ -136,7 +152,8 @@ class ParsedRequest:
         self.data, self.uri, self.declared_type, self.options = data, uri, declared_type, options
 
 
-def _b64(text: str) -> tuple[bytes, str | None]:
+def parse_data_url(text: str, field: str = "image_url.url") -> tuple[bytes, str | None]:
+    """(bytes, declared MIME type or None) of base64 text, with or without a data: URL prefix."""
     declared = None
     if text.startswith("data:"):
         head, _, text = text.partition(",")
@@ -146,7 +163,7 @@ def _b64(text: str) -> tuple[bytes, str | None]:
     try:
         return base64.b64decode("".join(text.split()), validate=True), declared
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, "bad_base64", f"image_base64 is not valid base64 ({exc})") from None
+        raise ApiError(400, "bad_base64", f"{field} is not valid base64 ({exc})") from None
 
 
 async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest:
@@ -169,7 +186,7 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
             raise ApiError(422, "invalid_request", "give exactly one of image_base64 and image_uri")
         options = AssessOptions.model_validate(body.model_dump(exclude={"image_base64", "image_uri"}))
         if body.image_base64 is not None:
-            data, declared = _b64(body.image_base64)
+            data, declared = parse_data_url(body.image_base64, "image_base64")
             return ParsedRequest(data, None, declared, options)
         return ParsedRequest(None, body.image_uri, None, options)
     if ctype in MULTIPART_TYPES:
@@ -338,6 +355,7 @@ class DecodeBudget:
                 self._changed.notify_all()
 
 
-__all__ = ["ApiError", "error_response", "BodyTooLarge", "BodyLimitMiddleware", "ParsedRequest", "parse_request",
+__all__ = ["ApiError", "error_response", "error_body", "parse_data_url", "OPENAI_PATHS",
+           "BodyTooLarge", "BodyLimitMiddleware", "ParsedRequest", "parse_request",
            "check_options", "check_s3_uri", "fetch_uri", "decode_checked", "decoded_pixels", "DecodeBudget",
            "DECODED_BYTES_PER_PIXEL", "IMAGE_ERROR_STATUS"]
