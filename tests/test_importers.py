@@ -8,6 +8,7 @@ import subprocess
 from collections import defaultdict
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -302,3 +303,36 @@ def test_cli_imports_a_layout_and_refuses_a_folder_that_is_not_one(tmp_path):
                            "--output", str(tmp_path / "tid")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "mos_with_names.txt" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "tid").exists()
+
+
+# ---------------------------------------------------------------- evaluating on an imported set
+
+def test_an_imported_set_is_evaluated_with_the_anchors_protocol(tmp_path, tiny_model_dir):
+    """The evaluation job on a KADID-10k import, the whole set as test (the cross-set protocol):
+    SRCC, and PLCC after the 4-parameter logistic fit, against the normalised MOS, which are the
+    figures against the raw MOS (a linear map changes neither)."""
+    from conftest import REPO
+    from iqa_spider.config import load_config
+    from iqa_spider.evaluate.config import EvaluateConfig
+    from iqa_spider.evaluate.job import evaluate
+    from iqa_spider.evaluate.metrics import plcc, srcc
+
+    dmos = kadid_layout(tmp_path / "kadid10k")
+    import_kadid(str(tmp_path / "kadid10k"), str(tmp_path / "data"), split="test")
+    cfg = load_config(EvaluateConfig, REPO / "configs/evaluate.yaml", [
+        f"model.path={tiny_model_dir}", f"data.uri={tmp_path / 'data'}", "model.device=cpu", "data.tasks=[rating]",
+        f"output.uri={tmp_path / 'report'}", "mlflow.enabled=false", "output.plots=false"])
+    report = evaluate(cfg)
+    rating = report["metrics"]["rating"]
+    assert rating["n"] == len(dmos) == report["images"] == 18
+    assert set(report["metrics"]) == {"rating"}
+    for key in ("srcc", "plcc", "plcc_linear"):
+        assert -1 - 1e-9 <= rating[key] <= 1 + 1e-9, key
+    # the same figures against the raw dmos column: the map onto 1..5 changes nothing
+    names = {r["image_id"]: os.path.basename(r["image_uri"]) for r in read_dataset(str(tmp_path / "data")).to_pylist()}
+    predictions = pq.read_table(tmp_path / "report" / "predictions.parquet").to_pylist()
+    pred, raw = zip(*[(r["score"], dmos[names[r["image_id"]]]) for r in predictions])
+    assert len(pred) == 18
+    assert srcc(pred, raw) == pytest.approx(rating["srcc"], abs=1e-9)
+    assert plcc(pred, raw)[0] == pytest.approx(rating["plcc"], abs=1e-3)
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["metrics"]["rating"]["n"] == 18

@@ -98,3 +98,18 @@ def test_the_api_token_is_the_clients_api_key():
         with pytest.raises(openai.AuthenticationError) as err:
             bad.models.list()
         assert err.value.body["type"] == "authentication_error" and err.value.body["code"] == "unauthorized"
+
+
+def test_while_the_model_loads_chat_clients_get_a_quick_503_in_openais_shape():
+    import time
+
+    backend = FakeBackend()
+    backend.mode = "loading"   # no model replica yet: a handle call waits
+    with fake_api(backend) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        t0 = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model="fake", messages=user(IMAGE))
+        assert time.perf_counter() - t0 < 10
+        assert err.value.status_code == 503 and err.value.body["code"] == "not_ready"
+        assert err.value.body["type"] == "server_error" and err.value.response.headers["retry-after"] == "5"

@@ -206,7 +206,17 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                          "it is starting (loading the model) or gone; retry"
         readiness["ready"] = True
         readiness["fit_pixels"] = info.get("max_pixels")  # the processor's cap: decode no larger
+        readiness["info"] = info
         return info, None
+
+    async def loaded_model() -> dict:
+        """What the model deployment loaded, asked once (a replica's model never changes; a new
+        config redeploys the ingress too); a quick 503 not_ready while it loads."""
+        if "info" not in readiness:
+            _, why = await model_ready()
+            if why:
+                raise ApiError(503, "not_ready", why, {"Retry-After": "5"})
+        return readiness["info"]
 
     async def _answer(parsed: ParsedRequest) -> dict:
         """One parsed request -> its result row plus the texts asked: /v1/assess's and the chat's."""
@@ -266,7 +276,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         except (TimeoutError, asyncio.TimeoutError):
             raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
 
-    add_openai_routes(app, answer_in_time, backend.model_info, limits, ERROR_RESPONSES)
+    add_openai_routes(app, answer_in_time, loaded_model, limits, ERROR_RESPONSES)
 
     add_offline_docs(app)
 

@@ -255,7 +255,8 @@ def sse_events(done: ChatCompletion):
 def add_openai_routes(app: FastAPI, answer: Callable[[ParsedRequest], Awaitable[dict]],
                       model_info: Callable[[], Awaitable[dict]], limits: LimitsConfig,
                       error_responses: dict[int, Any]) -> None:
-    """`answer(parsed)`: the /v1/assess pipeline (timeout included), a result row plus the texts."""
+    """`answer(parsed)`: the /v1/assess pipeline (timeout included), a result row plus the texts;
+    `model_info()`: what the model deployment loaded, or a 503 while it loads."""
     started = int(time.time())
     responses = {code: {"model": OpenAIError, "description": spec["description"]}
                  for code, spec in error_responses.items()}
