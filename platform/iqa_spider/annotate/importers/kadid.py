@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from iqa_spider import storage
-from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings, set_distortion
+from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings, parse_synthetic_name
 from iqa_spider.annotate.importers.tables import pick_column, read_rows
 
 TABLE = "dmos.csv"
@@ -38,12 +38,8 @@ TYPES: tuple[tuple[str, str | None], ...] = (
 
 
 def parse_name(name: str) -> tuple[str, dict] | None:
-    """'I01_08_03.png' -> ('I01', its distortion), or None if the name is not in the set's scheme."""
-    m = NAME.match(name.rsplit("/", 1)[-1])
-    if not m or not 1 <= int(m["type"]) <= len(TYPES) or not 1 <= int(m["level"]) <= 5:
-        return None
-    label, family = TYPES[int(m["type"]) - 1]
-    return m["ref"].upper(), set_distortion(family, f"kadid10k:{label}", int(m["level"]))
+    """'I01_08_03.png' -> (its reference, its distortion), or None if the name is not in the set's scheme."""
+    return parse_synthetic_name(name, NAME, TYPES, "kadid10k")
 
 
 def read_kadid(table_uri: str) -> list[RatedImage]:

@@ -18,8 +18,9 @@ import json
 import logging
 import math
 import os
-from collections import Counter
-from collections.abc import Callable, Iterable
+import re
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -94,6 +95,18 @@ def set_distortion(family: str | None, name: str, level: int) -> dict:
     return {"type": family or OTHER_DISTORTION, "subtype": name, "severity": level}
 
 
+def parse_synthetic_name(name: str, pattern: re.Pattern, types: tuple[tuple[str, str | None], ...],
+                         dataset: str) -> tuple[str, dict] | None:
+    """A synthetic set's file name -> (its reference, its distortion), where `pattern` has the
+    groups ref, type (1-based into `types`: (the set's name, our family or None)) and level;
+    None if the name is not in the set's scheme."""
+    m = pattern.match(name.rsplit("/", 1)[-1])
+    if not m or not 1 <= int(m["type"]) <= len(types) or not 1 <= int(m["level"]) <= 5:
+        return None
+    label, family = types[int(m["type"]) - 1]
+    return m["ref"].upper(), set_distortion(family, f"{dataset}:{label}", int(m["level"]))
+
+
 def as_float(value) -> float | None:
     """A table cell as a finite number, or None."""
     try:
@@ -109,17 +122,32 @@ def resolve(name: str, images_uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
-def _read(uri: str):
-    """(bytes, decoded image) or the skip reason of an unusable file."""
+def _check(uri: str) -> tuple[str, int, int] | str:
+    """(content hash, width, height) of a usable image, or the skip reason. Only these travel
+    back from the reading threads: the bytes and pixels of a 12 MP photo stay in the thread."""
     try:
         data = storage.read_bytes(uri)
-        return data, decode_image(data)
+        img = decode_image(data)
+        return image_id(data), img.width, img.height
     except ImageError as exc:
         log.warning("skipped %s: %s", uri, exc)
         return exc.reason
     except OSError as exc:
         log.warning("skipped %s: unreadable (%s)", uri, exc)
         return "unreadable"
+
+
+def _checked_in_order(uris: list[str]) -> Iterator[tuple[str, int, int] | str]:
+    """`_check` of each URI, in order, with at most 2 x READ_THREADS in flight: Executor.map
+    would submit them all at once and hold every finished result until its turn."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        pending: deque = deque()
+        for uri in uris:
+            pending.append(pool.submit(_check, uri))
+            if len(pending) >= 2 * READ_THREADS:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _split(item: RatedImage, iid: str, mode: str, dataset: str, test_fraction: float) -> str:
@@ -131,9 +159,9 @@ def _split(item: RatedImage, iid: str, mode: str, dataset: str, test_fraction: f
     return split_for(key, test_fraction)
 
 
-def rating_row(item: RatedImage, uri: str, data: bytes, width: int, height: int, score: float, split: str) -> dict:
+def rating_row(item: RatedImage, uri: str, iid: str, width: int, height: int, score: float, split: str) -> dict:
     level = level_for_score(score)
-    iid, answer = image_id(data), f"{SCORE_ANSWER_PREFIX} {level}."
+    answer = f"{SCORE_ANSWER_PREFIX} {level}."
     regions = []
     if item.distortion:  # a synthetic set's distortion covers the whole image
         regions = [{"region_id": "whole", "mask_rle": None, "bbox": [0.0, 0.0, 1.0, 1.0], "position": [],
@@ -170,6 +198,8 @@ def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str
     if split == "official" and not has_official:
         raise ValueError(f"{dataset}: split=official, but the set gives no train/test split for every image")
     mode = ("official" if has_official else "source") if split == "auto" else split
+    if split == "auto" and not has_official and any(i.split for i in items):
+        log.warning("%s: only some images have an official split; splitting all by source instead", dataset)
     resolver = resolver or (lambda name: resolve(name, images_uri))
 
     skipped: Counter = Counter()
@@ -192,24 +222,23 @@ def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str
 
     rows, seen_samples, clamped = [], set(), 0
     sources: dict[str, set[str]] = {"train": set(), "test": set()}  # references (or images) per split
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        for done, ((item, uri), got) in enumerate(zip(todo, pool.map(lambda t: _read(t[1]), todo)), 1):
-            if done % PROGRESS_EVERY == 0:
-                log.info("%s: read %d/%d images", dataset, done, len(todo))
-            if isinstance(got, str):
-                skipped[got] += 1
-                continue
-            data, img = got
-            clamped += scale.clamps(item.mos)
-            row = rating_row(item, uri, data, img.width, img.height, scale.to_score(item.mos),
-                             _split(item, image_id(data), mode, dataset, test_fraction))
-            if row["sample_id"] in seen_samples:
-                skipped["duplicate"] += 1
-                log.warning("skipped %s: the same image with the same level was already imported", uri)
-                continue
-            seen_samples.add(row["sample_id"])
-            sources[row["split"]].add(item.reference or row["image_id"])
-            rows.append(row)
+    for done, ((item, uri), got) in enumerate(zip(todo, _checked_in_order([uri for _, uri in todo])), 1):
+        if done % PROGRESS_EVERY == 0:
+            log.info("%s: read %d/%d images", dataset, done, len(todo))
+        if isinstance(got, str):
+            skipped[got] += 1
+            continue
+        iid, width, height = got
+        row = rating_row(item, uri, iid, width, height, scale.to_score(item.mos),
+                         _split(item, iid, mode, dataset, test_fraction))
+        if row["sample_id"] in seen_samples:
+            skipped["duplicate"] += 1
+            log.warning("skipped %s: the same image with the same level was already imported", uri)
+            continue
+        seen_samples.add(row["sample_id"])
+        clamped += scale.clamps(item.mos)
+        sources[row["split"]].add(item.reference or iid)
+        rows.append(row)
 
     shard, record_uri = output_paths(output_uri, dataset)
     write_shard(rows, shard)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from iqa_spider import storage
-from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings, set_distortion
+from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings, parse_synthetic_name
 
 TABLE = "mos_with_names.txt"
 IMAGES = "distorted_images"
@@ -36,12 +36,8 @@ TYPES: tuple[tuple[str, str | None], ...] = (
 
 
 def parse_name(name: str) -> tuple[str, dict] | None:
-    """'i01_08_3.bmp' -> ('I01', its distortion), or None if the name is not in the set's scheme."""
-    m = NAME.match(name.rsplit("/", 1)[-1])
-    if not m or not 1 <= int(m["type"]) <= len(TYPES) or not 1 <= int(m["level"]) <= 5:
-        return None
-    label, family = TYPES[int(m["type"]) - 1]
-    return m["ref"].upper(), set_distortion(family, f"tid2013:{label}", int(m["level"]))
+    """'i01_08_3.bmp' -> (its reference, its distortion), or None if the name is not in the set's scheme."""
+    return parse_synthetic_name(name, NAME, TYPES, "tid2013")
 
 
 def read_tid(table_uri: str) -> list[RatedImage]:
