@@ -42,8 +42,8 @@ def rows_by_uri(out) -> dict:
     return {os.path.basename(r["image_uri"]): r for r in read_dataset(str(out)).to_pylist()}
 
 
-def record_of(out) -> dict:
-    return json.loads((out / "import.json").read_text())
+def record_of(out, dataset: str) -> dict:
+    return json.loads((out / f"{dataset}.import.json").read_text())
 
 
 def check_split_by_reference(rows: dict, reference_of, dataset: str, fraction: float) -> None:
@@ -59,18 +59,22 @@ def check_split_by_reference(rows: dict, reference_of, dataset: str, fraction: f
 # ---------------------------------------------------------------- KonIQ-10k
 
 def koniq_layout(root, with_sets: bool = False) -> dict:
-    """koniq10k_scores_and_distributions.csv (or _distributions_sets.csv) and 1024x768/."""
+    """koniq10k_scores_and_distributions.csv (MOS on 1..5 beside MOS_zscore on 0..100) or
+    koniq10k_distributions_sets.csv (MOS on 0..100, and set), with 1024x768/."""
     mos = {"826373.jpg": 3.9, "10004473376.jpg": 1.2, "0001.jpg": 5.0, "58.jpg": 2.6}
     sets = {"826373.jpg": "training", "10004473376.jpg": "validation", "0001.jpg": "test", "58.jpg": "test"}
-    header = "image_name,c1,c2,c3,c4,c5,c_total,MOS,SD,MOS_zscore" + (",set" if with_sets else "")
+    header = ("image_name,c1,c2,c3,c4,c5,c_total,MOS,SD,set" if with_sets
+              else "image_name,c1,c2,c3,c4,c5,c_total,MOS,SD,MOS_zscore")
     lines = [header]
     for k, (name, m) in enumerate(mos.items()):
         write(root / "1024x768" / name, picture(k, "JPEG"))
-        lines.append(f"{name},1,2,3,4,5,15,{m},0.5,{(m - 1) * 25}" + (f",{sets[name]}" if with_sets else ""))
-    tail = ",training" if with_sets else ""
-    lines.append("missing.jpg,1,2,3,4,5,15,3.0,0.5,50" + tail)  # listed, not on disk
+        rescaled = round((m - 1) * 25, 3)  # the sets table's MOS: the same opinion on 0..100
+        lines.append(f"{name},1,2,3,4,5,15,{rescaled},0.5,{sets[name]}" if with_sets
+                     else f"{name},1,2,3,4,5,15,{m},0.5,{rescaled}")
+    tail = "training" if with_sets else "50"
+    lines.append(f"missing.jpg,1,2,3,4,5,15,50,0.5,{tail}" if with_sets else "missing.jpg,1,2,3,4,5,15,3.0,0.5,50")
     write(root / "1024x768" / "broken.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
-    lines.append("broken.jpg,1,2,3,4,5,15,3.0,0.5,50" + tail)
+    lines.append(f"broken.jpg,1,2,3,4,5,15,50,0.5,{tail}" if with_sets else "broken.jpg,1,2,3,4,5,15,3.0,0.5,50")
     table = "koniq10k_distributions_sets.csv" if with_sets else "koniq10k_scores_and_distributions.csv"
     write(root / table, "\n".join(lines) + "\n")
     return {"mos": mos, "sets": sets, "table": str(root / table)}
@@ -100,7 +104,10 @@ def test_koniq_sets_table_gives_the_official_split(tmp_path):
     out = tmp_path / "out"
     rec = import_koniq(str(tmp_path / "koniq"), str(out), table=fixture["table"])
     rows = rows_by_uri(out)
-    assert rec["split"]["mode"] == "official" and rec["imported"] == 4
+    assert rec["split"]["mode"] == "official" and rec["imported"] == 4 and rec["clamped"] == 0
+    # the sets table's MOS is on 0..100: the same opinions land on the same 1..5 scores
+    assert rec["scale"]["quality_score"] == "1 + 4 * (mos - 0) / 100"
+    assert {n: r["target"]["quality_score"] for n, r in rows.items()} == pytest.approx(fixture["mos"])
     assert {n: r["split"] for n, r in rows.items()} == {
         "826373.jpg": "train", "10004473376.jpg": "train", "0001.jpg": "test", "58.jpg": "test"}
     # the whole set as test: the cross-set protocol of the anchors
@@ -217,7 +224,7 @@ def test_tid2013_import_maps_0_9_matches_names_without_case_and_splits_by_refere
 def test_labelled_table_yields_every_task_with_the_truth_rules(tmp_path):
     images = tmp_path / "labelled"
     w, h = 64, 48
-    for k, name in enumerate(("a.png", "b.png", "c.png", "d.png", "e.png")):
+    for k, name in enumerate(("a.png", "b.png", "c.png", "d.png", "e.png", "g.png")):
         write(images / name, picture(300 + k, size=(w, h)))
     mask = np.zeros((h, w), np.uint8)
     mask[30:48, 40:64] = 255  # bottom right
@@ -237,11 +244,12 @@ def test_labelled_table_yields_every_task_with_the_truth_rules(tmp_path):
         "d.png,sparkle,2,,,,,,scene3",                    # no family of ours
         "e.png,noise,2,,masks/missing.png,,,,scene3",     # a mask that is not there
         "f.png,blur,2,,,,,,scene3",                       # an image that is not there
+        "g.png,noise,2,,../table.csv,,,,scene3",          # a mask outside --images
     ]) + "\n")
     out = tmp_path / "out"
     rec = import_labelled(str(tmp_path / "table.csv"), str(images), str(out), test_fraction=0.5)
-    assert (rec["rows"], rec["images_listed"], rec["imported"]) == (8, 6, 3)
-    assert rec["skipped"] == {"unknown_family": 1, "bad_region": 1, "unreadable": 1}
+    assert (rec["rows"], rec["images_listed"], rec["imported"]) == (9, 7, 3)
+    assert rec["skipped"] == {"unknown_family": 1, "bad_region": 2, "unreadable": 1}
     assert set(rec["tasks"]) == {"global_desc", "local_desc", "grounding", "referring_short", "referring_long",
                                  "rating"}
     rows = read_dataset(str(out)).to_pylist()
@@ -290,6 +298,21 @@ class _D:
 
 # ---------------------------------------------------------------- the command line
 
+def test_a_scale_that_does_not_fit_the_table_is_refused(tmp_path):
+    """KonIQ's two tables both name a column MOS, on 1..5 and on 0..100: read on the wrong
+    scale, nearly every image would be clamped to excellent. More than 1% outside is an error."""
+    from iqa_spider.annotate.importers.mos_table import import_mos
+
+    for k in range(3):
+        write(tmp_path / "img" / f"{k}.png", picture(500 + k))
+    write(tmp_path / "mos.csv", "image,mos\n0.png,77.4\n1.png,15.2\n2.png,4.5\n")
+    with pytest.raises(ValueError, match=r"2 MOS values lie outside the scale \[1, 5\] \(e.g. 77.4\)"):
+        import_mos(str(tmp_path / "mos.csv"), str(tmp_path / "img"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    rec = import_mos(str(tmp_path / "mos.csv"), str(tmp_path / "img"), str(tmp_path / "out"), 0, 100)
+    assert rec["imported"] == 3 and rec["clamped"] == 0
+
+
 def test_cli_imports_a_layout_and_refuses_a_folder_that_is_not_one(tmp_path):
     kadid_layout(tmp_path / "kadid10k")
     out = tmp_path / "out"
@@ -298,11 +321,16 @@ def test_cli_imports_a_layout_and_refuses_a_folder_that_is_not_one(tmp_path):
                            "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported 18 rating samples" in proc.stdout and "split (source)" in proc.stdout
-    assert len(read_dataset(str(out))) == 18 and record_of(out)["dataset"] == "kadid10k"
+    assert len(read_dataset(str(out))) == 18 and record_of(out, "kadid10k")["dataset"] == "kadid10k"
     proc = subprocess.run([str(BIN / "iqa-spider"), "data", "import", "tid2013", "--root", str(tmp_path / "kadid10k"),
                            "--output", str(tmp_path / "tid")], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and "mos_with_names.txt" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "tid").exists()
+    write(tmp_path / "SPAQ" / "Annotations" / "MOS and Image attribute scores.xlsx", b"not a workbook")
+    proc = subprocess.run([str(BIN / "iqa-spider"), "data", "import", "spaq", "--root", str(tmp_path / "SPAQ"),
+                           "--output", str(tmp_path / "spaq")], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "not a readable .xlsx workbook" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------- evaluating on an imported set

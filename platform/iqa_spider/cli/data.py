@@ -33,7 +33,8 @@ def _report(record: dict) -> int:
     sides = " / ".join(f"{side} {split[side]['samples']}" for side in ("train", "test"))
     what = (f"{record['imported']} images as {record['samples']} samples" if "samples" in record
             else f"{record['imported']} rating samples")
-    print(f"imported {what} to {record['output']}; skipped {record['skipped'] or 'none'}; "
+    clamped = f"; {record['clamped']} MOS clamped to the scale" if record.get("clamped") else ""
+    print(f"imported {what} to {record['output']}; skipped {record['skipped'] or 'none'}{clamped}; "
           f"split ({split['mode']}) {sides}; record {record['record']}")
     return 0
 
@@ -42,7 +43,7 @@ def _run(what: str, call) -> int:
     setup_logging()
     try:
         return _report(call())
-    except (ValueError, FileNotFoundError) as exc:  # a layout or table that is not the set's, a bad scale
+    except (ValueError, OSError) as exc:  # a layout or table that is not the set's, a bad scale, no such file
         print(f"import {what}: {exc}", file=sys.stderr)
         return 2
 

@@ -3,11 +3,13 @@
 Published layout::
 
     koniq10k_scores_and_distributions.csv   image_name, c1..c5, c_total, MOS (1..5), SD, MOS_zscore (0..100)
+    koniq10k_distributions_sets.csv         image_name, c1..c5, c_total, MOS (0..100), SD, set
     1024x768/<image_name>
 
-`koniq10k_distributions_sets.csv` has the same columns plus `set` (training / validation /
-test); where it is under the root (or given as --table) the split is the official one (training
-and validation -> train), the one Q-Align and DeQA-Score report on.
+The two tables name different scales `MOS`: the scores table's is the mean rating on 1..5
+(beside `MOS_zscore`, the rescaled one), the sets table's is the rescaled one on 0..100. Where
+the sets table is under the root (or given as --table) the split is its official one
+(training and validation -> train, test -> test), the one Q-Align and DeQA-Score report on.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ OFFICIAL_SPLIT = {"training": "train", "validation": "train", "test": "test"}
 
 
 def read_koniq(table_uri: str) -> tuple[list[RatedImage], Scale]:
-    """The images, and the scale of the MOS column read: MOS (1..5) where the table has it,
-    else MOS_zscore (0..100)."""
+    """The images, and the scale of the MOS column read: `MOS` on 1..5 where `MOS_zscore` is
+    beside it (the scores table), else `MOS` (the sets table) or `MOS_zscore` on 0..100."""
     columns, rows = read_rows(table_uri, text_columns=("image_name",))
     name = pick_column(table_uri, columns, ("image_name",), "image")
     mos = pick_column(table_uri, columns, ("mos", "mos_zscore"), "MOS")
-    scale = Scale(1.0, 5.0) if mos == "mos" else Scale(0.0, 100.0)
+    scale = Scale(1.0, 5.0) if mos == "mos" and "mos_zscore" in columns else Scale(0.0, 100.0)
     has_set = "set" in columns
     items = [RatedImage(r[name], as_float(r[mos]),
                         split=OFFICIAL_SPLIT.get(str(r["set"]).strip().lower()) if has_set else None)

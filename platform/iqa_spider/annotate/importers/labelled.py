@@ -7,7 +7,7 @@ them with our pipeline. One row per distortion::
     family     one of our families (vocab.DISTORTION_FAMILIES); empty or `none`: a clean image
     severity   1..5 (mild .. extreme)
     subtype    optional: the table's own name for the distortion, kept in the target
-    mask       optional: a mask image (nonzero = the region), relative to --images, the image's size
+    mask       optional: a mask image (nonzero = the region), a path below --images, the image's size
     rle        optional: the region as COCO RLE JSON, {"size": [h, w], "counts": "..."}
     bbox       optional: the region as "x0 y0 x1 y1", in 0..1, or in pixels if any value is > 1
     label      optional: what the region shows ("sky"), used to name it
@@ -26,13 +26,11 @@ another size or empty; a bbox that is not four numbers in order; RLE that does n
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections import Counter, defaultdict
 
 import numpy as np
-from PIL import Image
 
 from iqa_spider import storage
 from iqa_spider.annotate.importers.ratings import output_paths, resolve
@@ -97,7 +95,7 @@ def _region_mask(kind: str, value: str, width: int, height: int, images_uri: str
         return np.ones((height, width), bool)
     try:
         if kind == "mask":
-            mask = np.asarray(Image.open(io.BytesIO(storage.read_bytes(resolve(value, images_uri)))).convert("L")) > 0
+            mask = _mask_image(value, images_uri)
         elif kind == "rle":
             mask = rle.decode(json.loads(value))
         else:
@@ -111,6 +109,13 @@ def _region_mask(kind: str, value: str, width: int, height: int, images_uri: str
     if not mask.any():
         raise RowError("bad_region", f"{kind} {value!r} covers no pixel")
     return mask
+
+
+def _mask_image(value: str, images_uri: str) -> np.ndarray:
+    """A mask file below --images (nonzero = the region), decoded within the image limits."""
+    if "://" in value or value.startswith(("/", "\\")) or ".." in value.replace("\\", "/").split("/"):
+        raise RowError("bad_region", f"mask {value!r} must be a path below --images, without '..'")
+    return np.asarray(decode_image(storage.read_bytes(storage.join(images_uri, value)))).max(axis=2) > 0
 
 
 def _bbox_mask(value: str, width: int, height: int) -> np.ndarray:
@@ -171,16 +176,16 @@ def import_labelled(table_uri: str, images_uri: str, output_uri: str, test_fract
             log.info("labelled: %d/%d images", done, len(by_image))
         uri = resolve(name, images_uri)
         try:
-            data = storage.read_bytes(uri)
+            data = storage.read_with_retry(uri)  # S3's throttling and dropped connections are retried
             img = decode_image(data)
             truth = truth_of(rows, img.width, img.height, images_uri)
         except (ImageError, RowError) as exc:
             skipped[exc.reason] += 1
             log.warning("skipped %s: %s", uri, exc)
             continue
-        except OSError as exc:
+        except (OSError, *storage.transient_errors()) as exc:
             skipped["unreadable"] += 1
-            log.warning("skipped %s: unreadable (%s)", uri, exc)
+            log.warning("skipped %s: unreadable (%s: %s)", uri, type(exc).__name__, exc)
             continue
         iid = image_id(data)
         source = _text(rows[0].get("source"))
@@ -197,7 +202,7 @@ def import_labelled(table_uri: str, images_uri: str, output_uri: str, test_fract
 
     out_rows = list(unique.values())
     tasks = Counter(r["task"] for r in out_rows)
-    shard, record_uri = output_paths(output_uri, "labelled")
+    shard, record_uri = output_paths(output_uri, "labelled")  # record: labelled.import.json
     write_shard(out_rows, shard)
     record = {"dataset": "labelled", "table": table_uri, "images": images_uri, "rows": len(table),
               "images_listed": len(by_image), "imported": sum(splits.values()), "skipped": dict(skipped),

@@ -3,14 +3,16 @@
 An importer (one module per published layout) only parses its set into `RatedImage`s; this
 module reads and checks each image, maps the set's opinion scale onto the contract's 1..5
 `quality_score` (`Scale`), picks the split, writes one validated shard and, beside it, the
-import's record (`import.json`: the scale and its mapping, the split rule, counts per split).
+import's record (`<set>.import.json`: the scale and its mapping, the split rule, counts per
+split), so imports of several sets into one folder keep theirs.
 
 Every listed image is either imported or counted under a skip reason, never fatal: the image is
 missing or unreadable (`unreadable`), is not a usable image (the reasons of
 `images.decode_image`: `empty`, `not_an_image`, `corrupt`, `too_many_pixels`), has no numeric
 MOS (`no_mos`), repeats an image already imported (`duplicate`: the same URI, or the same bytes
 with the same level, which would give a duplicate sample_id), or has no name (`no_image`).
-A MOS outside the scale is clamped to it, and counted (`clamped`).
+A MOS outside the scale is clamped to it, and counted (`clamped`); more than 1% outside it is
+an error, since the scale is then wrong, not the data.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 SPLIT_MODES = ("auto", "source", "official", "test")
 PROGRESS_EVERY = 500
 READ_THREADS = 8  # reads are I/O-bound (S3 above all): a few in flight hide the latency
+MAX_CLAMPED_SHARE = 0.01
 
 
 @dataclass(frozen=True)
@@ -126,14 +129,14 @@ def _check(uri: str) -> tuple[str, int, int] | str:
     """(content hash, width, height) of a usable image, or the skip reason. Only these travel
     back from the reading threads: the bytes and pixels of a 12 MP photo stay in the thread."""
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_with_retry(uri)  # S3's throttling and dropped connections are retried
         img = decode_image(data)
         return image_id(data), img.width, img.height
     except ImageError as exc:
         log.warning("skipped %s: %s", uri, exc)
         return exc.reason
-    except OSError as exc:
-        log.warning("skipped %s: unreadable (%s)", uri, exc)
+    except (OSError, *storage.transient_errors()) as exc:
+        log.warning("skipped %s: unreadable (%s: %s)", uri, type(exc).__name__, exc)
         return "unreadable"
 
 
@@ -181,19 +184,24 @@ def output_paths(output_uri: str, dataset: str) -> tuple[str, str]:
     beside it), else both inside the folder."""
     if output_uri.endswith(".parquet"):
         return output_uri, output_uri[: -len(".parquet")] + ".import.json"
-    return storage.join(output_uri, f"{dataset}-00000.parquet"), storage.join(output_uri, "import.json")
+    return storage.join(output_uri, f"{dataset}-00000.parquet"), storage.join(output_uri, f"{dataset}.import.json")
 
 
 def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str, output_uri: str,
                    scale: Scale, split: str = "auto", test_fraction: float = 0.1,
                    resolver: Callable[[str], str] | None = None, source: dict | None = None) -> dict:
     """Write `items` as rating samples to `output_uri`; returns the import's record (also written
-    as import.json): `rows`, `imported`, `skipped` ({reason: count}), `splits`, `scale`, `output`."""
+    as <dataset>.import.json): `rows`, `imported`, `skipped` ({reason: count}), `splits`, `scale`, `output`."""
     if split not in SPLIT_MODES:
         raise ValueError(f"split must be one of {', '.join(SPLIT_MODES)}, got {split!r}")
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in 0..1, got {test_fraction}")
     items = list(items)
+    outside = sum(i.mos is not None and scale.clamps(i.mos) for i in items)
+    if outside > MAX_CLAMPED_SHARE * max(1, sum(i.mos is not None for i in items)):
+        worst = max((i.mos for i in items if i.mos is not None and scale.clamps(i.mos)), key=abs)
+        raise ValueError(f"{dataset}: {outside} MOS values lie outside the scale [{scale.low:g}, {scale.high:g}] "
+                         f"(e.g. {worst:g}): the scale is wrong for this table")
     has_official = bool(items) and all(i.split in ("train", "test") for i in items)
     if split == "official" and not has_official:
         raise ValueError(f"{dataset}: split=official, but the set gives no train/test split for every image")

@@ -3,6 +3,7 @@ text), read into plain rows keyed by lower-case column name."""
 from __future__ import annotations
 
 import io
+import zipfile
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -37,7 +38,10 @@ def read_rows(uri: str, text_columns: tuple[str, ...] = ()) -> tuple[list[str], 
 def _xlsx_rows(uri: str, data: bytes, text_columns: tuple[str, ...]) -> tuple[list[str], list[dict]]:
     from openpyxl import load_workbook  # only for .xlsx (SPAQ's sheet)
 
-    sheet = load_workbook(io.BytesIO(data), read_only=True, data_only=True).worksheets[0]
+    try:
+        sheet = load_workbook(io.BytesIO(data), read_only=True, data_only=True).worksheets[0]
+    except (zipfile.BadZipFile, KeyError, EOFError, IndexError) as exc:  # a file that is no workbook
+        raise ValueError(f"{uri}: not a readable .xlsx workbook ({type(exc).__name__}: {exc})") from None
     rows = sheet.iter_rows(values_only=True)
     header = [str(h).strip().lower() if h is not None else "" for h in next(rows, ())]
     if not any(header):
