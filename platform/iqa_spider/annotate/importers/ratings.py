@@ -187,6 +187,18 @@ def output_paths(output_uri: str, dataset: str) -> tuple[str, str]:
     return storage.join(output_uri, f"{dataset}-00000.parquet"), storage.join(output_uri, f"{dataset}.import.json")
 
 
+def check_scale(scale: Scale, given: list[float], dataset: str) -> None:
+    """Refuse a scale that more than 1% of the MOS fall outside, and warn of one they use under a
+    tenth of: either way the scale is wrong for the table, not the data for the scale."""
+    outside = [m for m in given if scale.clamps(m)]
+    if len(outside) > MAX_CLAMPED_SHARE * max(1, len(given)):
+        raise ValueError(f"{dataset}: {len(outside)} MOS values lie outside the scale [{scale.low:g}, {scale.high:g}] "
+                         f"(e.g. {max(outside, key=abs):g}): the scale is wrong for this table")
+    if len(given) >= 20 and max(given) - min(given) < 0.1 * (scale.high - scale.low):
+        log.warning("%s: every MOS lies within %g..%g, under a tenth of the scale [%g, %g]: is the scale right?",
+                    dataset, min(given), max(given), scale.low, scale.high)
+
+
 def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str, output_uri: str,
                    scale: Scale, split: str = "auto", test_fraction: float = 0.1,
                    resolver: Callable[[str], str] | None = None, source: dict | None = None) -> dict:
@@ -197,11 +209,7 @@ def import_ratings(items: Iterable[RatedImage], *, dataset: str, images_uri: str
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must be in 0..1, got {test_fraction}")
     items = list(items)
-    outside = sum(i.mos is not None and scale.clamps(i.mos) for i in items)
-    if outside > MAX_CLAMPED_SHARE * max(1, sum(i.mos is not None for i in items)):
-        worst = max((i.mos for i in items if i.mos is not None and scale.clamps(i.mos)), key=abs)
-        raise ValueError(f"{dataset}: {outside} MOS values lie outside the scale [{scale.low:g}, {scale.high:g}] "
-                         f"(e.g. {worst:g}): the scale is wrong for this table")
+    check_scale(scale, [i.mos for i in items if i.mos is not None], dataset)
     has_official = bool(items) and all(i.split in ("train", "test") for i in items)
     if split == "official" and not has_official:
         raise ValueError(f"{dataset}: split=official, but the set gives no train/test split for every image")
