@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 import numpy as np
@@ -54,6 +55,7 @@ from iqa_spider.serve.requests import (
     error_response,
     fetch_uri,
     parse_request,
+    validation_detail,
 )
 from iqa_spider.serve.schemas import ERROR_RESPONSES, AssessResponse, ErrorBody, request_schemas
 
@@ -95,15 +97,6 @@ class BackendUnavailable(Exception):
     def __init__(self, status: int, error: str, detail: str):
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
-
-
-def _validation_errors(exc: RequestValidationError) -> str:
-    """pydantic's errors of a typed body, each with where it is (messages.0.content)."""
-    parts = []
-    for e in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
-    return "; ".join(parts)
 
 
 def build_row(parsed: ParsedRequest, data: bytes, result: dict, regions: list[dict]) -> dict:
@@ -173,7 +166,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
     async def _invalid(request: Request, exc: RequestValidationError):
         if any(e.get("type") == "json_invalid" for e in exc.errors()):  # a typed body that is not JSON
             return error_response(400, "malformed_json", "the body is not valid JSON", path=request.url.path)
-        return error_response(422, "invalid_request", _validation_errors(exc), path=request.url.path)
+        return error_response(422, "invalid_request", validation_detail(exc), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -194,18 +187,17 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
 
     # Ready once the model deployment has answered. Until then a probe or a request gets the
     # JSON 503 not_ready within NOT_READY_WAIT_S, not after a model-load-long wait; afterwards
-    # the probe allows a busy replica READY_PROBE_S to answer.
-    readiness = {"ready": False}
+    # the probe allows a busy replica READY_PROBE_S to answer. "info": its last answer, held once
+    # it has answered at all.
+    readiness: dict[str, dict] = {}
 
     async def model_ready() -> tuple[dict | None, str | None]:
-        wait = READY_PROBE_S if readiness["ready"] else NOT_READY_WAIT_S
+        wait = READY_PROBE_S if "info" in readiness else NOT_READY_WAIT_S
         try:
             info = await asyncio.wait_for(backend.model_info(), timeout=wait)
         except Exception as exc:  # noqa: BLE001 - starting, gone or overloaded: not ready
             return None, f"the model deployment does not answer within {wait:g}s ({type(exc).__name__}): " \
                          "it is starting (loading the model) or gone; retry"
-        readiness["ready"] = True
-        readiness["fit_pixels"] = info.get("max_pixels")  # the processor's cap: decode no larger
         readiness["info"] = info
         return info, None
 
@@ -222,13 +214,9 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         """One parsed request -> its result row plus the texts asked: /v1/assess's and the chat's."""
         t0 = time.perf_counter()
         check_options(parsed.options, limits)
-        if not readiness["ready"]:
-            _, why = await model_ready()
-            if why:
-                raise ApiError(503, "not_ready", why, {"Retry-After": "5"})
+        fit = (await loaded_model()).get("max_pixels")  # the processor's cap: decode no larger
         data = parsed.data if parsed.data is not None else await fetch_uri(parsed.uri or "", limits)
         size = header_size(data)
-        fit = readiness.get("fit_pixels")
         async with budget.hold(decoded_pixels(data, size, fit, limits) * DECODED_BYTES_PER_PIXEL):
             # held until the answer: the array lives on while the model and the segmenter run
             image = await asyncio.to_thread(decode_checked, data, parsed.declared_type, limits, fit)
@@ -248,11 +236,14 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
                  ",".join(k for k, v in spec.items() if v) or "score", time.perf_counter() - t0)
         return row
 
-    async def answer_in_time(parsed: ParsedRequest) -> dict:
+    async def in_time(work: Awaitable[dict]) -> dict:
         try:
-            return await asyncio.wait_for(_answer(parsed), timeout=limits.request_timeout_s)
+            return await asyncio.wait_for(work, timeout=limits.request_timeout_s)
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
             raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
+
+    async def answer_in_time(parsed: ParsedRequest) -> dict:
+        return await in_time(_answer(parsed))
 
     @app.post(
         "/v1/assess",
@@ -271,10 +262,7 @@ def build_api(backend: Backend, limits: LimitsConfig, api_token: str | None = No
         async def parse_and_answer() -> dict:  # reading the body counts against the timeout too
             return await _answer(await parse_request(request, limits))
 
-        try:
-            return JSONResponse(await asyncio.wait_for(parse_and_answer(), timeout=limits.request_timeout_s))
-        except (TimeoutError, asyncio.TimeoutError):
-            raise ApiError(408, "timeout", f"the request took longer than {limits.request_timeout_s:g}s") from None
+        return JSONResponse(await in_time(parse_and_answer()))
 
     add_openai_routes(app, answer_in_time, loaded_model, limits, ERROR_RESPONSES)
 

@@ -14,6 +14,7 @@ import typing
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError as PydanticValidationError
 from starlette.datastructures import UploadFile
@@ -115,10 +116,12 @@ def _flag(value: str, key: str) -> bool:
         raise ApiError(422, "invalid_request", f"{key}: {exc}") from None
 
 
-def _validation_detail(exc: PydanticValidationError) -> str:
+def validation_detail(exc: PydanticValidationError | RequestValidationError) -> str:
+    """pydantic's first errors, each with where it is (messages.0.content); FastAPI's typed
+    bodies prefix every location with "body", which says nothing here."""
     parts = []
     for e in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()))
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
     return "; ".join(parts)
 
@@ -181,7 +184,7 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
         try:
             body = AssessJSON.model_validate(payload)
         except PydanticValidationError as exc:
-            raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
+            raise ApiError(422, "invalid_request", validation_detail(exc)) from None
         if (body.image_base64 is None) == (body.image_uri is None):
             raise ApiError(422, "invalid_request", "give exactly one of image_base64 and image_uri")
         options = AssessOptions.model_validate(body.model_dump(exclude={"image_base64", "image_uri"}))
@@ -201,7 +204,7 @@ async def parse_request(request: Request, limits: LimitsConfig) -> ParsedRequest
             try:
                 options = AssessOptions.model_validate(opts)
             except PydanticValidationError as exc:
-                raise ApiError(422, "invalid_request", _validation_detail(exc)) from None
+                raise ApiError(422, "invalid_request", validation_detail(exc)) from None
             upload = form.get("image")
             uri = form.get("image_uri")
             if isinstance(upload, UploadFile) == isinstance(uri, str):
@@ -357,5 +360,5 @@ class DecodeBudget:
 
 __all__ = ["ApiError", "error_response", "error_body", "parse_data_url", "OPENAI_PATHS",
            "BodyTooLarge", "BodyLimitMiddleware", "ParsedRequest", "parse_request",
-           "check_options", "check_s3_uri", "fetch_uri", "decode_checked", "decoded_pixels", "DecodeBudget",
+           "check_options", "validation_detail", "check_s3_uri", "fetch_uri", "decode_checked", "decoded_pixels", "DecodeBudget",
            "DECODED_BYTES_PER_PIXEL", "IMAGE_ERROR_STATUS"]
