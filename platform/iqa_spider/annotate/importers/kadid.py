@@ -14,7 +14,7 @@ import re
 
 from iqa_spider import storage
 from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings, parse_synthetic_name
-from iqa_spider.annotate.importers.tables import pick_column, read_rows
+from iqa_spider.annotate.importers.tables import cell_text, pick_column, read_rows
 
 TABLE = "dmos.csv"
 IMAGES = "images"
@@ -48,7 +48,7 @@ def read_kadid(table_uri: str) -> list[RatedImage]:
     mos = pick_column(table_uri, columns, ("dmos", "mos"), "MOS")
     items = []
     for r in rows:
-        name = str(r[dist]).strip() if r[dist] is not None else None
+        name = cell_text(r[dist]) or None
         parsed = parse_name(name) if name else None
         if name and parsed is None:
             raise ValueError(f"{table_uri}: {name!r} is not a KADID-10k name (I01_08_03.png)")

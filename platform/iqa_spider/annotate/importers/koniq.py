@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from iqa_spider import storage
 from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings
-from iqa_spider.annotate.importers.tables import pick_column, read_rows
+from iqa_spider.annotate.importers.tables import cell_text, pick_column, read_rows
 
 # Either of the published tables: the sets one first, where both are, for its official split.
 TABLES = ("koniq10k_distributions_sets.csv", "koniq10k_scores_and_distributions.csv")
@@ -31,8 +31,8 @@ def read_koniq(table_uri: str) -> tuple[list[RatedImage], Scale]:
     mos = pick_column(table_uri, columns, ("mos", "mos_zscore"), "MOS")
     scale = Scale(1.0, 5.0) if mos == "mos" and "mos_zscore" in columns else Scale(0.0, 100.0)
     has_set = "set" in columns
-    items = [RatedImage(r[name], as_float(r[mos]),
-                        split=OFFICIAL_SPLIT.get(str(r["set"]).strip().lower()) if has_set else None)
+    items = [RatedImage(cell_text(r[name]) or None, as_float(r[mos]),
+                        split=OFFICIAL_SPLIT.get(cell_text(r["set"]).lower()) if has_set else None)
              for r in rows]
     return items, scale
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from iqa_spider import storage
 from iqa_spider.annotate.importers.ratings import output_paths, resolve
-from iqa_spider.annotate.importers.tables import pick_column, read_rows
+from iqa_spider.annotate.importers.tables import cell_text, pick_column, read_rows
 from iqa_spider.annotate.truth import Region, Truth
 from iqa_spider.annotate.writers import sample_rows, write_all
 from iqa_spider.data import rle
@@ -64,12 +64,8 @@ class LabelledDistortion:
         self.type, self.subtype, self.severity = family, subtype, severity
 
 
-def _text(value) -> str:
-    return "" if value is None else str(value).strip()
-
-
 def _distortion(row: dict) -> LabelledDistortion | None:
-    family = _text(row.get("family")).lower()
+    family = cell_text(row.get("family")).lower()
     if family in CLEAN:
         return None
     if family not in DISTORTION_FAMILIES:
@@ -80,13 +76,13 @@ def _distortion(row: dict) -> LabelledDistortion | None:
         severity = float("nan")
     if not (severity.is_integer() and 1 <= severity <= 5):
         raise RowError("bad_severity", f"severity must be a whole number 1..5, got {row.get('severity')!r}")
-    return LabelledDistortion(family, _text(row.get("subtype")) or None, int(severity))
+    return LabelledDistortion(family, cell_text(row.get("subtype")) or None, int(severity))
 
 
 def _region_key(row: dict) -> tuple[str, str]:
     for kind in ("mask", "rle", "bbox"):
-        if _text(row.get(kind)):
-            return kind, _text(row.get(kind))
+        if cell_text(row.get(kind)):
+            return kind, cell_text(row.get(kind))
     return "whole", ""
 
 
@@ -145,7 +141,7 @@ def truth_of(rows: list[dict], width: int, height: int, images_uri: str) -> Trut
             continue
         key = _region_key(row)
         chains.setdefault(key, []).append(d)
-        labels.setdefault(key, _text(row.get("label")) or None)
+        labels.setdefault(key, cell_text(row.get("label")) or None)
     regions = [Region("whole" if kind == "whole" else f"r{k}", _region_mask(kind, value, width, height, images_uri),
                       labels[(kind, value)], distortions=list(chain))
                for k, ((kind, value), chain) in enumerate(chains.items())]
@@ -163,7 +159,7 @@ def import_labelled(table_uri: str, images_uri: str, output_uri: str, test_fract
     by_image: dict[str, list[dict]] = defaultdict(list)
     skipped: Counter = Counter()
     for row in table:
-        name = _text(row[img_col])
+        name = cell_text(row[img_col])
         if name:
             by_image[name].append(row)
         else:
@@ -188,7 +184,7 @@ def import_labelled(table_uri: str, images_uri: str, output_uri: str, test_fract
             log.warning("skipped %s: unreadable (%s: %s)", uri, type(exc).__name__, exc)
             continue
         iid = image_id(data)
-        source = _text(rows[0].get("source"))
+        source = cell_text(rows[0].get("source"))
         split = split_for(f"labelled/{source}" if source else iid, test_fraction)
         # One generator per image, seeded by its bytes: the same table gives the same samples.
         rng = np.random.default_rng(int(iid[:16], 16))

@@ -8,8 +8,10 @@ share a split; without one each image is its own source.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings
-from iqa_spider.annotate.importers.tables import pick_column, read_rows
+from iqa_spider.annotate.importers.tables import cell_text, pick_column, read_rows
 
 IMAGE_COLUMNS = ("image", "image_uri", "image_name", "filename", "path")
 MOS_COLUMNS = ("mos", "score", "dmos")
@@ -22,20 +24,16 @@ def read_mos_table(uri: str) -> tuple[list[RatedImage], bool]:
     img_col = pick_column(uri, columns, IMAGE_COLUMNS, "image")
     mos_col = pick_column(uri, columns, MOS_COLUMNS, "mos")
     ref_col = next((c for c in REFERENCE_COLUMNS if c in columns), None)
-
-    def text(value) -> str | None:
-        return str(value).strip() or None if value is not None else None
-
-    items = [RatedImage(text(r[img_col]), as_float(r[mos_col]), text(r[ref_col]) if ref_col else None)
-             for r in rows]
+    items = [RatedImage(cell_text(r[img_col]) or None, as_float(r[mos_col]),
+                        (cell_text(r[ref_col]) or None) if ref_col else None) for r in rows]
     return items, mos_col == "dmos"
 
 
 def import_mos(table_uri: str, images_uri: str, output_uri: str, scale_min: float = 1.0,
                scale_max: float = 5.0, test_fraction: float = 0.1, split: str = "auto") -> dict:
     """Write the table's images as rating samples; returns the import's record (ratings.import_ratings)."""
-    scale_check = Scale(scale_min, scale_max)  # a bad scale is refused before the table is read
+    scale = Scale(scale_min, scale_max)  # a bad scale is refused before the table is read
     items, dmos = read_mos_table(table_uri)
     return import_ratings(items, dataset="mos", images_uri=images_uri, output_uri=output_uri,
-                          scale=Scale(scale_check.low, scale_check.high, higher_is_better=not dmos),
+                          scale=dataclasses.replace(scale, higher_is_better=not dmos),
                           split=split, test_fraction=test_fraction, source={"table": table_uri})

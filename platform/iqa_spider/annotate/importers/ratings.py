@@ -75,11 +75,6 @@ class Scale:
                 "quality_score": formula}
 
 
-def mos_to_score(mos: float, scale_min: float, scale_max: float, dmos: bool = False) -> float:
-    """`Scale(scale_min, scale_max, not dmos).to_score(mos)`."""
-    return Scale(scale_min, scale_max, higher_is_better=not dmos).to_score(mos)
-
-
 @dataclass(frozen=True)
 class RatedImage:
     """One image of a set as the set lists it."""
@@ -91,13 +86,6 @@ class RatedImage:
     split: str | None = None         # the set's own split, where it has one
 
 
-def set_distortion(family: str | None, name: str, level: int) -> dict:
-    """A synthetic set's distortion in the contract: our family where one matches (else
-    `other`), the set's own name as the subtype, and its level (1..5, mild to extreme) as the
-    severity."""
-    return {"type": family or OTHER_DISTORTION, "subtype": name, "severity": level}
-
-
 def parse_synthetic_name(name: str, pattern: re.Pattern, types: tuple[tuple[str, str | None], ...],
                          dataset: str) -> tuple[str, dict] | None:
     """A synthetic set's file name -> (its reference, its distortion), where `pattern` has the
@@ -107,7 +95,10 @@ def parse_synthetic_name(name: str, pattern: re.Pattern, types: tuple[tuple[str,
     if not m or not 1 <= int(m["type"]) <= len(types) or not 1 <= int(m["level"]) <= 5:
         return None
     label, family = types[int(m["type"]) - 1]
-    return m["ref"].upper(), set_distortion(family, f"{dataset}:{label}", int(m["level"]))
+    # our family where one is the same distortion, else `other`; the set's own name kept as the
+    # subtype, its level (1..5, mild to extreme) as the severity
+    return m["ref"].upper(), {"type": family or OTHER_DISTORTION, "subtype": f"{dataset}:{label}",
+                              "severity": int(m["level"])}
 
 
 def as_float(value) -> float | None:

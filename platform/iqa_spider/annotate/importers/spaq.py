@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from iqa_spider import storage
 from iqa_spider.annotate.importers.ratings import RatedImage, Scale, as_float, import_ratings
-from iqa_spider.annotate.importers.tables import pick_column, read_rows
+from iqa_spider.annotate.importers.tables import cell_text, pick_column, read_rows
 
 TABLE = "Annotations/MOS and Image attribute scores.xlsx"
 IMAGES = "TestImage"
@@ -24,7 +24,7 @@ def read_spaq(table_uri: str) -> list[RatedImage]:
     columns, rows = read_rows(table_uri, text_columns=("image name", "image_name"))
     name = pick_column(table_uri, columns, ("image name", "image_name"), "image")
     mos = pick_column(table_uri, columns, ("mos",), "MOS")
-    return [RatedImage(str(r[name]).strip() if r[name] is not None else None, as_float(r[mos])) for r in rows]
+    return [RatedImage(cell_text(r[name]) or None, as_float(r[mos])) for r in rows]
 
 
 def import_spaq(root: str, output_uri: str, table: str | None = None, images: str | None = None,

@@ -58,6 +58,11 @@ def _xlsx_rows(uri: str, data: bytes, text_columns: tuple[str, ...]) -> tuple[li
     return header, out
 
 
+def cell_text(value) -> str:
+    """A cell as stripped text; "" for an empty one (None from CSV, Parquet or a sheet)."""
+    return "" if value is None else str(value).strip()
+
+
 def pick_column(uri: str, columns: list[str], candidates: tuple[str, ...], what: str) -> str:
     """The first of `candidates` (lower-case) that the table has, or a ValueError naming them."""
     found = next((c for c in candidates if c in columns), None)
